@@ -1,0 +1,55 @@
+"""Command line: ``python -m selfclassifier_core COMMAND ...`` (also the ``selfclassifier`` script).
+
+Each command lives in its own module in this package with two functions:
+``register(subparsers)`` adding its parser, and ``run(args) -> int`` returning the exit code.
+Expected errors (bad folder, missing run, bad value) are raised as :class:`CliError` or
+``WorkspaceError``/``ValueError`` and printed as one line with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = ["scan", "train", "predict", "export", "labels", "neighbors", "duplicates", "runs"]
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfclassifier",
+        description="Group an unlabeled image folder into classes with Self-Classifier, "
+                    "then curate and export the labels.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..workspace import WorkspaceError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, WorkspaceError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

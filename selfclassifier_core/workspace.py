@@ -1,0 +1,377 @@
+"""The workspace: one directory holding everything the tool writes for one image folder.
+
+Layout::
+
+    <workspace>/
+      workspace.db        SQLite (WAL): meta, images (the catalog), scans, runs, labels
+      runs/<id>/          one training run: checkpoint.pt, config.json, stats.jsonl,
+                          progress.json, predictions.npz, embeddings.npy, index/, umap.npy
+      features/           fast-mode feature caches (float16, memory-mapped)
+      thumbnails/         thumbnails, made once
+      exports/            default place for exports
+
+The image folder itself is never written to. The default location is
+``$SELFCLASSIFIER_HOME/workspaces/<folder-name>-<hash>`` with ``SELFCLASSIFIER_HOME``
+defaulting to ``~/.selfclassifier``; ``--workspace`` / ``SELFCLASSIFIER_WORKSPACE`` override it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .fsutil import is_within
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_NAME = "workspace.db"
+HOME_ENV = "SELFCLASSIFIER_HOME"
+WORKSPACE_ENV = "SELFCLASSIFIER_WORKSPACE"
+
+RUN_STATUSES = ("created", "running", "done", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+);
+CREATE TABLE IF NOT EXISTS images (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,   -- AUTOINCREMENT: ids are never reused
+    path       TEXT NOT NULL UNIQUE,                -- relative to the root, POSIX form
+    bytes      INTEGER,
+    mtime_ns   INTEGER,
+    width      INTEGER,
+    height     INTEGER,
+    mode       TEXT,                                -- original PIL mode (before RGB conversion)
+    status     TEXT NOT NULL CHECK (status IN ('ok', 'unreadable', 'missing')),
+    reason     TEXT,                                -- human-readable, for unreadable images
+    scanned_at REAL
+);
+CREATE INDEX IF NOT EXISTS images_status ON images(status);
+CREATE TABLE IF NOT EXISTS scans (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    started  REAL NOT NULL,
+    finished REAL,
+    report   TEXT                                   -- JSON summary of the scan
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    created   REAL NOT NULL,
+    finished  REAL,
+    status    TEXT NOT NULL CHECK (status IN ('created', 'running', 'done', 'failed', 'cancelled')),
+    mode      TEXT NOT NULL,                        -- scratch | fast | finetune
+    config    TEXT NOT NULL,                        -- JSON of the training options
+    heads     TEXT,                                 -- JSON list of class counts, e.g. [10, 20, 40]
+    main_head INTEGER,                              -- class count of the default head
+    message   TEXT                                  -- error or cancellation message
+);
+"""
+
+
+class WorkspaceError(Exception):
+    """A workspace cannot be opened or used; the message says why in words."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    id: int
+    created: float
+    finished: float | None
+    status: str
+    mode: str
+    config: dict[str, Any]
+    heads: list[int]
+    main_head: int | None
+    message: str | None
+    dir: Path
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".selfclassifier").expanduser()
+
+
+def default_workspace_for(folder: str | os.PathLike) -> Path:
+    """Where the workspace of ``folder`` lives when none is given."""
+    env = os.environ.get(WORKSPACE_ENV)
+    if env:
+        return Path(env).expanduser()
+    folder = Path(folder).expanduser().resolve()
+    digest = hashlib.sha1(str(folder).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    name = re.sub(r"[^\w.-]+", "_", folder.name, flags=re.UNICODE).strip("._") or "root"
+    return default_home() / "workspaces" / f"{name[:40]}-{digest}"
+
+
+class Workspace:
+    """A workspace directory and its SQLite database.
+
+    Use :meth:`open` (existing or new workspace) or :meth:`for_folder`. Connections come from
+    :meth:`connect`; each call returns a new connection, so threads and processes never share one.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.db_path = self.path / DB_NAME
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, root: str | os.PathLike | None = None,
+             create: bool = False) -> "Workspace":
+        """Open the workspace at ``path``.
+
+        Args:
+            path: the workspace directory.
+            root: the image folder it belongs to; recorded on creation, checked afterwards.
+            create: make the directory and database if missing (otherwise a missing workspace
+                is an error).
+        """
+        path = Path(path).expanduser()
+        if root is not None:
+            root = Path(root).expanduser().resolve()
+            if is_within(path, root):
+                raise WorkspaceError(
+                    f"workspace {path} lies inside the image folder {root}; choose a workspace "
+                    "outside it (the image folder is never written to)")
+        if path.exists() and not path.is_dir():
+            raise WorkspaceError(f"workspace path {path} exists and is not a directory")
+        if not (path / DB_NAME).exists():
+            if not create:
+                raise WorkspaceError(f"no workspace at {path} (missing {DB_NAME}); run `scan` or "
+                                     "`train` on an image folder first")
+            path.mkdir(parents=True, exist_ok=True)
+        ws = cls(path)
+        ws._init_db(root)
+        return ws
+
+    @classmethod
+    def for_folder(cls, folder: str | os.PathLike,
+                   workspace: str | os.PathLike | None = None) -> "Workspace":
+        """Open (creating if needed) the workspace of an image folder."""
+        folder = Path(folder).expanduser()
+        ws_path = Path(workspace).expanduser() if workspace else default_workspace_for(folder)
+        return cls.open(ws_path, root=folder, create=True)
+
+    def _init_db(self, root: Path | None) -> None:
+        try:
+            with self.transaction() as conn:
+                tables = {r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'")}
+                if "meta" in tables:
+                    row = conn.execute(
+                        "SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                    version = int(row[0]) if row else 0
+                    if version > SCHEMA_VERSION:
+                        raise WorkspaceError(
+                            f"{self.db_path} was written by a newer version of selfclassifier "
+                            f"(schema {version}; this version reads up to {SCHEMA_VERSION}). "
+                            "Upgrade selfclassifier or use another workspace.")
+                elif tables:
+                    raise WorkspaceError(f"{self.db_path} is not a selfclassifier workspace "
+                                         f"database (tables: {', '.join(sorted(tables))})")
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                             (str(SCHEMA_VERSION),))
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (str(time.time()),))
+                if root is not None:
+                    old = conn.execute("SELECT value FROM meta WHERE key='root'").fetchone()
+                    if old is None:
+                        conn.execute("INSERT INTO meta VALUES ('root', ?)", (str(root),))
+                    elif Path(old[0]) != root:
+                        log.warning("workspace %s was made for %s; now used for %s",
+                                    self.path, old[0], root)
+                        conn.execute("UPDATE meta SET value=? WHERE key='root'", (str(root),))
+        except sqlite3.DatabaseError as exc:  # corrupt file, not a database, locked for too long
+            raise WorkspaceError(f"cannot open workspace database {self.db_path}: {exc}. "
+                                 "Move it aside to start a fresh workspace.") from exc
+
+    # ----------------------------------------------------------------- database
+    def connect(self, timeout: float = 30.0) -> sqlite3.Connection:
+        """A new connection: WAL mode, foreign keys on, rows as :class:`sqlite3.Row`.
+
+        The connection is in autocommit mode (``isolation_level=None``); use
+        :meth:`transaction` for grouped writes.
+        """
+        try:
+            conn = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        except sqlite3.DatabaseError as exc:
+            raise WorkspaceError(f"cannot open workspace database {self.db_path}: {exc}. "
+                                 "Move it aside to start a fresh workspace.") from exc
+        return conn
+
+    @contextmanager
+    def transaction(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error) on a new or given connection.
+
+        IMMEDIATE takes the write lock up front, so two processes editing the same workspace
+        serialise instead of failing half-way.
+        """
+        own = conn is None
+        conn = conn or self.connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if own:
+                conn.close()
+
+    # ----------------------------------------------------------------- meta
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    @property
+    def root(self) -> Path | None:
+        """The image folder this workspace belongs to (as last recorded)."""
+        value = self.get_meta("root")
+        return Path(value) if value else None
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        conn = self.connect()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    # ----------------------------------------------------------------- directories
+    @property
+    def runs_dir(self) -> Path:
+        return self.path / "runs"
+
+    def run_dir(self, run_id: int) -> Path:
+        return self.runs_dir / str(int(run_id))
+
+    @property
+    def features_dir(self) -> Path:
+        return self.path / "features"
+
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.path / "thumbnails"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.path / "exports"
+
+    # ----------------------------------------------------------------- catalog queries
+    def image_table(self, status: str | None = "ok"):
+        """The catalog as a pandas DataFrame indexed by image id (only ``status`` rows if given)."""
+        import pandas as pd
+
+        sql = "SELECT * FROM images" + (" WHERE status=?" if status else "") + " ORDER BY id"
+        with self._conn() as conn:
+            df = pd.read_sql_query(sql, conn, params=(status,) if status else None)
+        return df.set_index("id")
+
+    def usable_images(self) -> list[tuple[int, str]]:
+        """``(id, relative path)`` of every image with status ``ok``, ordered by id."""
+        with self._conn() as conn:
+            return [(r[0], r[1]) for r in conn.execute(
+                "SELECT id, path FROM images WHERE status='ok' ORDER BY id")]
+
+    def abspath(self, relpath: str) -> Path:
+        root = self.root
+        if root is None:
+            raise WorkspaceError(f"workspace {self.path} has no image folder recorded")
+        return root / relpath
+
+    def catalog_version(self) -> str:
+        """A string that changes whenever the set of usable images or any of them changes."""
+        h = hashlib.sha1()
+        with self._conn() as conn:
+            for row in conn.execute(
+                    "SELECT id, bytes, mtime_ns FROM images WHERE status='ok' ORDER BY id"):
+                h.update(f"{row[0]}:{row[1]}:{row[2]};".encode())
+        return h.hexdigest()[:16]
+
+    # ----------------------------------------------------------------- runs
+    def create_run(self, mode: str, config: dict[str, Any], heads: list[int] | None = None,
+                   main_head: int | None = None) -> int:
+        """Insert a run row (status ``created``), make its directory, return its id."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO runs (created, status, mode, config, heads, main_head) "
+                "VALUES (?, 'created', ?, ?, ?, ?)",
+                (time.time(), mode, json.dumps(config, default=str),
+                 json.dumps(heads) if heads is not None else None, main_head))
+            run_id = int(cur.lastrowid)
+        self.run_dir(run_id).mkdir(parents=True, exist_ok=True)
+        return run_id
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        """Update columns of a run: status, finished, heads, main_head, message, config."""
+        allowed = {"status", "finished", "heads", "main_head", "message", "config", "mode"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"unknown run field(s): {sorted(bad)}")
+        if "status" in fields and fields["status"] not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {RUN_STATUSES}, got {fields['status']!r}")
+        values = {k: (json.dumps(v, default=str) if k in ("heads", "config") else v)
+                  for k, v in fields.items()}
+        if values.get("status") in ("done", "failed", "cancelled") and "finished" not in values:
+            values["finished"] = time.time()
+        sets = ", ".join(f"{k}=?" for k in values)
+        with self.transaction() as conn:
+            conn.execute(f"UPDATE runs SET {sets} WHERE id=?", (*values.values(), int(run_id)))
+
+    def _run_from_row(self, row: sqlite3.Row) -> RunInfo:
+        return RunInfo(id=row["id"], created=row["created"], finished=row["finished"],
+                       status=row["status"], mode=row["mode"], config=json.loads(row["config"]),
+                       heads=json.loads(row["heads"]) if row["heads"] else [],
+                       main_head=row["main_head"], message=row["message"],
+                       dir=self.run_dir(row["id"]))
+
+    def get_run(self, run_id: int) -> RunInfo:
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE id=?", (int(run_id),)).fetchone()
+        if row is None:
+            raise WorkspaceError(f"no run {run_id} in workspace {self.path}")
+        return self._run_from_row(row)
+
+    def list_runs(self) -> list[RunInfo]:
+        with self._conn() as conn:
+            rows = conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
+        return [self._run_from_row(r) for r in rows]
+
+    def latest_run(self, status: str | None = "done") -> RunInfo | None:
+        """The newest run (with ``status`` if given), or None."""
+        runs = [r for r in self.list_runs() if status is None or r.status == status]
+        return runs[-1] if runs else None
+
+    def resolve_run(self, run_id: int | None = None) -> RunInfo:
+        """The given run, or the newest finished one; a clear error if there is none."""
+        if run_id is not None:
+            return self.get_run(run_id)
+        run = self.latest_run("done")
+        if run is None:
+            raise WorkspaceError(f"workspace {self.path} has no finished training run yet; "
+                                 "run `train` first")
+        return run
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.path)!r})"

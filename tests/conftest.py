@@ -1,0 +1,25 @@
+"""Shared test set-up: nothing is written outside pytest's tmp dirs, torch stays on 2 threads."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Default workspaces go under a temporary SELFCLASSIFIER_HOME, never ~/.selfclassifier."""
+    home = tmp_path_factory.mktemp("sc-home")
+    monkeypatch.setenv("SELFCLASSIFIER_HOME", str(home))
+    monkeypatch.delenv("SELFCLASSIFIER_WORKSPACE", raising=False)
+    yield
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    try:
+        import torch
+
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    except ImportError:
+        pass
