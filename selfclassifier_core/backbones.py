@@ -1,0 +1,211 @@
+"""Backbones by name: torchvision networks (``weights=None``) that return pooled features.
+
+Every builder keeps torchvision's parameter names: the classifier is replaced by
+``nn.Identity`` instead of wrapping the network, so a torchvision state dict loads straight in
+(see :func:`load_pretrained`). What each backbone does with small images (``small_input``,
+chosen by the model config for ``image_size <= 64``):
+
+* ``resnet18/34/50``: CIFAR-style stem -- ``conv1`` becomes a 3x3 stride-1 conv and the max-pool
+  is removed, so the total down-sampling is 8 instead of 32 (a 32-px image ends on a 4x4 map).
+  ``conv1`` then no longer matches ImageNet weights (3x3 instead of 7x7); the rest does.
+* ``convnext_tiny``: the 4x4 stride-4 patchify stem becomes a 3x3 stride-1 conv (same names),
+  total down-sampling 8. Without it, 32 px is the smallest input (1x1 final map).
+* ``efficientnet_b0``: the stem conv keeps its 3x3 weights but uses stride 1 (ImageNet weights
+  still load), total down-sampling 16. Without it, works from 32 px.
+* ``vit_b_16``: built for ``image_size`` rounded to a multiple of 16 (at least 16); inputs of
+  any size >= 16 px are accepted, the position embeddings are interpolated (bicubic, as in DINO)
+  to the input's patch grid, so multi-crop views of several sizes share one network. There is
+  no small-input change: a 32-px image is a 2x2 patch grid.
+* ``efficientnet_lite0``: built by ``selfclassifier_core.backbones_lite`` (imported only when
+  asked for).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+from torchvision.models.vision_transformer import VisionTransformer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BACKBONES", "build_backbone", "load_pretrained", "min_input_size"]
+
+Builder = Callable[[bool, int], tuple[nn.Module, int]]
+
+
+def _resnet(factory: Callable[..., models.ResNet]) -> Builder:
+    def build(small_input: bool, image_size: int) -> tuple[nn.Module, int]:
+        net = factory(weights=None)
+        if small_input:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+            net.maxpool = nn.Identity()
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+
+    return build
+
+
+def _convnext_tiny(small_input: bool, image_size: int) -> tuple[nn.Module, int]:
+    net = models.convnext_tiny(weights=None)
+    if small_input:
+        stem = net.features[0][0]
+        net.features[0][0] = nn.Conv2d(3, stem.out_channels, kernel_size=3, stride=1, padding=1)
+        nn.init.trunc_normal_(net.features[0][0].weight, std=0.02)
+        nn.init.zeros_(net.features[0][0].bias)
+    dim = net.classifier[2].in_features
+    net.classifier[2] = nn.Identity()  # keeps classifier.0 (LayerNorm2d) and Flatten
+    return net, dim
+
+
+def _efficientnet_b0(small_input: bool, image_size: int) -> tuple[nn.Module, int]:
+    net = models.efficientnet_b0(weights=None)
+    if small_input:
+        net.features[0][0].stride = (1, 1)
+    dim = net.classifier[1].in_features
+    net.classifier = nn.Identity()  # Dropout + Linear; Dropout has no parameters
+    return net, dim
+
+
+class _AnySizeViT(VisionTransformer):
+    """torchvision's ViT (same parameter names) accepting any input size >= one patch.
+
+    The position embeddings (learnt for ``image_size``) are interpolated to the input's grid.
+    """
+
+    def _pos_embedding(self, n_h: int, n_w: int) -> torch.Tensor:
+        pos = self.encoder.pos_embedding
+        grid = self.image_size // self.patch_size
+        if n_h == grid and n_w == grid:
+            return pos
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        patch_pos = patch_pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(n_h, n_w), mode="bicubic",
+                                  align_corners=False).to(pos.dtype)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, n_h * n_w, -1)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        p = self.patch_size
+        if h < p or w < p:
+            raise ValueError(f"vit_b_16 needs inputs of at least {p}x{p} px, got {h}x{w}")
+        n_h, n_w = h // p, w // p
+        x = self.conv_proj(x).reshape(n, self.hidden_dim, n_h * n_w).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        enc = self.encoder
+        x = x + self._pos_embedding(n_h, n_w)
+        x = enc.ln(enc.layers(enc.dropout(x)))
+        return self.heads(x[:, 0])
+
+
+def _vit_b_16(small_input: bool, image_size: int) -> tuple[nn.Module, int]:
+    size = max(16, int(round(image_size / 16)) * 16)
+    # the same arguments as torchvision.models.vit_b_16
+    net = _AnySizeViT(image_size=size, patch_size=16, num_layers=12, num_heads=12,
+                      hidden_dim=768, mlp_dim=3072)
+    dim = net.hidden_dim
+    net.heads = nn.Identity()
+    return net, dim
+
+
+def _efficientnet_lite0(small_input: bool, image_size: int) -> tuple[nn.Module, int]:
+    try:
+        lite = importlib.import_module("selfclassifier_core.backbones_lite")
+    except ImportError as exc:
+        raise ValueError(
+            f"backbone 'efficientnet_lite0' is not available: {exc}"
+        ) from exc
+    return lite.build(small_input, image_size)
+
+
+BACKBONES: dict[str, Builder] = {
+    "resnet18": _resnet(models.resnet18),
+    "resnet34": _resnet(models.resnet34),
+    "resnet50": _resnet(models.resnet50),
+    "vit_b_16": _vit_b_16,
+    "convnext_tiny": _convnext_tiny,
+    "efficientnet_b0": _efficientnet_b0,
+    "efficientnet_lite0": _efficientnet_lite0,
+}
+
+# smallest input side each backbone handles (normal stem, small stem)
+_MIN_SIZE = {
+    "resnet18": (32, 8), "resnet34": (32, 8), "resnet50": (32, 8),
+    "vit_b_16": (16, 16), "convnext_tiny": (32, 8), "efficientnet_b0": (32, 16),
+    "efficientnet_lite0": (32, 16),
+}
+
+
+def min_input_size(name: str, small_input: bool) -> int:
+    """Smallest image side in pixels that ``name`` is meant to take (for checks and tests)."""
+    _check_name(name)
+    return _MIN_SIZE[name][1 if small_input else 0]
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
+
+
+def build_backbone(name: str, small_input: bool, image_size: int = 224) -> tuple[nn.Module, int]:
+    """Build backbone ``name`` with random weights.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        small_input: use the small-image variant described in the module docstring.
+        image_size: training image side (used by vit_b_16 for its position embeddings).
+
+    Returns:
+        ``(module, feature_dim)``; ``module(x)`` gives ``[N, feature_dim]``.
+    """
+    _check_name(name)
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    net, dim = BACKBONES[name](bool(small_input), int(image_size))
+    logger.debug("built backbone %s (small_input=%s, dim=%d)", name, small_input, dim)
+    return net, dim
+
+
+def load_pretrained(backbone: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load a torchvision state dict into a backbone, skipping what no longer fits.
+
+    Classifier weights (now ``nn.Identity``) and tensors whose shape changed (a small-input stem)
+    are skipped; ViT position embeddings of another grid size are interpolated.
+
+    Returns:
+        The names of the backbone's parameters left at their random initialisation.
+    """
+    own = backbone.state_dict()
+    usable = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            continue
+        if key == "encoder.pos_embedding" and value.shape != own[key].shape and value.ndim == 3:
+            value = _resize_pos_embedding(value, own[key].shape[1])
+        if value.shape != own[key].shape:
+            logger.info("pretrained %s has shape %s, model needs %s: skipped",
+                        key, tuple(value.shape), tuple(own[key].shape))
+            continue
+        usable[key] = value
+    backbone.load_state_dict(usable, strict=False)
+    missing = [k for k in own if k not in usable]
+    if missing:
+        logger.info("%d backbone tensors not in the pretrained weights: %s", len(missing),
+                    ", ".join(missing[:8]))
+    return missing
+
+
+def _resize_pos_embedding(pos: torch.Tensor, length: int) -> torch.Tensor:
+    old_grid, new_grid = math.isqrt(pos.shape[1] - 1), math.isqrt(length - 1)
+    patch = pos[:, 1:].reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos.dtype)
+    return torch.cat([pos[:, :1], patch], dim=1)
