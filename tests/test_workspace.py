@@ -1,0 +1,173 @@
+"""workspace.py: location rules, database errors in words, WAL, schema version, runs."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from selfclassifier_core.workspace import (
+    DB_NAME, SCHEMA_VERSION, Workspace, WorkspaceError, default_workspace_for)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "My Photos"
+    root.mkdir()
+    Image.new("RGB", (4, 4)).save(root / "a.png")
+    return root
+
+
+def test_new_workspace_has_schema_wal_and_tables(tmp_path):
+    ws = Workspace.open(tmp_path / "ws", create=True)
+    raw = sqlite3.connect(ws.db_path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persisted in the file
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"meta", "images", "scans", "runs"} <= tables
+        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] \
+            == str(SCHEMA_VERSION)
+    finally:
+        raw.close()
+    conn = ws.connect()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert isinstance(conn.execute("SELECT 1 AS one").fetchone(), sqlite3.Row)
+    conn.close()
+
+
+def test_corrupt_database_is_a_workspace_error(tmp_path, folder):
+    ws_dir = tmp_path / "ws"
+    ws_dir.mkdir()
+    (ws_dir / DB_NAME).write_bytes(random.Random(0).randbytes(8192))
+    with pytest.raises(WorkspaceError, match=re.escape(str(ws_dir / DB_NAME))) as info:
+        Workspace.open(ws_dir)
+    assert "Move it aside" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(WorkspaceError):
+        Workspace.for_folder(folder, ws_dir)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    ws = Workspace.open(tmp_path / "ws", create=True)
+    ws.set_meta("schema_version", str(SCHEMA_VERSION + 1))
+    with pytest.raises(WorkspaceError, match="newer version"):
+        Workspace.open(tmp_path / "ws")
+
+
+def test_foreign_database_is_refused(tmp_path):
+    (tmp_path / "ws").mkdir()
+    conn = sqlite3.connect(tmp_path / "ws" / DB_NAME)
+    conn.execute("CREATE TABLE customers (id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(WorkspaceError, match="not a selfclassifier workspace"):
+        Workspace.open(tmp_path / "ws")
+
+
+def test_missing_workspace_and_file_in_the_way(tmp_path):
+    with pytest.raises(WorkspaceError, match="no workspace"):
+        Workspace.open(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(WorkspaceError, match="not a directory"):
+        Workspace.open(tmp_path / "afile", create=True)
+
+
+def test_workspace_inside_image_folder_is_refused(folder, monkeypatch):
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(WorkspaceError, match="inside the image folder"):
+        Workspace.for_folder(folder, folder / "ws")
+    with pytest.raises(WorkspaceError, match="inside the image folder"):
+        Workspace.for_folder(folder, folder)
+    monkeypatch.setenv("SELFCLASSIFIER_WORKSPACE", str(folder / "sub" / "ws"))
+    with pytest.raises(WorkspaceError, match="inside the image folder"):
+        Workspace.for_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_default_location_is_under_selfclassifier_home(folder, tmp_path, monkeypatch):
+    home = Path(os.environ["SELFCLASSIFIER_HOME"])
+    ws = Workspace.for_folder(folder)
+    assert ws.path.parent == home / "workspaces"
+    assert re.fullmatch(r"My_Photos-[0-9a-f]{8}", ws.path.name), ws.path.name
+    assert (ws.path / DB_NAME).is_file()
+    assert ws.root == folder.resolve()
+    # same folder by another spelling -> same workspace; same name elsewhere -> another one
+    monkeypatch.chdir(folder.parent)
+    assert default_workspace_for(Path("My Photos")) == ws.path
+    other = tmp_path / "elsewhere" / "My Photos"
+    other.mkdir(parents=True)
+    assert default_workspace_for(other) != ws.path
+    assert not any(p.name == DB_NAME for p in folder.rglob("*"))
+
+
+def test_environment_override(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFCLASSIFIER_WORKSPACE", str(tmp_path / "chosen"))
+    ws = Workspace.for_folder(folder)
+    assert ws.path == tmp_path / "chosen" and (ws.path / DB_NAME).is_file()
+    # an explicit --workspace wins over the environment
+    assert Workspace.for_folder(folder, tmp_path / "explicit").path == tmp_path / "explicit"
+
+
+def test_runs_create_update_list(tmp_path):
+    ws = Workspace.open(tmp_path / "ws", create=True)
+    assert ws.list_runs() == [] and ws.latest_run() is None
+    with pytest.raises(WorkspaceError, match="no finished training run"):
+        ws.resolve_run()
+    r1 = ws.create_run("scratch", {"epochs": 3, "lr": 0.1}, heads=[10, 20], main_head=10)
+    r2 = ws.create_run("fast", {"epochs": 1})
+    assert r2 > r1 and ws.run_dir(r1).is_dir() and ws.run_dir(r2).is_dir()
+    info = ws.get_run(r1)
+    assert (info.status, info.mode, info.config, info.heads, info.main_head) == (
+        "created", "scratch", {"epochs": 3, "lr": 0.1}, [10, 20], 10)
+    assert info.finished is None and info.dir == ws.path / "runs" / str(r1)
+
+    ws.update_run(r1, status="running")
+    ws.update_run(r1, status="done", heads=[10, 20, 40], message="ok")
+    done = ws.get_run(r1)
+    assert done.status == "done" and done.heads == [10, 20, 40] and done.message == "ok"
+    assert done.finished is not None and done.finished >= done.created
+    ws.update_run(r2, status="failed", message="out of memory")
+    assert [r.id for r in ws.list_runs()] == [r1, r2]
+    assert ws.latest_run().id == r1 and ws.latest_run(status=None).id == r2
+    assert ws.resolve_run().id == r1 and ws.resolve_run(r2).status == "failed"
+
+    with pytest.raises(ValueError, match="bogus"):
+        ws.update_run(r1, bogus=1)
+    with pytest.raises(ValueError, match="'finished!'"):
+        ws.update_run(r1, status="finished!")
+    with pytest.raises(WorkspaceError, match="no run 99"):
+        ws.get_run(99)
+    # survives reopening
+    assert [r.status for r in Workspace.open(tmp_path / "ws").list_runs()] == ["done", "failed"]
+
+
+def test_failed_transaction_rolls_back(tmp_path):
+    ws = Workspace.open(tmp_path / "ws", create=True)
+    with pytest.raises(RuntimeError):
+        with ws.transaction() as conn:
+            conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+            raise RuntimeError("boom")
+    assert ws.get_meta("k") is None
+    ws.set_meta("k", "v2")
+    assert ws.get_meta("k") == "v2"
+
+
+def test_catalog_queries_follow_the_scan(folder, tmp_path):
+    from selfclassifier_core.catalog import scan
+
+    ws_path = tmp_path / "ws"
+    scan(folder, ws_path, workers=1)
+    ws = Workspace.open(ws_path)
+    v1 = ws.catalog_version()
+    ids = ws.usable_images()
+    assert [p for _, p in ids] == ["a.png"]
+    assert ws.abspath("a.png") == folder.resolve() / "a.png"
+    table = ws.image_table()
+    assert list(table.index) == [ids[0][0]] and table.loc[ids[0][0], "width"] == 4
+    Image.new("RGB", (5, 5)).save(folder / "b.png")
+    scan(folder, ws_path, workers=1)
+    assert ws.catalog_version() != v1 and len(ws.usable_images()) == 2
