@@ -365,6 +365,8 @@ class NeighborIndex:
         emb = np.asarray(embed_fn([path_or_bytes]))
         if emb.ndim != 2 or emb.shape[0] != 1:
             raise ValueError(f"embed_fn must return one embedding row, got shape {emb.shape}")
+        if not np.all(np.isfinite(emb)):
+            raise ValueError(f"could not read the image {_describe(path_or_bytes)}")
         sims, ids = self.search_vectors(emb, k)
         keep = ids[0] >= 0
         return pd.DataFrame({"image_id": ids[0][keep], "similarity": sims[0][keep]})
@@ -420,6 +422,10 @@ class NeighborIndex:
     def __repr__(self) -> str:
         return (f"NeighborIndex(n={len(self)}, dim={self.dim}, kind={self.kind!r}, "
                 f"device={self.device!r})")
+
+
+def _describe(item: str | os.PathLike | bytes) -> str:
+    return f"({len(item)} bytes)" if isinstance(item, (bytes, bytearray)) else str(item)
 
 
 def _check_k(k: int) -> int:

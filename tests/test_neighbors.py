@@ -154,6 +154,8 @@ def test_search_file_uses_the_embedding_function():
     assert res["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="embed_fn"):
         index.search_file(b"x", k=3)   # not made with for_run: no model to embed with
+    with pytest.raises(ValueError, match="could not read"):
+        index.search_file(b"x", k=3, embed_fn=lambda items: np.full((1, 16), np.nan))
 
 
 # ---------------------------------------------------------------------------- per run
@@ -230,3 +232,32 @@ def test_cli_neighbors_and_duplicates(tmp_path):
 
     bad_t = run_cli("duplicates", str(ws.path), "--threshold", "3")
     assert bad_t.returncode == 2 and "threshold" in bad_t.stderr
+
+
+def test_cli_neighbors_of_a_file_outside_the_catalog(tmp_path, monkeypatch, capsys):
+    """A file that is not in the catalog is embedded with the run's model (predict.embed_files)."""
+    import types
+
+    from selfclassifier_core.cli import main
+
+    ws, run_id = make_workspace_with_run(tmp_path, n_images=200, write_images=False)
+    emb, _, _ = planted_embeddings()
+    set_embeddings(ws, run_id, emb)
+    outside = tmp_path / "new.png"
+    outside.write_bytes(b"not needed by the fake model")
+    calls = []
+
+    def embed_files(workspace, rid, items):
+        calls.append((workspace.path, rid, [str(i) for i in items]))
+        return emb[[99]].astype(np.float32), []           # looks exactly like id 100
+
+    fake = types.ModuleType("selfclassifier_core.predict")
+    fake.embed_files = embed_files
+    monkeypatch.setitem(sys.modules, "selfclassifier_core.predict", fake)
+    import selfclassifier_core
+    monkeypatch.setattr(selfclassifier_core, "predict", fake, raising=False)
+
+    assert main(["neighbors", str(ws.path), str(outside), "-k", "2"]) == 0
+    assert calls == [(ws.path, run_id, [str(outside)])]
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[2:]]
+    assert rows[0][1] == "100" and float(rows[0][2]) == pytest.approx(1.0, abs=1e-3)
