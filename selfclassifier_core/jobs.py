@@ -1,0 +1,414 @@
+"""Background training jobs: start, watch, cancel and resume ``train`` in a detached process.
+
+The app never trains inside its own process: :func:`start_training` launches
+``python -m selfclassifier_core train FOLDER --workspace WS --run-id N ...`` in a new session
+(so a browser reload, a Streamlit rerun or even a server restart does not stop it) with its
+output in ``runs/<id>/train.log`` and its process id in ``runs/<id>/job.json``. Everything the
+app shows about a job is read back from disk by :func:`job_status`: the run row in the
+database, ``progress.json`` and ``stats.jsonl`` written by the trainer, and whether the recorded
+process is still alive. A run the database calls running whose process has died is reported
+(and recorded) as failed, with the end of its log.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fsutil import atomic_write_json
+from .workspace import Workspace, WorkspaceError
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+LOG_FILE = "train.log"
+PROGRESS_FILE = "progress.json"
+STATS_FILE = "stats.jsonl"
+CANCEL_FILE = "CANCEL"
+
+# options of start_training -> command-line flag of `train`
+_FLAGS = {
+    "mode": "--mode",
+    "classes": "--classes",
+    "backbone": "--backbone",
+    "epochs": "--epochs",
+    "minutes": "--minutes",
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "pretrained": "--pretrained",
+}
+_FINAL = ("done", "failed", "cancelled")
+
+# Popen objects of the jobs this process started, so finished children are reaped (no zombies).
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+@dataclass
+class JobStatus:
+    """What is known about one training run, read from disk."""
+
+    run_id: int
+    status: str                 # created | running | done | failed | cancelled
+    alive: bool                 # the recorded training process is running
+    progress: dict[str, Any] = field(default_factory=dict)
+    stats: list[dict[str, Any]] = field(default_factory=list)
+    message: str | None = None
+    log_tail: str = ""
+    pid: int | None = None
+    cancel_requested: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.status in _FINAL and not self.alive
+
+    @property
+    def can_resume(self) -> bool:
+        return self.status in ("failed", "cancelled") and not self.alive
+
+
+def _as_workspace(workspace: Workspace | str | os.PathLike) -> Workspace:
+    return workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
+
+
+def build_command(workspace: Workspace, run_id: int, resume: bool = False) -> list[str]:
+    """The command of the background process that trains run ``run_id`` (see :func:`_child`)."""
+    cmd = [sys.executable, "-m", "selfclassifier_core.jobs", str(workspace.path.resolve()),
+           str(int(run_id))]
+    return cmd + (["--resume"] if resume else [])
+
+
+def cli_equivalent(folder: str | os.PathLike, workspace: Workspace, options: dict[str, Any],
+                   run_id: int | None = None, resume: bool = False) -> str:
+    """The ``train`` command line doing the same (shown to the person, written to the log)."""
+    cmd = ["python", "-m", "selfclassifier_core", "train", str(folder),
+           "--workspace", str(workspace.path)]
+    for key, flag in _FLAGS.items():
+        value = options.get(key)
+        if value is not None and value != "":
+            cmd += [flag, str(value)]
+    if resume:
+        cmd += ["--resume", "--run-id", str(run_id)]
+    return " ".join(cmd)
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - set(_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {sorted(unknown)}; "
+                         f"valid: {sorted(_FLAGS)}")
+    return {k: v for k, v in options.items() if v is not None and v != ""}
+
+
+def _launch(ws: Workspace, run_id: int, cmd: list[str], spec: dict[str, Any] | None = None) -> int:
+    run_dir = ws.run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    with open(run_dir / LOG_FILE, "ab") as logfh:
+        logfh.write(f"\n$ {' '.join(cmd)}\n".encode())
+        logfh.flush()
+        proc = subprocess.Popen(cmd, stdout=logfh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                cwd=str(run_dir), close_fds=True)
+    _CHILDREN[proc.pid] = proc
+    atomic_write_json(run_dir / JOB_FILE, dict(
+        spec or _read_json(run_dir / JOB_FILE), pid=proc.pid, started=time.time(), argv=cmd,
+        proc_start=_proc_start_time(proc.pid), host=os.uname().nodename))
+    log.info("started training run %s (pid %s)", run_id, proc.pid)
+    return proc.pid
+
+
+def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | None,
+                   options: dict[str, Any] | None = None) -> int:
+    """Create a run and train it in a detached background process; return the run id.
+
+    Args:
+        folder: the image folder.
+        workspace: a :class:`Workspace`, its path, or None for the folder's default workspace.
+        options: any of mode, classes, backbone, epochs, minutes, batch_size, device, pretrained
+            (None values use the trainer's defaults).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise WorkspaceError(f"image folder {folder} does not exist or is not a folder")
+    options = _check_options(dict(options or {}))
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.for_folder(folder, workspace)
+    active = active_run(ws)
+    if active is not None:
+        raise WorkspaceError(f"run {active} is still training in this workspace; "
+                             "wait for it or cancel it first")
+    mode = options.get("mode") or ("fast" if options.get("pretrained") else "scratch")
+    run_id = ws.create_run(mode, dict(options, folder=str(folder.resolve())))
+    spec = {"folder": str(folder.resolve()), "options": options,
+            "cli": cli_equivalent(folder, ws, options)}
+    atomic_write_json(ws.run_dir(run_id) / JOB_FILE, spec)
+    try:
+        _launch(ws, run_id, build_command(ws, run_id), spec)
+    except OSError as exc:
+        ws.update_run(run_id, status="failed", message=f"could not start training: {exc}")
+        raise WorkspaceError(f"could not start training: {exc}") from exc
+    return run_id
+
+
+def resume(workspace: Workspace | str | os.PathLike, run_id: int) -> int:
+    """Continue a cancelled or failed run from its last checkpoint in a new background process."""
+    ws = _as_workspace(workspace)
+    st = job_status(ws, run_id)
+    if st.alive:
+        raise WorkspaceError(f"run {run_id} is still running")
+    if st.status not in ("failed", "cancelled"):
+        raise WorkspaceError(f"run {run_id} is {st.status}; only a cancelled or failed run "
+                             "can be resumed")
+    run = ws.get_run(run_id)
+    if run.mode == "fast":
+        raise WorkspaceError("a fast-mode run is not resumed: start a new one, it reuses the "
+                             "cached features and takes seconds")
+    (ws.run_dir(run_id) / CANCEL_FILE).unlink(missing_ok=True)
+    ws.update_run(run_id, status="created", message=None)
+    _launch(ws, run_id, build_command(ws, run_id, resume=True))
+    return run_id
+
+
+def cancel(workspace: Workspace | str | os.PathLike, run_id: int) -> None:
+    """Ask a run to stop: a CANCEL file (the trainer checkpoints and exits) and SIGTERM.
+
+    A run whose process is already gone is marked cancelled straight away.
+    """
+    ws = _as_workspace(workspace)
+    run_dir = ws.run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CANCEL_FILE).write_text(f"{time.time()}\n")
+    job = _read_json(run_dir / JOB_FILE)
+    pid = job.get("pid")
+    if pid and _alive(pid, job.get("proc_start")):
+        try:
+            os.killpg(pid, signal.SIGTERM)  # the job leads its own session/process group
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(pid, signal.SIGTERM)
+    elif ws.get_run(run_id).status in ("created", "running"):
+        ws.update_run(run_id, status="cancelled", message="cancelled before it started")
+
+
+def job_status(workspace: Workspace | str | os.PathLike, run_id: int,
+               log_lines: int = 20) -> JobStatus:
+    """Everything about run ``run_id`` from disk; repairs the status of a run whose process died."""
+    ws = _as_workspace(workspace)
+    run_dir = ws.run_dir(run_id)
+    job = _read_json(run_dir / JOB_FILE)
+    pid = job.get("pid")
+    alive = bool(pid) and _alive(pid, job.get("proc_start"))
+    run = ws.get_run(run_id)  # read after the liveness check: a dead process wrote its last word
+    status, message = run.status, run.message
+    tail = _tail(run_dir / LOG_FILE, log_lines)
+    if status in ("created", "running") and pid and not alive:
+        code = _exit_code(pid)
+        why = ("it is no longer running" if code is None
+               else f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+        message = (f"the training process stopped unexpectedly ({why}) before finishing; "
+                   "resume it to continue from the last checkpoint")
+        if (run_dir / CANCEL_FILE).exists():
+            status, message = "cancelled", "cancelled"
+        else:
+            status = "failed"
+            last = _last_error_line(tail)
+            if last:
+                message += f". Last message: {last}"
+        ws.update_run(run_id, status=status, message=message)
+    elif status == "created" and alive:
+        status = "running"
+    return JobStatus(run_id=int(run_id), status=status, alive=alive,
+                     progress=_read_json(run_dir / PROGRESS_FILE),
+                     stats=read_stats(run_dir), message=message, log_tail=tail, pid=pid,
+                     cancel_requested=(run_dir / CANCEL_FILE).exists())
+
+
+def active_run(workspace: Workspace | str | os.PathLike) -> int | None:
+    """The id of the newest run that is training right now, if any."""
+    ws = _as_workspace(workspace)
+    for run in reversed(ws.list_runs()):
+        if run.status in ("created", "running") and job_status(ws, run.id).alive:
+            return run.id
+    return None
+
+
+def wait(workspace: Workspace | str | os.PathLike, run_id: int, timeout: float = 600,
+         poll: float = 0.5) -> JobStatus:
+    """Block until the run's process has ended (or ``timeout`` seconds); return its status."""
+    ws = _as_workspace(workspace)
+    deadline = time.monotonic() + timeout
+    while True:
+        st = job_status(ws, run_id)
+        if not st.alive and (st.status in _FINAL or not st.pid):
+            return st
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} still {st.status} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def read_stats(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-epoch statistics lines of a run (a torn last line is skipped)."""
+    path = Path(run_dir) / STATS_FILE
+    out = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        return value if isinstance(value, dict) else {}
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Start time of a process (Linux /proc), to tell a reused pid from our job."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, proc_start: str | None = None) -> bool:
+    pid = int(pid)
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead; a different start time means the pid was reused
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            return False
+        if proc_start is not None and fields[19] != proc_start:
+            return False
+    except (OSError, IndexError):
+        pass
+    return True
+
+
+def _exit_code(pid: int) -> int | None:
+    child = _CHILDREN.get(int(pid))
+    return child.returncode if child is not None else None
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 16384))
+            data = fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _last_error_line(tail: str) -> str | None:
+    for line in reversed(tail.splitlines()):
+        line = line.strip()
+        if line.startswith("error:") or "Error" in line.split(":")[0]:
+            return line[:300]
+    return None
+
+
+# --------------------------------------------------------------------------- the background process
+class _ReservedRunWorkspace(Workspace):
+    """A workspace that hands the trainer the run row :func:`start_training` already made.
+
+    The app needs the run id the moment it starts a job (to show its progress), while the
+    trainer creates its run only after scanning the folder; this bridges the two.
+    """
+
+    def __init__(self, path: Path, run_id: int):
+        super().__init__(path)
+        self._reserved: int | None = int(run_id)
+
+    def create_run(self, mode: str, config: dict[str, Any], heads: list[int] | None = None,
+                   main_head: int | None = None) -> int:
+        if self._reserved is None:
+            return super().create_run(mode, config, heads, main_head)
+        run_id, self._reserved = self._reserved, None
+        fields: dict[str, Any] = {"mode": mode, "config": config}
+        if heads is not None:
+            fields["heads"] = list(heads)
+        if main_head is not None:
+            fields["main_head"] = int(main_head)
+        self.update_run(run_id, **fields)
+        self.run_dir(run_id).mkdir(parents=True, exist_ok=True)
+        return run_id
+
+
+def _child(argv: list[str] | None = None) -> int:
+    """``python -m selfclassifier_core.jobs WORKSPACE RUN_ID [--resume]``: train one run."""
+    import argparse
+    import threading
+
+    parser = argparse.ArgumentParser(prog="python -m selfclassifier_core.jobs")
+    parser.add_argument("workspace")
+    parser.add_argument("run_id", type=int)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ws = _ReservedRunWorkspace(Path(args.workspace), args.run_id)
+    spec = _read_json(ws.run_dir(args.run_id) / JOB_FILE)
+    options = dict(spec.get("options") or {})
+    print(f"equivalent command: {spec.get('cli', '?')}", flush=True)
+    from .trainer import train
+
+    try:
+        if args.resume:
+            ws._reserved = None
+            opts = {k: v for k, v in options.items() if k in ("device",)}
+            result = train(None, ws, resume=True, run_id=args.run_id, should_stop=stop.is_set,
+                           **opts)
+        else:
+            result = train(spec.get("folder"), ws, should_stop=stop.is_set, **options)
+    except BaseException as exc:  # noqa: BLE001 - recorded in words for the app, then re-raised
+        message = str(exc) or type(exc).__name__
+        status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+        try:
+            if ws.get_run(args.run_id).status in ("created", "running"):
+                ws.update_run(args.run_id, status=status, message=message)
+        except Exception:  # noqa: BLE001
+            pass
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if isinstance(exc, (ValueError, WorkspaceError, FileNotFoundError)):
+            return 2
+        raise
+    print(f"run {result.run_id}: {getattr(result, 'status', 'done')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child())
