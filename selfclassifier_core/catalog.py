@@ -218,7 +218,13 @@ def _decode_parallel(root: str, rels: list[str], workers: int,
     chunks = [rels[i:i + size] for i in range(0, len(rels), size)]
     fn = partial(_decode_chunk, root, max_pixels)
     done = 0
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())
+    try:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())
+    except (OSError, NotImplementedError) as exc:  # no semaphores / process limits (sandboxes)
+        log.warning("cannot start worker processes (%s); decoding in this process", exc)
+        for chunk in chunks:
+            yield fn(chunk)
+        return
     try:
         for result in pool.map(fn, chunks):
             done += len(result)

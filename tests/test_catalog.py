@@ -113,6 +113,36 @@ def test_parallel_workers_give_the_same_catalog(case_folder, tmp_path, monkeypat
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
 
 
+def test_workers_under_threads_use_a_fork_server(case_folder, tmp_path, monkeypatch):
+    """The app scans from a server with threads, where fork is unsafe."""
+    import threading
+
+    root, expected = case_folder
+    monkeypatch.setattr(catalog, "INLINE_MAX", 0)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        assert catalog._mp_context().get_start_method() == "forkserver"
+        report = scan(root, tmp_path / "ws", workers=2)
+    finally:
+        stop.set()
+        thread.join()
+    check_first_scan(report, tmp_path / "ws", root, expected)
+
+
+def test_no_worker_processes_falls_back_to_inline(case_folder, tmp_path, monkeypatch):
+    root, expected = case_folder
+
+    class NoPool:
+        def __init__(self, *a, **kw):
+            raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(catalog, "INLINE_MAX", 0)
+    monkeypatch.setattr(catalog, "ProcessPoolExecutor", NoPool)
+    check_first_scan(scan(root, tmp_path / "ws", workers=2), tmp_path / "ws", root, expected)
+
+
 def test_rescan_is_incremental_and_ids_are_stable(case_folder, tmp_path, monkeypatch):
     root, expected = case_folder
     ws = tmp_path / "ws"
