@@ -53,7 +53,7 @@ def _write_png(path: Path, colour: tuple[int, int, int], size: int) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size, size), colour).save(path)
+    Image.new("RGB", (size, size), colour).save(path, format="PNG")
 
 
 def make_workspace_with_run(tmp_path: str | Path, n_images: int = 40,

@@ -1,0 +1,47 @@
+"""``export WS --csv F | --imagefolder DIR | --parquet F | --jsonl F``: write the final labels."""
+from __future__ import annotations
+
+import argparse
+
+from .labels import add_run_head, open_workspace
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write the labels as CSV, ImageFolder tree, Parquet or JSONL",
+                       description=__doc__)
+    p.add_argument("workspace", metavar="WS", help="workspace directory (or its image folder)")
+    g = p.add_argument_group("targets (at least one)")
+    g.add_argument("--csv", metavar="FILE", help="CSV file (UTF-8)")
+    g.add_argument("--imagefolder", metavar="DIR", help="ImageFolder tree DIR/<label>/<file>")
+    g.add_argument("--parquet", metavar="FILE", help="Parquet file")
+    g.add_argument("--jsonl", metavar="FILE", help="JSON lines file")
+    p.add_argument("--link", choices=("copy", "hard", "sym"), default="copy",
+                   help="how --imagefolder places files (default: copy)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty --imagefolder DIR (an earlier export there is replaced)")
+    p.add_argument("--include-excluded", action="store_true",
+                   help="also write excluded images (with an `excluded` column)")
+    add_run_head(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import export
+    from . import CliError
+
+    if not (args.csv or args.imagefolder or args.parquet or args.jsonl):
+        raise CliError("export needs a target: --csv FILE, --imagefolder DIR, --parquet FILE "
+                       "or --jsonl FILE")
+    ws = open_workspace(args.workspace)
+    common = dict(run_id=args.run, head=args.head, include_excluded=args.include_excluded)
+    if args.csv:
+        print(f"wrote {export.export_csv(ws, args.csv, **common)}")
+    if args.parquet:
+        print(f"wrote {export.export_parquet(ws, args.parquet, **common)}")
+    if args.jsonl:
+        print(f"wrote {export.export_jsonl(ws, args.jsonl, **common)}")
+    if args.imagefolder:
+        report = export.export_imagefolder(ws, args.imagefolder, link=args.link,
+                                           overwrite=args.overwrite, **common)
+        print(report)
+    return 0

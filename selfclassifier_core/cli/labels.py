@@ -1,0 +1,176 @@
+"""``labels WS ACTION ...``: list and edit the labels of a run from the command line.
+
+Actions::
+
+    labels WS list [--images]                 clusters (or every image) with their labels
+    labels WS rename CLUSTER NAME             e.g. labels WS rename 3 "Cats"
+    labels WS merge C1 C2 ... [--into C] [--name NAME]
+    labels WS move --to-cluster C ID...       (or --to-label NAME ID...)
+    labels WS create NAME
+    labels WS rename-label OLD NEW
+    labels WS exclude ID... / include ID...
+    labels WS undo [--steps N] / redo [--steps N]
+    labels WS history [--all]
+    labels WS carry --from RUN [--from-head K]   carry labels of an earlier run to this one
+
+``--run N`` and ``--head K`` (before or after the action) pick the run (default: newest finished)
+and head (default: the run's main head). Image ids are catalog ids (``labels WS list --images``)
+or relative paths. A name starting with ``-`` goes after ``--``: ``rename 3 -- -x``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from . import CliError
+
+ACTIONS = ("list", "rename", "merge", "move", "create", "rename-label", "exclude", "include",
+           "undo", "redo", "history", "carry")
+
+
+def open_workspace(path: str):
+    """The workspace at ``path``, or the default workspace of the image folder ``path``."""
+    from ..workspace import DB_NAME, Workspace, default_workspace_for
+
+    p = Path(path).expanduser()
+    if (p / DB_NAME).exists():
+        return Workspace.open(p)
+    if p.is_dir():
+        default = default_workspace_for(p)
+        if (default / DB_NAME).exists():
+            return Workspace.open(default)
+    raise CliError(f"no workspace at {path} (and no workspace for it as an image folder); run "
+                   "`scan` or `train` first")
+
+
+def add_run_head(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--run", type=int, default=default, metavar="N",
+                        help="run id (default: the newest finished run)")
+    parser.add_argument("--head", type=int, default=default, metavar="K",
+                        help="head by class count (default: the run's main head)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("labels", help="list and edit cluster names and image labels",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workspace", metavar="WS", help="workspace directory (or its image folder)")
+    add_run_head(p)
+    acts = p.add_subparsers(dest="action", metavar="ACTION")
+    acts.required = True
+
+    def act(name: str, help: str) -> argparse.ArgumentParser:
+        a = acts.add_parser(name, help=help)
+        add_run_head(a, suppress=True)
+        return a
+
+    a = act("list", "clusters with names, sizes, mean confidence")
+    a.add_argument("--images", action="store_true", help="list every image instead")
+    a.add_argument("--by-label", action="store_true", help="one row per label, not per cluster")
+    a = act("rename", "name a cluster")
+    a.add_argument("cluster", type=int)
+    a.add_argument("name")
+    a = act("merge", "give clusters one label name")
+    a.add_argument("clusters", type=int, nargs="+")
+    a.add_argument("--into", type=int, help="keep this cluster's name")
+    a.add_argument("--name", help="the shared name")
+    a = act("move", "move images to a cluster or label")
+    g = a.add_mutually_exclusive_group(required=True)
+    g.add_argument("--to-cluster", type=int, metavar="C")
+    g.add_argument("--to-label", metavar="NAME")
+    a.add_argument("images", nargs="+", metavar="ID")
+    a = act("create", "create an empty label")
+    a.add_argument("name")
+    a = act("rename-label", "rename a label everywhere")
+    a.add_argument("old")
+    a.add_argument("new")
+    a = act("exclude", "exclude images (junk, outliers)")
+    a.add_argument("images", nargs="+", metavar="ID")
+    a = act("include", "include excluded images again")
+    a.add_argument("images", nargs="+", metavar="ID")
+    for name in ("undo", "redo"):
+        a = act(name, f"{name} the last operation(s)")
+        a.add_argument("--steps", type=int, default=1)
+    a = act("history", "operations, oldest first")
+    a.add_argument("--all", action="store_true", help="also discarded (undone, then replaced)")
+    a = act("carry", "carry labels of an earlier run to this run (clusters matched by overlap)")
+    a.add_argument("--from", dest="from_run", type=int, required=True, metavar="RUN")
+    a.add_argument("--from-head", type=int, metavar="K")
+    p.set_defaults(func=run)
+
+
+def _image_ids(ws, items: list[str]) -> list[int]:
+    ids, paths = [], []
+    for it in items:
+        (ids if it.strip().isdigit() else paths).append(it)
+    out = [int(i) for i in ids]
+    if paths:
+        known = {p: i for i, p in ws.usable_images()}
+        missing = [p for p in paths if p.replace(os.sep, "/") not in known]
+        if missing:
+            raise ValueError(f"unknown image(s) {', '.join(missing[:10])}: neither ids nor "
+                             "relative paths of usable images")
+        out += [known[p.replace(os.sep, "/")] for p in paths]
+    return out
+
+
+def _done(hid) -> int:
+    print("nothing changed" if hid is None else f"done (history {hid})")
+    return 0
+
+
+def run(args) -> int:
+    from ..labels import Labels, carry_over
+
+    ws = open_workspace(args.workspace)
+    if args.action == "carry":
+        report = carry_over(ws, args.from_run, ws.resolve_run(args.run).id, args.head,
+                            args.from_head)
+        print(report)
+        return 0
+    lab = Labels(ws, args.run, args.head)
+    a = args.action
+    if a == "list":
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", None, "display.width", 200,
+                               "display.max_colwidth", 60):
+            if args.images:
+                print(lab.final_table().drop(columns=["predicted_cluster"]).to_string())
+            else:
+                print(f"run {lab.run_id}, head {lab.head}")
+                print(lab.cluster_summary("label" if args.by_label else "cluster").to_string())
+        return 0
+    if a == "rename":
+        return _done(lab.rename(args.cluster, args.name))
+    if a == "merge":
+        return _done(lab.merge(args.clusters, into=args.into, name=args.name))
+    if a == "move":
+        ids = _image_ids(ws, args.images)
+        return _done(lab.move(ids, cluster=args.to_cluster, label=args.to_label))
+    if a == "create":
+        return _done(lab.create_label(args.name))
+    if a == "rename-label":
+        return _done(lab.rename_label(args.old, args.new))
+    if a in ("exclude", "include"):
+        ids = _image_ids(ws, args.images)
+        return _done(getattr(lab, a)(ids))
+    if a in ("undo", "redo"):
+        if args.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        for _ in range(args.steps):
+            entry = getattr(lab, a)()
+            if entry is None:
+                print(f"nothing to {a}")
+                break
+            print(f"{a}: {entry.op} {entry.args} (history {entry.id})")
+        return 0
+    if a == "history":
+        import time
+
+        for e in lab.history(include_discarded=args.all):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+            print(f"{e.id:>5} {when} {e.state:<9} {e.op} {e.args}")
+        return 0
+    raise CliError(f"unknown labels action {a!r}")  # pragma: no cover - argparse checks

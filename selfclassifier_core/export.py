@@ -1,0 +1,402 @@
+"""Exports of the final labels: CSV, Parquet, JSON lines and an ImageFolder tree.
+
+Columns (CSV, Parquet, JSON lines): ``path`` (relative to the scanned folder, POSIX), ``label``
+(final, after the person's edits), ``cluster`` (the image's cluster after edits; empty/null for
+an image given a label that no cluster carries), ``confidence``, ``margin`` (the model's),
+``head`` (class count), ``edited`` (true if the person changed this image individually), and
+``excluded`` only when excluded images are included. See :mod:`selfclassifier_core.labels`.
+
+The CSV is UTF-8 without a byte-order mark, booleans written ``true``/``false``. Text cells a
+spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
+return) get a leading ``'``; numbers are written as numbers (a spreadsheet does not run them), so
+they are never altered. Parquet and JSON lines carry the values unaltered.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .fsutil import atomic_open, atomic_write_bytes, atomic_write_json, is_within
+from .labels import Labels
+from .workspace import Workspace, WorkspaceError
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["path", "label", "cluster", "confidence", "margin", "head", "edited"]
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+LINK_MODES = ("copy", "hard", "sym")
+MAPPING_JSON = "mapping.json"
+MAPPING_CSV = "labels.csv"
+MAX_FOLDER_BYTES = 200
+
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
+    f"{p}{d}" for p in ("COM", "LPT") for d in list("0123456789") + ["¹", "²", "³"]}
+_BAD_CHARS = re.compile(r'[\x00-\x1f\x7f/\\<>:"|?*]')
+
+
+# ---------------------------------------------------------------------- the table
+def export_table(workspace: Workspace, run_id: int | None = None, head: int | None = None,
+                 include_excluded: bool = False, labels: Labels | None = None):
+    """The rows every export writes: a DataFrame with :data:`COLUMNS` (+ ``excluded``).
+
+    Indexed by image id, ordered by id. ``labels`` reuses an open :class:`Labels`.
+    """
+    labels = labels or Labels(workspace, run_id, head)
+    df = labels.final_table()
+    if not include_excluded:
+        df = df[~df["excluded"]]
+    cols = COLUMNS + (["excluded"] if include_excluded else [])
+    out = df[cols].copy()
+    out["confidence"] = out["confidence"].astype("float64").round(6)
+    out["margin"] = out["margin"].astype("float64").round(6)
+    return out
+
+
+def neutralize_formula(value: str) -> str:
+    """Prefix ``'`` to a text cell that a spreadsheet would evaluate as a formula."""
+    return "'" + value if value.startswith(FORMULA_PREFIXES) else value
+
+
+def _neutralize_series(s):
+    s = s.astype("str")
+    return s.where(~s.str.startswith(FORMULA_PREFIXES), "'" + s)
+
+
+def build_csv_bytes(workspace: Workspace, run_id: int | None = None, head: int | None = None,
+                    include_excluded: bool = False, labels: Labels | None = None) -> bytes:
+    """The CSV export as UTF-8 bytes (what :func:`export_csv` writes; for download buttons)."""
+    df = export_table(workspace, run_id, head, include_excluded, labels)
+    return _csv_bytes(df)
+
+
+def _csv_bytes(df) -> bytes:
+    df = df.copy()
+    for col in ("path", "label"):
+        df[col] = _neutralize_series(df[col])
+    for col in ("edited", "excluded"):
+        if col in df:
+            df[col] = df[col].map({True: "true", False: "false"})
+    buf = io.StringIO()
+    df.to_csv(buf, index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, na_rep="")
+    return buf.getvalue().encode("utf-8")
+
+
+def export_csv(workspace: Workspace, out: str | os.PathLike, run_id: int | None = None,
+               head: int | None = None, include_excluded: bool = False) -> Path:
+    """Write the labels CSV to ``out`` atomically; returns its path."""
+    out = Path(out).expanduser()
+    _refuse_image_folder(workspace, out)
+    data = build_csv_bytes(workspace, run_id, head, include_excluded)
+    atomic_write_bytes(out, data)
+    _usual_mode(out)
+    log.info("wrote %s (%d bytes)", out, len(data))
+    return out
+
+
+def export_parquet(workspace: Workspace, out: str | os.PathLike, run_id: int | None = None,
+                   head: int | None = None, include_excluded: bool = False) -> Path:
+    """Write the labels as Parquet (same columns, values unaltered); returns the path."""
+    out = Path(out).expanduser()
+    _refuse_image_folder(workspace, out)
+    df = export_table(workspace, run_id, head, include_excluded).reset_index(drop=True)
+    with atomic_open(out, "wb") as fh:
+        df.to_parquet(fh, index=False)
+    _usual_mode(out)
+    log.info("wrote %s (%d rows)", out, len(df))
+    return out
+
+
+def export_jsonl(workspace: Workspace, out: str | os.PathLike, run_id: int | None = None,
+                 head: int | None = None, include_excluded: bool = False) -> Path:
+    """Write the labels as JSON lines, one object per image (UTF-8); returns the path."""
+    out = Path(out).expanduser()
+    _refuse_image_folder(workspace, out)
+    df = export_table(workspace, run_id, head, include_excluded)
+    cols = list(df.columns)
+    with atomic_open(out, "w") as fh:
+        for row in zip(*(df[c].tolist() for c in cols)):
+            rec = {}
+            for c, v in zip(cols, row):
+                if c == "cluster":
+                    v = None if _isna(v) else int(v)
+                elif c in ("edited", "excluded"):
+                    v = bool(v)
+                elif c == "head":
+                    v = int(v)
+                rec[c] = v
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    _usual_mode(out)
+    log.info("wrote %s (%d rows)", out, len(df))
+    return out
+
+
+def _isna(v) -> bool:
+    import pandas as pd
+
+    return v is None or v is pd.NA or (isinstance(v, float) and v != v)
+
+
+def _usual_mode(path: Path) -> None:
+    """Give a written file the permissions a plain ``open()`` would (temp files are 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide, not thread-safe)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _refuse_image_folder(workspace: Workspace, out: Path) -> None:
+    root = workspace.root
+    if root is not None and is_within(out, root):
+        raise ValueError(f"export target {out} lies inside the image folder {root}; the image "
+                         "folder is never written to")
+
+
+# ---------------------------------------------------------------------- safe names
+def safe_folder_name(name: str, taken: set[str] | None = None,
+                     max_bytes: int = MAX_FOLDER_BYTES) -> str:
+    """A folder name for a label that is safe on Linux, macOS and Windows.
+
+    Slashes, backslashes, control characters and ``<>:"|?*`` become ``_``; surrounding
+    whitespace and dots are stripped (so no ``.``/``..`` and no trailing dot or space); Windows
+    device names (``CON``, ``nul.txt``, ``COM1``...) get a leading ``_``; an empty result becomes
+    ``unnamed``; the name is cut to ``max_bytes`` UTF-8 bytes. With ``taken`` (a set of
+    case-folded names already used, updated in place) a clash, also one differing only by case,
+    gets ``_2``, ``_3``... appended.
+    """
+    s = unicodedata.normalize("NFC", str(name))
+    s = _BAD_CHARS.sub("_", s)
+    s = s.strip().strip(". ")
+    if s.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
+        s = "_" + s
+    s = _cut_bytes(s, max_bytes) or "unnamed"
+    if s.casefold() in (MAPPING_JSON, MAPPING_CSV):
+        s = "_" + s
+    if taken is None:
+        return s
+    base, n, cand = s, 1, s
+    while cand.casefold() in taken:
+        n += 1
+        suffix = f"_{n}"
+        cand = _cut_bytes(base, max_bytes - len(suffix)) + suffix
+    taken.add(cand.casefold())
+    return cand
+
+
+def _cut_bytes(s: str, max_bytes: int) -> str:
+    b = s.encode("utf-8")
+    if len(b) > max_bytes:
+        s = b[:max_bytes].decode("utf-8", errors="ignore")
+    return s.rstrip(". ")
+
+
+def _unique_file_name(name: str, taken: set[str]) -> str:
+    """``name`` or ``stem_2.ext``, ``stem_3.ext``... not in ``taken`` (case-folded; updated)."""
+    cand = name
+    stem, dot, ext = name.rpartition(".")
+    if not stem:
+        stem, dot, ext = name, "", ""
+    n = 1
+    while cand.casefold() in taken:
+        n += 1
+        cand = f"{stem}_{n}{dot}{ext}"
+    taken.add(cand.casefold())
+    return cand
+
+
+# ---------------------------------------------------------------------- ImageFolder
+@dataclass
+class ExportReport:
+    out_dir: Path
+    link: str
+    files: int = 0
+    folders: dict[str, str] = field(default_factory=dict)   # label -> folder name
+    renamed_files: int = 0         # file names made unique inside a label folder
+    missing: list[str] = field(default_factory=list)        # sources that could not be read
+    removed_previous: int = 0      # files of an earlier export removed (overwrite=True)
+
+    def __str__(self) -> str:
+        s = (f"{self.files} images in {len(self.folders)} label folders under {self.out_dir} "
+             f"({self.link})")
+        if self.renamed_files:
+            s += f"; {self.renamed_files} file names made unique"
+        if self.missing:
+            s += f"; {len(self.missing)} source images missing (not exported): " + \
+                 ", ".join(self.missing[:5]) + (" ..." if len(self.missing) > 5 else "")
+        return s
+
+
+def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
+                       run_id: int | None = None, head: int | None = None, link: str = "copy",
+                       overwrite: bool = False, include_excluded: bool = False,
+                       progress: Callable[[int, int], None] | None = None) -> ExportReport:
+    """Write ``OUT/<label>/<file>`` for every image, plus ``mapping.json`` and ``labels.csv``.
+
+    Args:
+        link: ``copy`` (independent files), ``hard`` (hard links: same file system as the image
+            folder; editing an exported file then edits the original) or ``sym`` (absolute
+            symbolic links).
+        overwrite: allow a non-empty OUT. Files listed by an earlier export's ``mapping.json``
+            in OUT are removed first; anything else there is left alone (new files never replace
+            it: names are made unique instead).
+        include_excluded: also export excluded images, under their label.
+
+    Source images are only read. Every target is checked to lie inside OUT; OUT may not overlap
+    the image folder. ``mapping.json`` holds ``labels`` (label -> folder) and ``files`` (file in
+    OUT -> source path relative to the image folder); ``labels.csv`` is the CSV export with a
+    ``file`` column.
+    """
+    if link not in LINK_MODES:
+        raise ValueError(f"link must be one of {LINK_MODES}, got {link!r}")
+    root = workspace.root
+    if root is None:
+        raise WorkspaceError(f"workspace {workspace.path} has no image folder recorded")
+    out = Path(out_dir).expanduser().absolute()
+    if is_within(out, root) or is_within(root, out):
+        raise ValueError(f"export folder {out} overlaps the image folder {root}; choose a "
+                         "folder outside it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export folder {out} exists and is not a directory")
+    existing = list(out.iterdir()) if out.exists() else []
+    if existing and not overwrite:
+        raise ValueError(f"export folder {out} is not empty ({len(existing)} entries); choose an "
+                         "empty folder or pass overwrite=True (--overwrite)")
+    labels = Labels(workspace, run_id, head)
+    table = export_table(workspace, labels.run_id, labels.head, include_excluded, labels)
+    if link == "hard":
+        anchor = next(p for p in (out, *out.parents) if p.exists())
+        if os.stat(anchor).st_dev != os.stat(root).st_dev:
+            raise ValueError(f"hard links need the export folder on the same file system as the "
+                             f"image folder ({out} and {root} are on different devices); use "
+                             "link='copy' or 'sym'")
+    out.mkdir(parents=True, exist_ok=True)
+    report = ExportReport(out_dir=out, link=link)
+    if existing:
+        report.removed_previous = _remove_previous_export(out)
+
+    taken_folders = {p.name.casefold() for p in out.iterdir()}
+    folders: dict[str, str] = {}
+    taken_files: dict[str, set[str]] = {}
+    files: dict[str, str] = {}
+    file_col: list[str | None] = []
+    total = len(table)
+    for done, (rel, label) in enumerate(zip(table["path"].tolist(), table["label"].tolist()), 1):
+        if label not in folders:
+            folders[label] = safe_folder_name(label, taken_folders)
+        folder = folders[label]
+        d = out / folder
+        if folder not in taken_files:
+            d.mkdir(exist_ok=True)
+            if not is_within(d, out) or d.is_symlink():
+                raise ValueError(f"label folder {d} would lie outside {out}")
+            taken_files[folder] = {p.name.casefold() for p in d.iterdir()}
+        name = Path(rel).name
+        unique = _unique_file_name(name, taken_files[folder])
+        report.renamed_files += unique != name
+        target = d / unique
+        if not is_within(target, out) or is_within(target, root):
+            raise ValueError(f"target {target} would lie outside {out}")
+        src = root / rel
+        try:
+            _place(src, target, link)
+        except FileNotFoundError:
+            log.warning("source image %s is missing; not exported", src)
+            report.missing.append(rel)
+            taken_files[folder].discard(unique.casefold())
+            file_col.append(None)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise ValueError(f"cannot hard-link {src} into {out}: different file systems; "
+                                 "use link='copy' or 'sym'") from exc
+            raise
+        else:
+            rel_target = f"{folder}/{unique}"
+            files[rel_target] = rel
+            file_col.append(rel_target)
+            report.files += 1
+        if progress is not None:
+            progress(done, total)
+    report.folders = {k: v for k, v in folders.items()}
+    csv_table = table.copy()
+    csv_table.insert(0, "file", file_col)
+    csv_table = csv_table[csv_table["file"].notna()]
+    atomic_write_bytes(out / MAPPING_CSV, _csv_bytes_with_file(csv_table))
+    atomic_write_json(out / MAPPING_JSON, {
+        "run": labels.run_id, "head": labels.head, "link": link, "created": time.time(),
+        "image_folder": str(root), "labels": report.folders, "files": files,
+        "missing": report.missing})
+    _usual_mode(out / MAPPING_CSV)
+    _usual_mode(out / MAPPING_JSON)
+    log.info("%s", report)
+    return report
+
+
+def _csv_bytes_with_file(df) -> bytes:
+    df = df.copy()
+    df["file"] = _neutralize_series(df["file"])
+    return _csv_bytes(df)
+
+
+def _place(src: Path, target: Path, link: str) -> None:
+    if not src.is_file():
+        raise FileNotFoundError(str(src))
+    if link == "copy":
+        shutil.copyfile(src, target)
+        shutil.copystat(src, target)
+    elif link == "hard":
+        os.link(src, target)
+    else:
+        os.symlink(src.absolute(), target)
+
+
+def _remove_previous_export(out: Path) -> int:
+    """Remove the files an earlier export listed in ``out/mapping.json`` (and empty folders)."""
+    path = out / MAPPING_JSON
+    if not path.exists():
+        return 0
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+        files = list(mapping.get("files", {}))
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a mapping file of an earlier export ({exc}); remove it "
+                         "or choose an empty folder") from exc
+    removed = 0
+    dirs = set()
+    for rel in files:
+        parts = Path(rel).parts
+        p = out / rel
+        if (len(parts) != 2 or Path(rel).is_absolute() or any(x in ("", ".", "..") for x in parts)
+                or not is_within(p.parent, out)):
+            log.warning("ignoring %r listed in %s: not inside a label folder", rel, path)
+            continue
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+            removed += 1
+            dirs.add(p.parent)
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass  # not empty: other files were there
+    for name in (MAPPING_JSON, MAPPING_CSV):
+        (out / name).unlink(missing_ok=True)
+    return removed
