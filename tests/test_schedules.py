@@ -51,3 +51,9 @@ def test_set_lr_respects_lr_scale():
     assert opt.param_groups[1]["lr"] == pytest.approx(0.05)
     with pytest.raises(ValueError, match="lr"):
         set_lr(opt, -1.0)
+
+
+def test_default_base_value_gives_a_multiplier():
+    assert cosine_with_warmup(5, 20, 10) == pytest.approx(0.5)
+    assert cosine_with_warmup(10, 20, 10) == pytest.approx(1.0)
+    assert cosine_with_warmup(20, 20, 10) == pytest.approx(0.0, abs=1e-12)
