@@ -218,8 +218,13 @@ class Labels:
         self.confidence = np.asarray(hp.confidence, np.float32)
         self.margin = np.asarray(hp.margin, np.float32)
         self._defaults = [default_name(c, head) for c in range(head)]
-        with workspace.transaction() as conn:
-            ensure_schema(conn)
+        with workspace._conn() as conn:
+            have = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table' AND name "
+                                "IN ('label_names', 'label_overrides', 'label_created', "
+                                "'label_history')").fetchone()[0]
+        if have < 4:  # take the write lock only when the tables are missing
+            with workspace.transaction() as conn:
+                ensure_schema(conn)
 
     def __repr__(self) -> str:
         return f"Labels(run={self.run_id}, head={self.head}, images={len(self.image_ids)})"
@@ -513,7 +518,6 @@ class Labels:
     def history(self, include_discarded: bool = False) -> list[HistoryEntry]:
         """Operations, oldest first: ``applied`` ones, then ``undone`` ones (the redo stack)."""
         with self.workspace._conn() as conn:
-            ensure_schema(conn)
             rows = conn.execute(
                 "SELECT * FROM label_history WHERE run_id=? AND head=?"
                 + ("" if include_discarded else " AND state != 'discarded'") + " ORDER BY id",

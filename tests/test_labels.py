@@ -511,13 +511,18 @@ def test_crash_at_random_moments_keeps_db_consistent(tmp_path):
         proc = subprocess.Popen([sys.executable, str(script), str(ws.path)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.2, 1.2))
+        # kill at a random moment after a random number of operations (independent of speed)
+        target, last = rng.randrange(5, 60), -1
+        while last < target:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read().decode()
+            last = int(line)
+        time.sleep(rng.uniform(0.0, 0.05))
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL, err.decode()
         lines = out.decode().split()
-        done = int(lines[-1]) + 1 if lines else 0
-        assert done > 5, "the child did almost nothing before the kill; raise the delay"
+        done = (int(lines[-1]) if lines else last) + 1
 
         conn = sqlite3.connect(ws.db_path)
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
