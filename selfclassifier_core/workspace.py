@@ -140,6 +140,10 @@ class Workspace:
                 raise WorkspaceError(
                     f"workspace {path} lies inside the image folder {root}; choose a workspace "
                     "outside it (the image folder is never written to)")
+            if is_within(root, path):
+                raise WorkspaceError(
+                    f"the image folder {root} lies inside the workspace {path}; choose a "
+                    "workspace outside it (the tool writes into its workspace)")
         if path.exists() and not path.is_dir():
             raise WorkspaceError(f"workspace path {path} exists and is not a directory")
         if not (path / DB_NAME).exists():
@@ -223,11 +227,16 @@ class Workspace:
         own = conn is None
         conn = conn or self.connect()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise WorkspaceError(f"workspace database {self.db_path} is busy or unwritable "
+                                     f"({exc}); is another process holding it?") from exc
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back by itself (disk full, I/O)
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
         finally:

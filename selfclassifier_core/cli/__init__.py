@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, WorkspaceError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable output, disk full, permission denied
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
