@@ -88,6 +88,16 @@ def test_workspace_inside_image_folder_is_refused(folder, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
+def test_workspace_containing_image_folder_is_refused(tmp_path):
+    ws_dir = tmp_path / "ws"
+    images = ws_dir / "thumbnails"
+    images.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(images / "a.png")
+    with pytest.raises(WorkspaceError, match="lies inside the workspace"):
+        Workspace.for_folder(images, ws_dir)
+    assert not (ws_dir / DB_NAME).exists()
+
+
 def test_default_location_is_under_selfclassifier_home(folder, tmp_path, monkeypatch):
     home = Path(os.environ["SELFCLASSIFIER_HOME"])
     ws = Workspace.for_folder(folder)
