@@ -177,10 +177,13 @@ def resume(workspace: Workspace | str | os.PathLike, run_id: int) -> int:
     return run_id
 
 
-def cancel(workspace: Workspace | str | os.PathLike, run_id: int) -> None:
+def cancel(workspace: Workspace | str | os.PathLike, run_id: int, force: bool = False) -> None:
     """Ask a run to stop: a CANCEL file (the trainer checkpoints and exits) and SIGTERM.
 
-    A run whose process is already gone is marked cancelled straight away.
+    SIGTERM goes to the training process only, not its process group: its data-loader workers
+    must live until it has stopped cleanly (they exit with it). ``force`` kills the whole group
+    at once (SIGKILL), for a job that does not respond. A run whose process is already gone is
+    marked cancelled straight away.
     """
     ws = _as_workspace(workspace)
     run_dir = ws.run_dir(run_id)
@@ -190,11 +193,12 @@ def cancel(workspace: Workspace | str | os.PathLike, run_id: int) -> None:
     pid = job.get("pid")
     if pid and _alive(pid, job.get("proc_start")):
         try:
-            os.killpg(pid, signal.SIGTERM)  # the job leads its own session/process group
+            if force:
+                os.killpg(pid, signal.SIGKILL)  # the job leads its own process group
+            else:
+                os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        except PermissionError:
-            os.kill(pid, signal.SIGTERM)
     elif ws.get_run(run_id).status in ("created", "running"):
         ws.update_run(run_id, status="cancelled", message="cancelled before it started")
 

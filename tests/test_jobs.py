@@ -13,7 +13,7 @@ from PIL import Image
 from selfclassifier_core import jobs, recent
 from selfclassifier_core.workspace import Workspace, WorkspaceError
 
-FAST = {"classes": 2, "epochs": 2, "batch_size": 16, "backbone": "resnet18", "device": "cpu"}
+FAST = {"classes": 2, "epochs": 1, "batch_size": 16, "backbone": "resnet18", "device": "cpu"}
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""The Streamlit app (thin: the work is done by selfclassifier_core)."""

@@ -1,0 +1,263 @@
+"""Screen 2 — Clusters: a card per group, open one to fix it image by image.
+
+A card is a *label*: one cluster of the chosen head, several clusters merged under one name, or
+a label the person created by moving images. Every edit goes straight to the workspace database
+through :class:`selfclassifier_core.labels.Labels`; the screen re-reads it afterwards.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import PurePosixPath
+
+import numpy as np
+import streamlit as st
+
+from app import state
+
+CARD_COLUMNS = 4
+CARDS_PER_PAGE = 24
+STRIP = 6
+GRID_COLUMNS = 8
+PAGE_SIZES = (24, 48, 96)
+NEW_LABEL = "\u2795 New label…"
+
+
+def render(ctx: state.Context) -> None:
+    if ctx.run is None:
+        st.header("Clusters")
+        st.info("No finished training run in this workspace yet. Start one on the "
+                "**Folder & training** screen; the groups appear here when it is done.")
+        return
+    lab = state.labels(ctx)
+    view = state.label_view(ctx, lab)
+    opened = st.session_state.get("open_label")
+    if opened is not None and opened in view.summary.index:
+        _detail(ctx, lab, view, opened)
+    else:
+        st.session_state.pop("open_label", None)
+        _overview(ctx, lab, view)
+
+
+# --------------------------------------------------------------------------- actions
+def _labels(ctx: state.Context):
+    return state.labels(ctx)
+
+
+def _rename(ctx: state.Context, old: str, key: str) -> None:
+    new = st.session_state.get(key, "")
+    if new.strip() == old or not new.strip():
+        if not new.strip():
+            state.flash("A label name cannot be empty.", "error")
+        return
+    lab = _labels(ctx)
+    existing = set(lab.label_names())
+    try:
+        lab.rename_label(old, new)
+    except ValueError as exc:
+        state.flash(state.error_in_words(exc), "error")
+        return
+    merged = " (merged with the existing label of that name)" if new.strip() in existing else ""
+    state.flash(f"Renamed “{old}” to “{new.strip()}”{merged}.")
+    if st.session_state.get("open_label") == old:
+        st.session_state.open_label = " ".join(new.split())
+
+
+def _merge(ctx: state.Context, names: list[str], target: str) -> None:
+    lab = _labels(ctx)
+    summary = lab.cluster_summary(by="label")
+    target = target.strip() or names[0]
+    clusters = sorted({int(c) for n in names for c in summary.loc[n, "clusters"]})
+    try:
+        if len(clusters) >= 2:
+            lab.merge(clusters, name=target)
+        elif len(clusters) == 1 and target != lab.cluster_names()[clusters[0]]:
+            lab.rename(clusters[0], target)
+        for n in names:  # labels without clusters (made by moving images) are renamed into it
+            if not summary.loc[n, "clusters"] and n != target:
+                lab.rename_label(n, target)
+    except ValueError as exc:
+        state.flash(state.error_in_words(exc), "error")
+        return
+    state.flash(f"Merged {len(names)} groups into “{target}”.")
+
+
+def _move(ctx: state.Context, ids: list[int], target: str, new_name: str, clusters_of) -> None:
+    lab = _labels(ctx)
+    try:
+        if target == NEW_LABEL:
+            if not new_name.strip():
+                state.flash("Type a name for the new label first.", "error")
+                return
+            lab.move(ids, label=new_name)
+            name = new_name.strip()
+        else:
+            cl = clusters_of(target)
+            if len(cl) == 1:
+                lab.move(ids, cluster=int(cl[0]))
+            else:
+                lab.move(ids, label=target)
+            name = target
+    except ValueError as exc:
+        state.flash(state.error_in_words(exc), "error")
+        return
+    state.flash(f"Moved {len(ids)} image(s) to “{name}”.")
+
+
+def _exclude(ctx: state.Context, ids: list[int], include: bool = False) -> None:
+    lab = _labels(ctx)
+    (lab.include if include else lab.exclude)(ids)
+    state.flash(f"{'Included' if include else 'Excluded'} {len(ids)} image(s)"
+                + ("." if include else " — they are left out of the export (undo brings them "
+                                        "back)."))
+
+
+# --------------------------------------------------------------------------- overview
+def _overview(ctx: state.Context, lab, view: state.LabelView) -> None:
+    st.header("Clusters")
+    summary = view.summary
+    total = int(summary["size"].sum())
+    st.caption(f"{len(summary)} groups · {total:,} images · {int(summary['excluded'].sum()):,} "
+               f"excluded · head of {ctx.head} classes (change the granularity in the sidebar)")
+    c1, c2, c3 = st.columns([2, 1, 1])
+    query = c1.text_input("Filter by name", key="cl_filter", placeholder="type to filter…")
+    sort = c2.selectbox("Sort by", ["size", "confidence (low first)", "name"], key="cl_sort")
+    show_empty = c3.toggle("Show empty groups", key="cl_empty")
+    s = summary.copy()
+    if not show_empty:
+        s = s[s["size"] > 0]
+    if query:
+        s = s[s.index.str.contains(query, case=False, regex=False)]
+    if sort == "size":
+        s = s.sort_values("size", ascending=False, kind="stable")
+    elif sort.startswith("confidence"):
+        s = s.sort_values("mean_confidence", ascending=True, kind="stable", na_position="last")
+    else:
+        s = s.sort_index()
+
+    # merge bar: reads the card checkboxes of the previous interaction
+    sel_keys = {name: f"mg|{view.marker}|{name}" for name in summary.index}
+    chosen = [n for n, k in sel_keys.items() if st.session_state.get(k)]
+    if chosen:
+        with st.container(border=True):
+            st.markdown(f"**{len(chosen)} selected:** " + ", ".join(state.esc(n) for n in chosen))
+            m1, m2 = st.columns([3, 1])
+            target = m1.text_input("Name of the merged group", value=chosen[0],
+                                   key=f"merge_name|{view.marker}")
+            if m2.button("Merge selected", type="primary", disabled=len(chosen) < 2,
+                         key="merge_btn"):
+                _merge(ctx, chosen, target)
+                st.rerun()
+
+    pages = max(1, math.ceil(len(s) / CARDS_PER_PAGE))
+    page = 1
+    if pages > 1:
+        page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="cl_page")
+    part = s.iloc[(page - 1) * CARDS_PER_PAGE: page * CARDS_PER_PAGE]
+    strips = {name: view.members.get(name, np.zeros(0, np.int64))[::-1][:STRIP]
+              for name in part.index}
+    thumbs = state.thumbs(ctx, [int(i) for ids in strips.values() for i in ids])
+    cols = st.columns(CARD_COLUMNS)
+    for i, (name, row) in enumerate(part.iterrows()):
+        with cols[i % CARD_COLUMNS].container(border=True):
+            _card(ctx, view, name, row, [thumbs[int(j)] for j in strips[name]],
+                  sel_keys[name])
+
+
+def _card(ctx, view, name: str, row, thumb_paths: list[str], sel_key: str) -> None:
+    key = f"rn|{view.marker}|{name}"
+    st.text_input("Name", value=name, key=key, on_change=_rename, args=(ctx, name, key),
+                  label_visibility="collapsed", help="Rename: type and press Enter")
+    conf = row["mean_confidence"]
+    clusters = row["clusters"]
+    where = (f"cluster {clusters[0]}" if len(clusters) == 1 else
+             f"clusters {', '.join(map(str, clusters))}" if clusters else "your label")
+    st.caption(f"**{int(row['size']):,}** images · confidence "
+               f"{'—' if conf != conf else f'{conf:.2f}'} · {where}"
+               + (f" · {int(row['excluded'])} excluded" if row["excluded"] else ""))
+    if thumb_paths:
+        st.image(thumb_paths, width=44)
+    else:
+        st.caption("(empty)")
+    a, b = st.columns([1, 1])
+    a.checkbox("select", key=sel_key, help="Select groups to merge them")
+    if b.button("Open", key=f"open|{name}", width="stretch"):
+        st.session_state.open_label = name
+        st.session_state.pop("grid_page", None)
+        st.rerun()
+
+
+# --------------------------------------------------------------------------- one group
+def _detail(ctx: state.Context, lab, view: state.LabelView, name: str) -> None:
+    row = view.summary.loc[name]
+    top = st.columns([1, 6])
+    if top[0].button("← All groups", key="back"):
+        st.session_state.pop("open_label", None)
+        st.rerun()
+    top[1].subheader(state.esc(name))
+    key = f"rn_detail|{view.marker}|{name}"
+    st.text_input("Rename this group", value=name, key=key, on_change=_rename,
+                  args=(ctx, name, key))
+
+    c1, c2, c3 = st.columns([2, 1, 1])
+    show = c1.segmented_control("Show", ["In this group", "Excluded"], default="In this group",
+                                key="grid_show")
+    least = c2.toggle("Least confident first", key="least_first",
+                      help="Uncertain images first: where the model most likely erred.")
+    size = c3.selectbox("Per page", PAGE_SIZES, index=1, key="grid_size")
+    excluded_view = show == "Excluded"
+    ids = (view.excluded if excluded_view else view.members).get(name, np.zeros(0, np.int64))
+    if not least:
+        ids = ids[::-1]
+    n = len(ids)
+    pages = max(1, math.ceil(n / size))
+    page = st.number_input(f"Page (of {pages}) · {n:,} images", 1, pages, 1, key="grid_page") \
+        if pages > 1 else 1
+    page_ids = [int(i) for i in ids[(page - 1) * size: page * size]]
+    sel_prefix = f"img|{view.marker}|"
+
+    def select_page(value: bool) -> None:
+        for i in page_ids:
+            st.session_state[f"{sel_prefix}{i}"] = value
+
+    selected = [i for i in page_ids if st.session_state.get(f"{sel_prefix}{i}")]
+    names = list(view.summary.index)
+
+    def clusters_of(target: str):
+        return view.summary.loc[target, "clusters"]
+
+    with st.container(border=True):
+        a1, a2, a3, a4 = st.columns([2, 2, 1, 1])
+        a1.markdown(f"**{len(selected)}** of {len(page_ids)} on this page selected")
+        a3.button("Select page", on_click=select_page, args=(True,), key="sel_all")
+        a4.button("Clear", on_click=select_page, args=(False,), key="sel_none")
+        if excluded_view:
+            if a2.button("Include again", disabled=not selected, key="include_btn"):
+                _exclude(ctx, selected, include=True)
+                st.rerun()
+        else:
+            m1, m2, m3, m4 = st.columns([2, 2, 1, 1])
+            targets = [t for t in names if t != name] + [NEW_LABEL]
+            target = m1.selectbox("Move selected to", targets, key="move_target")
+            new_name = m2.text_input("New label name", key="move_new",
+                                     disabled=target != NEW_LABEL)
+            if m3.button("Move", disabled=not selected, key="move_btn", type="primary"):
+                _move(ctx, selected, target, new_name, clusters_of)
+                st.rerun()
+            if m4.button("Exclude", disabled=not selected, key="exclude_btn",
+                         help="Junk or outliers: left out of the export"):
+                _exclude(ctx, selected)
+                st.rerun()
+
+    if not page_ids:
+        st.info("No images here.")
+        return
+    thumbs = state.thumbs(ctx, page_ids)
+    table = view.table
+    conf = table["confidence"].reindex(page_ids).to_numpy()
+    paths = table["path"].reindex(page_ids).to_numpy()
+    cols = st.columns(GRID_COLUMNS)
+    for j, i in enumerate(page_ids):
+        with cols[j % GRID_COLUMNS]:
+            st.image(thumbs[i], width="stretch")
+            st.checkbox(f"{conf[j]:.2f} · {state.esc(PurePosixPath(str(paths[j])).name[:18])}",
+                        key=f"{sel_prefix}{i}", help=state.esc(paths[j]))

@@ -1,0 +1,73 @@
+"""Screen 5 — Export: the final table, counts per label, CSV download, ImageFolder tree."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from app import state
+
+PREVIEW_ROWS = 1000
+
+
+def render(ctx: state.Context) -> None:
+    from selfclassifier_core import export
+
+    st.header("Export")
+    if ctx.run is None:
+        st.info("Export becomes possible after a training run has finished.")
+        return
+    lab = state.labels(ctx)
+    include = st.toggle("Include excluded images (with excluded=true)", key="exp_excluded")
+    table = export.export_table(ctx.ws, ctx.run.id, ctx.head, include_excluded=include,
+                                labels=lab)
+    counts = (table.groupby("label").size().sort_values(ascending=False)
+              .rename("images").reset_index())
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        st.markdown(f"**Final table** — {len(table):,} rows, {len(counts):,} labels "
+                    f"(run {ctx.run.id}, head of {ctx.head} classes)")
+        st.dataframe(table.head(PREVIEW_ROWS), width="stretch", height=420, key="exp_table")
+        if len(table) > PREVIEW_ROWS:
+            st.caption(f"Showing the first {PREVIEW_ROWS:,} rows; the export has all.")
+    with c2:
+        st.markdown("**Images per label**")
+        st.dataframe(counts, hide_index=True, width="stretch", height=420, key="exp_counts")
+
+    st.subheader("Download")
+    ws, run_id, head = ctx.ws, ctx.run.id, ctx.head
+    st.download_button(
+        "Download labels CSV", type="primary", key="exp_csv",
+        data=lambda: export.build_csv_bytes(ws, run_id, head, include_excluded=include),
+        file_name=f"labels-run{run_id}-k{head}.csv", mime="text/csv", on_click="ignore")
+    st.caption("Columns: path, label, cluster, confidence, margin, head, edited"
+               + (", excluded" if include else "") + ". Cells that a spreadsheet would run "
+               "as a formula are neutralised.")
+
+    st.subheader("Write an ImageFolder tree")
+    default = ctx.ws.exports_dir / f"imagefolder-run{run_id}-k{head}"
+    with st.form("imagefolder"):
+        out = st.text_input("Output folder (outside the image folder)", value=str(default),
+                            key="exp_out")
+        c1, c2 = st.columns(2)
+        link = c1.radio("Files", ["copy", "hard", "sym"], horizontal=True, key="exp_link",
+                        format_func={"copy": "copy", "hard": "hard links",
+                                     "sym": "symbolic links"}.get)
+        overwrite = c2.checkbox("Replace an earlier export there", key="exp_overwrite")
+        go = st.form_submit_button("Write folders")
+    if go:
+        bar = st.progress(0.0, text="Writing…")
+        try:
+            report = export.export_imagefolder(
+                ctx.ws, Path(out).expanduser(), run_id, head, link=link, overwrite=overwrite,
+                include_excluded=include,
+                progress=lambda d, t: bar.progress(d / t if t else 1.0,
+                                                   text=f"Writing… {d:,}/{t:,}"))
+        except Exception as exc:  # noqa: BLE001 - in words
+            bar.empty()
+            state.show_error(exc, "The folders could not be written")
+            return
+        bar.empty()
+        st.success(f"Wrote {state.esc(report)}")
+        if report.missing:
+            st.warning(f"{len(report.missing)} source image(s) were missing and not exported.")

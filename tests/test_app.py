@@ -1,0 +1,399 @@
+"""AppTest for every screen of the Streamlit app (headless, no browser).
+
+Most tests run on a fixture workspace (a finished run with made-up predictions, see
+``workspace_fixtures``); one opens the bundled demo and one starts a real short training.
+"""
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from selfclassifier_core import export, jobs, recent
+from selfclassifier_core.labels import Labels
+from workspace_fixtures import make_workspace_with_run
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+APP = str(ROOT / "app" / "main.py")
+TIMEOUT = 120
+
+
+@pytest.fixture(autouse=True)
+def _fast_map(monkeypatch):
+    """UMAP itself is tested in the core; here a PCA stands in (no numba JIT in every test)."""
+    import selfclassifier_core.projection as projection
+
+    monkeypatch.setattr(projection, "umap_2d",
+                        lambda emb, **kw: projection.pca_2d(np.asarray(emb, np.float32)))
+
+
+def start_app(monkeypatch, folder=None, workspace=None) -> AppTest:
+    argv = [APP]
+    if folder is not None:
+        argv += ["--folder", str(folder)]
+    if workspace is not None:
+        argv += ["--workspace", str(workspace)]
+    monkeypatch.setattr(sys, "argv", argv)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert_ok(at)
+    return at
+
+
+def assert_ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    at.sidebar.radio(key="page").set_value(page).run()
+    assert_ok(at)
+    return at
+
+
+@pytest.fixture
+def fixture_app(tmp_path, monkeypatch):
+    ws, run_id = make_workspace_with_run(tmp_path, n_images=40, heads=(3, 6), n_unreadable=2)
+    at = start_app(monkeypatch, ws.root, ws.path)
+    return at, ws, run_id
+
+
+def name_input(at: AppTest, value: str):
+    """The rename field of the card whose group is called ``value``."""
+    found = [t for t in at.text_input if t.value == value and t.key and t.key.startswith("rn|")]
+    assert found, f"no card named {value!r}: {[t.value for t in at.text_input]}"
+    return found[0]
+
+
+def export_labels(ws, run_id, head=None) -> pd.Series:
+    return export.export_table(ws, run_id, head)["label"]
+
+
+# --------------------------------------------------------------------------- start / screen 1
+def test_opens_the_demo_by_default(monkeypatch):
+    at = start_app(monkeypatch)
+    assert at.session_state.folder == str(ROOT / "assets" / "demo")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Usable images"] == "306"          # every demo emoji scanned
+    assert metrics["Ignored files"] == "1"            # LICENSE-emoji is not an image
+    assert metrics["Unreadable"] == "0"
+    assert at.selectbox(key="opt_mode").value in ("fast", "scratch")
+    assert recent.load_recent()[0]["folder"] == str((ROOT / "assets" / "demo").resolve())
+    # no run yet: the other screens say so in words instead of failing
+    for page in ("Clusters", "Map", "Neighbours", "Export"):
+        goto(at, page)
+        assert any("run" in i.value for i in at.info), page
+
+
+def test_unreadable_images_listed_with_reasons(fixture_app):
+    at, ws, run_id = fixture_app
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Usable images"] == "40" and metrics["Unreadable"] == "2"
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["file", "reason"]
+    assert table["reason"].str.contains("cannot identify").all()
+
+
+def test_open_missing_folder_is_an_error_in_words(fixture_app, tmp_path):
+    at, ws, run_id = fixture_app
+    at.sidebar.text_input(key="folder_input").set_value(str(tmp_path / "nope"))
+    at.sidebar.button[0].click().run()  # the form's "Open folder"
+    assert any("not a folder that exists" in e.value for e in at.sidebar.error)
+    assert not at.exception
+
+
+def test_open_another_folder_and_recent(fixture_app, tmp_path, monkeypatch):
+    at, ws, run_id = fixture_app
+    other = tmp_path / "other"
+    other.mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(other / "x.png")
+    at.sidebar.text_input(key="folder_input").set_value(str(other))
+    at.sidebar.text_input(key="workspace_input").set_value(str(tmp_path / "ws-other"))
+    at.sidebar.button[0].click().run()
+    assert_ok(at)
+    assert at.session_state.folder == str(other)
+    assert {m.label: m.value for m in at.metric}["Usable images"] == "1"
+    folders = [e["folder"] for e in recent.load_recent()]
+    assert folders[:2] == [str(other.resolve()), str(ws.root.resolve())]
+
+
+def test_start_short_training_from_the_app(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        base = 40 if i % 2 else 210
+        arr = np.clip(base + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img_{i:02d}.png")
+    at = start_app(monkeypatch, folder, tmp_path / "ws")
+    at.selectbox(key="opt_mode").set_value("scratch")
+    at.selectbox(key="opt_backbone").set_value("resnet18")
+    at.selectbox(key="opt_device").set_value("cpu")
+    at.number_input(key="opt_classes").set_value(2)
+    at.number_input(key="opt_minutes").set_value(0.1)
+    at.number_input(key="opt_batch").set_value(16)
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert_ok(at)
+    from selfclassifier_core.workspace import Workspace
+    ws = Workspace.open(tmp_path / "ws")
+    run = ws.list_runs()[-1]
+    assert (run.dir / jobs.JOB_FILE).exists()
+    try:
+        assert any(s.value == f"Run {run.id}" for s in at.subheader)
+        st = jobs.wait(ws, run.id, timeout=300)
+    finally:
+        if jobs.job_status(ws, run.id).alive:
+            jobs.cancel(ws, run.id)
+    assert st.status == "done", st.log_tail
+    at.run()
+    assert_ok(at)
+    assert any("is done" in s.value for s in at.success)
+    assert at.sidebar.selectbox(key="run_id").value == run.id
+    goto(at, "Clusters")
+    assert len([t for t in at.text_input if t.key and t.key.startswith("rn|")]) >= 1
+
+
+# --------------------------------------------------------------------------- screen 2
+def test_rename_cluster_changes_export(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Clusters")
+    cards = [t for t in at.text_input if t.key and t.key.startswith("rn|")]
+    assert sorted(t.value for t in cards) == ["cluster_0", "cluster_1", "cluster_2"]
+    before = export_labels(ws, run_id)
+    name_input(at, "cluster_1").set_value("Cats <b>**x**</b>").run()
+    assert_ok(at)
+    assert name_input(at, "Cats <b>**x**</b>")
+    after = export_labels(ws, run_id)
+    assert (after == "Cats <b>**x**</b>").sum() == (before == "cluster_1").sum() > 0
+    # the label is shown escaped, never as markup
+    assert any("Cats" in s.value and "\\<b\\>" in s.value for s in at.success)
+    goto(at, "Export")
+    preview = at.dataframe[0].value
+    assert "Cats <b>**x**</b>" in set(preview["label"])
+    counts = at.dataframe[1].value
+    assert int(counts.set_index("label").loc["Cats <b>**x**</b>", "images"]) == \
+        (before == "cluster_1").sum()
+    csv = export.build_csv_bytes(ws, run_id).decode()
+    assert "Cats <b>**x**</b>" in csv
+
+
+def test_empty_name_is_refused(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Clusters")
+    name_input(at, "cluster_0").set_value("   ").run()
+    assert any("cannot be empty" in e.value for e in at.error)
+    assert "cluster_0" in set(export_labels(ws, run_id))
+
+
+def _open_group(at: AppTest, name: str) -> None:
+    at.button(key=f"open|{name}").click().run()
+    assert_ok(at)
+
+
+def grid_order(items: list, columns: int) -> list:
+    """Elements of a grid filled row by row come column by column in the element tree."""
+    n = len(items)
+    tree = [j for c in range(columns) for j in range(c, n, columns)]
+    out = [None] * n
+    for pos, j in enumerate(tree):
+        out[j] = items[pos]
+    return out
+
+
+def _image_boxes(at: AppTest):
+    """The image checkboxes of the open group, in page order."""
+    from app.views.clusters import GRID_COLUMNS
+
+    return grid_order([c for c in at.checkbox if c.key and c.key.startswith("img|")],
+                      GRID_COLUMNS)
+
+
+def test_move_images_undo_redo(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Clusters")
+    _open_group(at, "cluster_0")
+    boxes = _image_boxes(at)
+    lab = Labels(ws, run_id)
+    in_c0 = set(lab.final_table().query("label == 'cluster_0'").index)
+    assert len(boxes) == len(in_c0)
+    # least confident first on request
+    at.toggle(key="least_first").set_value(True).run()
+    boxes = _image_boxes(at)
+    ids = [int(b.key.rsplit("|", 1)[1]) for b in boxes]
+    conf = lab.final_table()["confidence"]
+    assert list(conf.loc[ids]) == sorted(conf.loc[ids])
+    moved = ids[:2]
+    for b in boxes[:2]:
+        b.check()
+    at.run()
+    at.selectbox(key="move_target").set_value("cluster_2")
+    at.button(key="move_btn").click().run()
+    assert_ok(at)
+    table = Labels(ws, run_id).final_table()
+    assert list(table.loc[moved, "label"]) == ["cluster_2", "cluster_2"]
+    assert table.loc[moved, "edited"].all()
+    assert len(_image_boxes(at)) == len(in_c0) - 2       # gone from the open group
+    at.sidebar.button(key="undo").click().run()
+    assert_ok(at)
+    assert list(Labels(ws, run_id).final_table().loc[moved, "label"]) == ["cluster_0"] * 2
+    at.sidebar.button(key="redo").click().run()
+    assert list(Labels(ws, run_id).final_table().loc[moved, "label"]) == ["cluster_2"] * 2
+
+
+def test_move_to_new_label_and_exclude(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Clusters")
+    _open_group(at, "cluster_2")
+    boxes = _image_boxes(at)
+    first = int(boxes[0].key.rsplit("|", 1)[1])
+    second = int(boxes[1].key.rsplit("|", 1)[1])
+    boxes[0].check().run()
+    at.selectbox(key="move_target").set_value(next(o for o in at.selectbox(key="move_target")
+                                                   .options if "New label" in o)).run()
+    at.text_input(key="move_new").set_value("junk-ish")
+    at.button(key="move_btn").click().run()
+    assert_ok(at)
+    assert Labels(ws, run_id).final_table().at[first, "label"] == "junk-ish"
+    next(b for b in _image_boxes(at) if b.key.endswith(f"|{second}")).check().run()
+    at.button(key="exclude_btn").click().run()
+    assert_ok(at)
+    assert second not in export.export_table(ws, run_id).index
+    assert second in export.export_table(ws, run_id, include_excluded=True).index
+    # the new label has its own card in the overview
+    at.button(key="back").click().run()
+    assert name_input(at, "junk-ish")
+
+
+def test_merge_selected_clusters(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Clusters")
+    boxes = {c.key.rsplit("|", 1)[1]: c for c in at.checkbox if c.key.startswith("mg|")}
+    boxes["cluster_0"].check()
+    boxes["cluster_2"].check()
+    at.run()
+    merge_name = next(t for t in at.text_input if t.key.startswith("merge_name|"))
+    merge_name.set_value("animals")
+    at.button(key="merge_btn").click().run()
+    assert_ok(at)
+    names = Labels(ws, run_id).cluster_names()
+    assert names[0] == names[2] == "animals" and names[1] == "cluster_1"
+    cards = sorted(t.value for t in at.text_input if t.key.startswith("rn|"))
+    assert cards == ["animals", "cluster_1"]
+
+
+def test_granularity_switch(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Clusters")
+    assert len([t for t in at.text_input if t.key.startswith("rn|")]) == 3
+    at.sidebar.select_slider(key="head").set_value(6).run()
+    assert_ok(at)
+    cards = sorted(t.value for t in at.text_input if t.key.startswith("rn|"))
+    assert cards == [f"cluster_{i}" for i in range(6)]
+    goto(at, "Export")
+    assert set(at.dataframe[0].value["head"]) == {6}
+
+
+# --------------------------------------------------------------------------- screen 3
+def test_map_selection_labels_points(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Map")
+    charts = [k for k in at.session_state.keys() if str(k).startswith("map|")]
+    assert len(charts) == 1, charts
+    chosen = [3, 5, 8]
+    at.session_state[charts[0]] = {"selection": {
+        "points": [{"customdata": [i], "curve_number": 0, "point_index": n}
+                   for n, i in enumerate(chosen)],
+        "point_indices": list(range(len(chosen))), "box": [], "lasso": []}}
+    at.run()
+    assert_ok(at)
+    assert any(s.value == "3 selected" for s in at.subheader)
+    at.selectbox(key="map_target").set_value(
+        next(o for o in at.selectbox(key="map_target").options if "New label" in o))
+    at.text_input(key="map_new").set_value("from the map")
+    next(b for b in at.button if b.label == "Apply label").click().run()
+    assert_ok(at)
+    table = Labels(ws, run_id).final_table()
+    assert list(table.loc[chosen, "label"]) == ["from the map"] * 3
+
+
+def test_map_selection_exclude(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Map")
+    key = next(k for k in at.session_state.keys() if str(k).startswith("map|"))
+    at.session_state[key] = {"selection": {"points": [{"customdata": [7]}],
+                                           "point_indices": [0]}}
+    at.run()
+    next(b for b in at.button if b.label == "Exclude all").click().run()
+    assert_ok(at)
+    assert Labels(ws, run_id).final_table().at[7, "excluded"]
+
+
+# --------------------------------------------------------------------------- screen 4
+def test_neighbours_listed(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Neighbours")
+    at.button(key="nn_pick_4").click().run()
+    assert_ok(at)
+    assert any("nearest neighbours" in m.value for m in at.markdown)
+    from app.views.neighbours import RESULT_COLUMNS
+    sims = grid_order([c.value for c in at.caption if c.value.startswith("similarity")],
+                      RESULT_COLUMNS)
+    assert len(sims) == 12
+    values = [float(s.split()[1]) for s in sims]
+    assert values == sorted(values, reverse=True)
+    # the neighbours of image 4 are mostly of its own (fixture) cluster
+    from selfclassifier_core.neighbors import NeighborIndex
+    expected = NeighborIndex.for_run(ws, run_id).search(4, 12)
+    assert [at.button(key=f"nn_again_{i}") for i in expected["image_id"]]
+    # near-duplicates view runs on the same index
+    at.toggle(key="dup_on").set_value(True).run()
+    assert_ok(at)
+
+
+def test_neighbours_upload_is_handled(fixture_app, monkeypatch):
+    """An upload is searched in memory (embedding stubbed); nothing is written to the folder."""
+    at, ws, run_id = fixture_app
+    before = sorted(p.name for p in ws.root.rglob("*"))
+    from selfclassifier_core import neighbors
+
+    def fake_search_file(self, data, k=10, **kw):
+        assert isinstance(data, bytes) and data[:4] == b"\x89PNG"
+        return self.search(1, k, include_self=True)
+
+    monkeypatch.setattr(neighbors.NeighborIndex, "search_file", fake_search_file)
+    goto(at, "Neighbours")
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    at.file_uploader(key="nn_upload").set_value(("q.png", buf.getvalue(), "image/png")).run()
+    assert_ok(at)
+    assert len([c for c in at.caption if c.value.startswith("similarity")]) == 12
+    assert sorted(p.name for p in ws.root.rglob("*")) == before
+
+
+# --------------------------------------------------------------------------- screen 5
+def test_export_imagefolder_from_the_app(fixture_app, tmp_path):
+    at, ws, run_id = fixture_app
+    goto(at, "Export")
+    out = tmp_path / "exported"
+    at.text_input(key="exp_out").set_value(str(out))
+    at.radio(key="exp_link").set_value("sym")
+    next(b for b in at.button if b.label == "Write folders").click().run()
+    assert_ok(at)
+    assert any("Wrote" in s.value for s in at.success)
+    files = [p for p in out.rglob("*.png")]
+    assert len(files) == 40 and all(p.is_symlink() for p in files)
+    assert {p.parent.name for p in files} == {"cluster_0", "cluster_1", "cluster_2"}
+    # writing into the image folder is refused in words
+    at.text_input(key="exp_out").set_value(str(ws.root / "out"))
+    next(b for b in at.button if b.label == "Write folders").click().run()
+    assert any("overlaps the image folder" in e.value for e in at.error)
