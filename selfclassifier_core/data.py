@@ -27,13 +27,10 @@ log = logging.getLogger(__name__)
 Item = tuple[int, str]  # (catalog image id, path relative to the folder)
 
 
-def _load(path: Path) -> Image.Image:
-    try:
-        from .imageio import load_rgb
-    except ModuleNotFoundError:  # TEMPORARY until imageio.py lands
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    return load_rgb(path)
+def _load(path: Path, max_side: int | None = None) -> Image.Image:
+    from .imageio import load_rgb
+
+    return load_rgb(path, max_side=max_side)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -52,10 +49,11 @@ class MultiCropDataset(Dataset):
         transform: a :class:`~selfclassifier_core.transforms.MultiCropTransform`.
         items: ``(id, relative path)`` pairs; default ``workspace.usable_images()``.
         seed: base seed of the per-sample augmentation generator.
+        max_side: decode large images at most this big (faster JPEG decoding); None = full size.
     """
 
     def __init__(self, workspace: Workspace, transform: Callable[[Image.Image], list[torch.Tensor]],
-                 items: Sequence[Item] | None = None, seed: int = 0):
+                 items: Sequence[Item] | None = None, seed: int = 0, max_side: int | None = None):
         self.workspace = workspace
         self.root = workspace.root
         if self.root is None:
@@ -63,6 +61,7 @@ class MultiCropDataset(Dataset):
         self.items = list(items if items is not None else workspace.usable_images())
         self.transform = transform
         self.seed = int(seed)
+        self.max_side = max_side
         self.epoch = 0
         # image id -> id of the image whose crop replaces global view 1 (nearest neighbour).
         self.neighbors: dict[int, int] = {}
@@ -81,9 +80,10 @@ class MultiCropDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int] | None:
         image_id, rel = self.items[index]
         try:
-            img = _load(self.root / rel)
+            img = _load(self.root / rel, self.max_side)
             nn_id = self.neighbors.get(image_id)
-            nn_img = _load(self.root / self.items[self._index_of[nn_id]][1]) if nn_id is not None else None
+            nn_img = (_load(self.root / self.items[self._index_of[nn_id]][1], self.max_side)
+                      if nn_id is not None else None)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, never fatal
             log.warning("skipping image %s (id %d): %s", rel, image_id, exc)
             return None
@@ -101,15 +101,18 @@ class EvalDataset(Dataset):
     ``sources`` are file paths, or raw bytes of an encoded image (for images outside the catalog).
     """
 
-    def __init__(self, sources: Sequence[Path | str | bytes], transform: Callable):
+    def __init__(self, sources: Sequence[Path | str | bytes], transform: Callable,
+                 max_side: int | None = None):
         self.sources = list(sources)
         self.transform = transform
+        self.max_side = max_side
 
     @classmethod
     def from_workspace(cls, workspace: Workspace, transform: Callable,
-                       items: Sequence[Item] | None = None) -> "EvalDataset":
+                       items: Sequence[Item] | None = None,
+                       max_side: int | None = None) -> "EvalDataset":
         items = list(items if items is not None else workspace.usable_images())
-        return cls([workspace.abspath(rel) for _, rel in items], transform)
+        return cls([workspace.abspath(rel) for _, rel in items], transform, max_side)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -120,7 +123,7 @@ class EvalDataset(Dataset):
             if isinstance(src, (bytes, bytearray)):
                 img = _load_bytes(bytes(src))
             else:
-                img = _load(Path(src))
+                img = _load(Path(src), self.max_side)
         except Exception as exc:  # noqa: BLE001
             log.warning("cannot read image %s: %s", src if not isinstance(src, bytes) else
                         f"<{len(src)} bytes>", exc)

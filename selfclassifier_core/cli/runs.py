@@ -1,0 +1,30 @@
+"""``runs WS``: list the training runs of a workspace with status, mode and heads."""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("runs", help="list the training runs of a workspace")
+    p.add_argument("workspace")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    runs = ws.list_runs()
+    if not runs:
+        print(f"no runs in workspace {ws.path}")
+        return 0
+    print(f"{'run':>4}  {'status':<9}  {'mode':<8}  {'heads':<14}  {'created':<16}  message")
+    for r in runs:
+        heads = ",".join(str(k) for k in r.heads)
+        if r.main_head is not None and len(r.heads) > 1:
+            heads = heads.replace(str(r.main_head), f"{r.main_head}*", 1)
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created))
+        print(f"{r.id:>4}  {r.status:<9}  {r.mode:<8}  {heads:<14}  {created:<16}  "
+              f"{r.message or ''}")
+    return 0

@@ -1,0 +1,46 @@
+"""`train`, `predict`, `runs` through the command line (subprocess), and bad values."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from test_trainer import make_folder
+
+
+def _cli(*args, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "selfclassifier_core", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_train_predict_runs_cli(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=16)
+    ws = tmp_path / "ws"
+    r = _cli("train", folder, "--workspace", ws, "--classes", "2", "--epochs", "1",
+             "--batch-size", "8", "--device", "cpu", "--n-local", "0", "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert f"run 1 done in workspace {ws}" in r.stdout and "export" in r.stdout
+    r = _cli("runs", ws)
+    assert r.returncode == 0 and "done" in r.stdout and "scratch" in r.stdout
+    assert "2*,4,8" in r.stdout
+    r = _cli("predict", ws, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "16 images predicted: run 1" in r.stdout
+
+
+def test_bad_values_exit_2_with_one_line(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=8)
+    for args, words in [(["--classes", "0"], "--classes"),
+                        (["--classes", "4", "--batch-size", "2"], "smaller than --classes")]:
+        r = _cli("train", folder, "--workspace", tmp_path / "ws", "--device", "cpu", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.stderr
+
+
+def test_resume_without_checkpoint_exit_2(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=8)
+    assert _cli("scan", folder, "--workspace", tmp_path / "ws").returncode == 0
+    r = _cli("train", folder, "--workspace", tmp_path / "ws", "--resume")
+    assert r.returncode == 2 and "no run with a checkpoint" in r.stderr

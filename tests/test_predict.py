@@ -1,0 +1,83 @@
+"""Predictions of a trained run: reload, new folder, files outside the catalog."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfclassifier_core.predict import embed_files, head_prediction, load_model, predict
+from selfclassifier_core.predictions import load_predictions
+from selfclassifier_core.trainer import train
+from selfclassifier_core.workspace import Workspace, WorkspaceError
+
+from test_trainer import FAST, make_folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("pred")
+    folder = make_folder(tmp / "imgs", n=16)
+    res = train(folder, tmp / "ws", classes=2, epochs=1, batch_size=8, **FAST)
+    return tmp, res
+
+
+def test_head_prediction_margin():
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.45, 0.45]], np.float32)
+    h = head_prediction(3, p)
+    assert h.cluster.tolist() == [0, 1]
+    assert np.allclose(h.confidence, [0.7, 0.45]) and np.allclose(h.margin, [0.5, 0.0])
+
+
+def test_predict_reloads_checkpoint_and_matches(trained):
+    _, res = trained
+    stored = load_predictions(res.run_dir)
+    again = predict(res.workspace, device="cpu", save=False)
+    assert np.array_equal(again.image_ids, stored.image_ids)
+    for k in stored.heads:
+        assert np.array_equal(again.heads[k].cluster, stored.heads[k].cluster)
+        assert np.allclose(again.heads[k].confidence, stored.heads[k].confidence, atol=1e-5)
+    assert np.allclose(again.embeddings.astype(np.float32),
+                       stored.embeddings.astype(np.float32), atol=2e-3)
+    model, info = load_model(res.workspace, res.run_id, "cpu")
+    assert not model.training and info["image_size"] == 8 and info["heads"] == [2, 4, 8]
+
+
+def test_embed_files_paths_and_bytes(trained):
+    tmp, res = trained
+    path = tmp / "imgs" / "dark_00.png"
+    emb, probs = embed_files(res.workspace, res.run_id, [path, path.read_bytes(), b"junk"],
+                             device="cpu")
+    assert emb.shape == (3, 128) and emb.dtype == np.float32
+    assert np.allclose(emb[0], emb[1], atol=1e-5) and np.isnan(emb[2]).all()
+    assert np.allclose(np.linalg.norm(emb[0]), 1, atol=1e-4)
+    assert [p.shape for p in probs] == [(3, 2), (3, 4), (3, 8)]
+    assert np.allclose(probs[0][:2].sum(1), 1, atol=1e-5)
+    # same numbers as the stored prediction of that catalog image
+    stored = load_predictions(res.run_dir)
+    image_id = dict((p, i) for i, p in res.workspace.usable_images())["dark_00.png"]
+    row = stored.position([image_id])[0]
+    assert np.allclose(emb[0], stored.embeddings[row].astype(np.float32), atol=2e-3)
+
+
+def test_predict_new_folder(trained, tmp_path):
+    _, res = trained
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(5):
+        Image.new("RGB", (10, 10), (i * 50, 0, 0)).save(new / f"n{i}.png")
+    preds = predict(res.workspace, folder=new, out_workspace=tmp_path / "ws2", device="cpu")
+    ws2 = Workspace.open(tmp_path / "ws2")
+    run = ws2.resolve_run()
+    assert run.status == "done" and run.config["source"]["run"] == res.run_id
+    assert (run.dir / "checkpoint.pt").exists()
+    assert len(preds.image_ids) == 5
+    assert sorted(load_predictions(run.dir).image_ids.tolist()) == [i for i, _ in
+                                                                    ws2.usable_images()]
+
+
+def test_predict_without_runs_is_clear(tmp_path):
+    ws = Workspace.for_folder(make_folder(tmp_path / "f", n=2), tmp_path / "ws")
+    with pytest.raises(WorkspaceError, match="no finished training run"):
+        predict(ws, device="cpu")

@@ -1,0 +1,207 @@
+"""Trainer: end to end on tiny folders, resume equivalence, NaN, time budget, cancellation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfclassifier_core import trainer as trainer_mod
+from selfclassifier_core.checkpoint import CheckpointError, load_checkpoint
+from selfclassifier_core.predictions import load_predictions
+from selfclassifier_core.trainer import TrainingError, resolve_config, train
+from selfclassifier_core.workspace import Workspace
+
+# small and fast: 8-px crops, two global views only, narrow projection
+FAST = dict(n_local=0, global_size=8, proj_hidden_dim=64, workers=0, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads slow these tiny
+    steps down several times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_folder(path, n=24, size=16, seed=0):
+    """Half dark, half bright noise images (dark_*.png / bright_*.png) plus one broken file."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        bright = i % 2 == 1
+        lo, hi = (170, 256) if bright else (0, 86)
+        arr = rng.integers(lo, hi, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(path / f"{'bright' if bright else 'dark'}_{i:02d}.png")
+    (path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return path
+
+
+def test_resolve_config_defaults_and_errors():
+    cpu = torch.device("cpu")
+    cfg = resolve_config(100, [(28, 28)] * 100, cpu, classes=5)
+    assert (cfg.global_size, cfg.local_size, cfg.small_input) == (28, 12, True)
+    assert cfg.heads == [5, 10, 20] and cfg.batch_size == 100 and cfg.backbone == "resnet18"
+    assert cfg.epochs >= 10 and cfg.n_local == 2
+    cfg = resolve_config(5000, [(640, 480)] * 10, cpu, classes=10, batch_size=32)
+    assert cfg.heads == [10, 20] and (cfg.global_size, cfg.local_size) == (224, 96)
+    with pytest.raises(ValueError, match="--classes"):
+        resolve_config(100, [], cpu, classes=0)
+    with pytest.raises(ValueError, match="--batch-size 8 is smaller than --classes 10"):
+        resolve_config(100, [], cpu, classes=10, batch_size=8)
+    with pytest.raises(ValueError, match="optimizer"):
+        resolve_config(100, [], cpu, optimizer="sgdx")
+    with pytest.raises(ValueError, match="unknown training option"):
+        resolve_config(100, [], cpu, colour="red")
+    with pytest.raises(ValueError, match="at least 2"):
+        resolve_config(1, [], cpu)
+
+
+def test_end_to_end_predictions_stats_and_csv(tmp_path):
+    folder = make_folder(tmp_path / "imgs")
+    seen = []
+    res = train(folder, tmp_path / "ws", classes=2, epochs=2, batch_size=8,
+                progress=seen.append, **FAST)
+    ws = res.workspace
+    run = ws.get_run(res.run_id)
+    assert run.status == "done" and run.mode == "scratch" and run.heads == [2, 4, 8]
+    usable = ws.usable_images()
+    assert len(usable) == 24  # the broken file is not usable
+    preds = load_predictions(res.run_dir)
+    assert sorted(preds.image_ids.tolist()) == sorted(i for i, _ in usable)
+    assert preds.embeddings.shape == (24, 128) and preds.embeddings.dtype == np.float16
+    for k, h in preds.heads.items():
+        assert h.cluster.min() >= 0 and h.cluster.max() < k
+        assert np.all((h.margin >= 0) & (h.margin <= h.confidence + 1e-6))
+    lines = (res.run_dir / "stats.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2] == [s["epoch"] for s in res.stats]
+    assert all(json.loads(x)["steps"] == 3 for x in lines)
+    assert seen and {"epoch", "step", "loss", "images_per_s", "eta_s",
+                     "classes_in_use"} <= set(seen[-1])
+    prog = json.loads((res.run_dir / "progress.json").read_text())
+    assert prog["status"] == "done"
+    ckpt = load_checkpoint(res.run_dir / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["train_config"]["classes"] == 2
+    assert {"python", "numpy", "torch", "cuda"} <= set(ckpt["rng"])
+
+    from selfclassifier_core.export import export_csv
+
+    out = tmp_path / "labels.csv"
+    export_csv(ws, out)
+    import pandas as pd
+
+    df = pd.read_csv(out)
+    cols = [c for c in df.columns if c != "edited"]
+    assert cols == ["path", "label", "cluster", "confidence", "margin", "head"]
+    assert len(df) == 24 and set(df["head"]) == {2}
+
+
+def _weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoint.pt")["model"]
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    opts = dict(classes=2, epochs=2, batch_size=8, seed=3, nn_positives=True, **FAST)
+    folder = make_folder(tmp_path / "imgs")
+    straight = train(folder, tmp_path / "ws1", **opts)
+
+    done_epochs = []
+
+    def progress(info):
+        if info["step"] == info["steps"]:
+            done_epochs.append(info["epoch"])
+
+    first = train(folder, tmp_path / "ws2", progress=progress,
+                  should_stop=lambda: len(done_epochs) >= 1, **opts)
+    assert first.status == "cancelled"
+    assert first.workspace.get_run(first.run_id).status == "cancelled"
+    assert load_checkpoint(first.run_dir / "checkpoint.pt")["epoch"] == 1
+    resumed = train(None, first.workspace, resume=True, run_id=first.run_id, device="cpu")
+    assert resumed.status == "done" and resumed.run_id == first.run_id
+    a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    qa = load_checkpoint(straight.run_dir / "checkpoint.pt")["queue"]
+    qb = load_checkpoint(resumed.run_dir / "checkpoint.pt")["queue"]
+    assert torch.equal(qa["ids"], qb["ids"]) and int((qa["ids"] >= 0).sum()) == 12  # filled
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=8)
+    ws = Workspace.for_folder(folder, tmp_path / "ws")
+    with pytest.raises(CheckpointError, match="no run with a checkpoint"):
+        train(None, ws, resume=True)
+    run_id = ws.create_run("scratch", {})
+    with pytest.raises(CheckpointError, match=f"run {run_id} has no checkpoint"):
+        train(None, ws, resume=True, run_id=run_id)
+
+
+def test_nan_loss_names_the_step(tmp_path, monkeypatch):
+    real = trainer_mod.SelfClassifierLoss
+
+    class NanOnSecondStep(real):
+        calls = 0
+
+        def forward(self, logits, n_global=2):
+            NanOnSecondStep.calls += 1
+            loss = super().forward(logits, n_global)
+            return loss * float("nan") if NanOnSecondStep.calls == 2 else loss
+
+    monkeypatch.setattr(trainer_mod, "SelfClassifierLoss", NanOnSecondStep)
+    folder = make_folder(tmp_path / "imgs", n=16)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 2 "):
+        train(folder, tmp_path / "ws", classes=2, epochs=1, batch_size=8, **FAST)
+    ws = Workspace.open(tmp_path / "ws")
+    run = ws.list_runs()[-1]
+    assert run.status == "failed" and "step 2" in run.message
+
+
+def test_minutes_budget_stops_and_predicts(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=16)
+    import time
+
+    t0 = time.monotonic()
+    res = train(folder, tmp_path / "ws", classes=2, minutes=0.03, batch_size=8, **FAST)
+    assert time.monotonic() - t0 < 30
+    run = res.workspace.get_run(res.run_id)
+    assert run.status == "done" and "time budget" in run.message
+    assert len(load_predictions(res.run_dir).image_ids) == 16
+    ckpt = load_checkpoint(res.run_dir / "checkpoint.pt")
+    assert ckpt["train_config"]["epochs"] is None and ckpt["step"] >= 1
+
+
+def test_cancel_file_cancels_then_resume_finishes(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=16)
+    ws = Workspace.for_folder(folder, tmp_path / "ws")
+
+    def progress(info):
+        ws.runs_dir.joinpath("1", "CANCEL").touch()
+
+    res = train(folder, ws, classes=2, epochs=3, batch_size=8, progress=progress, **FAST)
+    assert res.status == "cancelled" and res.predictions_path is None
+    run = ws.get_run(res.run_id)
+    assert run.status == "cancelled" and "--resume" in run.message
+    ckpt = load_checkpoint(res.run_dir / "checkpoint.pt")
+    assert ckpt["partial"] and ckpt["step"] == 1 and ckpt["epoch"] == 0
+    done = train(None, ws, resume=True, device="cpu")
+    assert done.run_id == res.run_id and ws.get_run(res.run_id).status == "done"
+    assert load_checkpoint(res.run_dir / "checkpoint.pt")["epoch"] == 3
+
+
+def test_separates_dark_from_bright(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=32)
+    res = train(folder, tmp_path / "ws", classes=2, epochs=4, batch_size=16, seed=0,
+                optimizer="adamw", lr=2e-3, **FAST)
+    preds = load_predictions(res.run_dir)
+    paths = dict(res.workspace.usable_images())
+    bright = np.array([paths[int(i)].startswith("bright") for i in preds.image_ids])
+    cluster = preds.head(2).cluster
+    # purity of the 2-class head: each cluster's majority kind
+    purity = sum(max(np.sum(bright[cluster == c]), np.sum(~bright[cluster == c]))
+                 for c in np.unique(cluster)) / len(cluster)
+    assert len(np.unique(cluster)) == 2
+    assert purity >= 0.9, purity
