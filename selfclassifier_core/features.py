@@ -1,0 +1,442 @@
+"""Frozen-backbone feature cache for fast mode.
+
+Every usable image is decoded once; the pretrained backbone (eval mode, no grad, bf16 autocast on
+CUDA) embeds ``n_views`` views of it in one pass: view 0 is the full image through
+:func:`transforms.eval_transform` (what prediction sees), views 1.. are random resized crops with
+random horizontal flips, seeded by ``(seed, image id, view)`` so a view never depends on the
+batch or on which other images exist.
+
+The result lives in ``<workspace>/features/<key>/``::
+
+    meta.json   what was computed: backbone, weights identity, view recipe, catalog version
+    ids.npy     int64 [N]      catalog image ids (ascending)
+    sig.npy     int64 [N, 2]   (bytes, mtime_ns) of each image when it was embedded
+    feats.npy   float16 [M, N, D]  features of view m of image n (memory-mapped on load)
+
+``key`` hashes backbone + weights identity + view recipe + image size, so the same request
+reuses the cache. When the catalog changes (``workspace.catalog_version()``), the cache is
+rebuilt: rows of images that did not change are copied, only new or changed images are
+embedded. A build is written to a temporary directory and renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .fsutil import atomic_write_json
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ViewRecipe", "FeatureCache", "extract_features", "feature_key", "resolve_device",
+           "build_extractor", "compute_view"]
+
+FORMAT_VERSION = 1
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """How the views of one image are made (part of the cache key).
+
+    Args:
+        n_views: views per image: the full image plus ``n_views - 1`` random crops (>= 1).
+        image_size: side of every view in pixels.
+        crop_scale: area range of the random crops (fraction of the image).
+        crop_ratio: aspect-ratio range of the random crops.
+        flip: random horizontal flips on the crops.
+        seed: base seed of the crops.
+    """
+
+    n_views: int = 4
+    image_size: int = 224
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.n_views) < 1:
+            raise ValueError(f"n_views must be >= 1, got {self.n_views!r}")
+        if int(self.image_size) < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size!r}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
+        rlo, rhi = self.crop_ratio
+        if not 0 < rlo <= rhi:
+            raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio!r}")
+        object.__setattr__(self, "crop_scale", (float(lo), float(hi)))
+        object.__setattr__(self, "crop_ratio", (float(rlo), float(rhi)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViewRecipe":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass
+class FeatureCache:
+    """A computed feature cache (arrays memory-mapped from ``dir``)."""
+
+    key: str
+    dir: Path
+    image_ids: np.ndarray        # int64 [N]
+    features: np.ndarray         # float16 [M, N, D]
+    backbone: str
+    weights: str                 # weights identity (name or file hash)
+    pretrained: str              # what the user passed (name or path)
+    recipe: ViewRecipe
+    small_input: bool
+    catalog_version: str
+    computed: int = 0            # images embedded by the call that returned this (0: reused)
+
+    @property
+    def n_views(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[2])
+
+    @property
+    def full(self) -> np.ndarray:
+        """Features of the full-image view, ``[N, D]``."""
+        return self.features[0]
+
+    def __len__(self) -> int:
+        return int(self.image_ids.shape[0])
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → CUDA, then Apple MPS, then CPU; anything else as given (checked)."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def feature_key(backbone: str, weights_id: str, recipe: ViewRecipe, small_input: bool) -> str:
+    """The cache key: hash of backbone, weights identity, view recipe and image size."""
+    blob = json.dumps({"format": FORMAT_VERSION, "backbone": backbone, "weights": weights_id,
+                       "recipe": recipe.to_dict(), "small_input": bool(small_input)},
+                      sort_keys=True)
+    return f"{backbone}-{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
+
+
+# --------------------------------------------------------------------------- views
+def _view_rng(seed: int, image_id: int, view: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(image_id), int(view)])
+
+
+def _crop_box(rng: np.random.Generator, width: int, height: int, scale: tuple[float, float],
+              ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop (torchvision's algorithm, our generator)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # fallback: centre crop with a clamped ratio
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def compute_view(img, image_id: int, view: int, recipe: ViewRecipe, eval_tf=None) -> torch.Tensor:
+    """View ``view`` of one RGB PIL image as a normalised tensor ``[3, S, S]``."""
+    from torchvision.transforms import functional as TF
+
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+    if view == 0:
+        return (eval_tf or eval_transform(recipe.image_size))(img)
+    rng = _view_rng(recipe.seed, image_id, view)
+    top, left, h, w = _crop_box(rng, img.width, img.height, recipe.crop_scale, recipe.crop_ratio)
+    size = recipe.image_size
+    crop = TF.resized_crop(img, top, left, h, w, [size, size],
+                           interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    if recipe.flip and rng.random() < 0.5:
+        crop = TF.hflip(crop)
+    return TF.normalize(TF.to_tensor(crop), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class _ViewsDataset(Dataset):
+    """``(position, [M, 3, S, S])`` per image, or ``(position, None)`` when it cannot be read."""
+
+    def __init__(self, paths: list[Path], ids: list[int], recipe: ViewRecipe):
+        self.paths, self.ids, self.recipe = paths, ids, recipe
+        self._eval_tf = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .imageio import load_rgb
+        from .transforms import eval_transform
+
+        if self._eval_tf is None:
+            self._eval_tf = eval_transform(self.recipe.image_size)
+        try:
+            img = load_rgb(self.paths[i], max_side=max(2 * self.recipe.image_size, 64))
+        except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped, never fatal
+            log.warning("skipping image %s: %s", self.paths[i], exc)
+            return i, None
+        views = [compute_view(img, self.ids[i], v, self.recipe, self._eval_tf)
+                 for v in range(self.recipe.n_views)]
+        return i, torch.stack(views)
+
+
+def _collate(batch):
+    pos = [i for i, v in batch if v is not None]
+    bad = [i for i, v in batch if v is None]
+    views = torch.stack([v for _, v in batch if v is not None]) if pos else None
+    return pos, bad, views
+
+
+# --------------------------------------------------------------------------- extraction
+def build_extractor(backbone: str, pretrained: str | os.PathLike, image_size: int,
+                    small_input: bool = False) -> tuple[torch.nn.Module, int, str]:
+    """The frozen pretrained backbone: ``(module in eval mode, feature dim, weights identity)``."""
+    from .backbones import build_backbone
+    from .pretrained import load_backbone_weights
+
+    module, dim = build_backbone(backbone, small_input, image_size)
+    report = load_backbone_weights(module, backbone, pretrained)
+    module.eval().requires_grad_(False)
+    return module, dim, report.identity
+
+
+def _embed(module: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return module(x).float()
+    return module(x).float()
+
+
+def _default_batch(device: torch.device, n_views: int) -> int:
+    return max(1, (512 if device.type == "cuda" else 64) // n_views)
+
+
+def _default_workers(n: int, device: torch.device) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    if n < 256 or cpus < 2:
+        return 0
+    # on CPU the backbone needs the cores too
+    return min(12, cpus - 1) if device.type == "cuda" else max(1, min(4, cpus // 2))
+
+
+def _load_cache(d: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray] | None:
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        ids = np.load(d / "ids.npy")
+        sig = np.load(d / "sig.npy")
+        feats = np.load(d / "feats.npy", mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        log.warning("feature cache %s unreadable (%s); recomputing", d, exc)
+        return None
+    if meta.get("format") != FORMAT_VERSION or feats.shape[1] != ids.shape[0]:
+        return None
+    return meta, ids, sig, feats
+
+
+def _as_cache(d: Path, meta: dict, ids: np.ndarray, feats: np.ndarray, computed: int
+              ) -> FeatureCache:
+    return FeatureCache(key=meta["key"], dir=d, image_ids=ids, features=feats,
+                        backbone=meta["backbone"], weights=meta["weights"],
+                        pretrained=meta["pretrained"],
+                        recipe=ViewRecipe.from_dict(meta["recipe"]),
+                        small_input=bool(meta["small_input"]),
+                        catalog_version=meta["catalog_version"], computed=computed)
+
+
+def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.PathLike, *,
+                     views: int = 4, image_size: int = 224, small_input: bool = False,
+                     seed: int = 0, crop_scale: tuple[float, float] = (0.35, 1.0),
+                     device: str | torch.device = "auto", batch_size: int | None = None,
+                     workers: int | None = None, progress: Progress | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> FeatureCache:
+    """Features of every usable image for ``views`` views, from the cache when it is current.
+
+    Args:
+        workspace: the workspace (its catalog lists the images; the cache goes in
+            ``workspace.features_dir``).
+        backbone: backbone name (``efficientnet_lite0``, ``resnet18``, ...).
+        pretrained: weights name or file (see :func:`pretrained.load_backbone_weights`).
+        views: views per image (full image + ``views - 1`` random crops/flips).
+        image_size: side of each view.
+        small_input: build the backbone's small-image variant (keep False for ImageNet weights
+            on upscaled images).
+        seed: seed of the random crops.
+        crop_scale: area range of the random crops.
+        device: ``auto``, ``cpu``, ``cuda``...
+        batch_size: images per forward batch (each contributes ``views`` rows).
+        workers: DataLoader workers for decoding (default from folder size and device).
+        progress: ``progress(done, total)`` images embedded so far.
+        should_stop: polled between batches; True aborts with ``InterruptedError`` (nothing
+            written).
+
+    Returns:
+        The :class:`FeatureCache` (``computed`` = images embedded by this call).
+    """
+    from .pretrained import weights_identity
+
+    recipe = ViewRecipe(n_views=int(views), image_size=int(image_size), crop_scale=crop_scale,
+                        seed=int(seed))
+    dev = resolve_device(device)
+    weights_id = weights_identity(backbone, pretrained)
+    key = feature_key(backbone, weights_id, recipe, small_input)
+    final = workspace.features_dir / key
+    version = workspace.catalog_version()
+
+    old = _load_cache(final) if final.is_dir() else None
+    if old is not None and old[0].get("catalog_version") == version:
+        log.info("feature cache %s is current (%d images); reused", key, len(old[1]))
+        if progress:
+            progress(len(old[1]), len(old[1]))
+        return _as_cache(final, old[0], old[1], old[3], computed=0)
+
+    table = workspace.image_table("ok")
+    all_ids = table.index.to_numpy(dtype=np.int64)
+    sigs = np.stack([table["bytes"].fillna(-1).to_numpy(np.int64),
+                     table["mtime_ns"].fillna(-1).to_numpy(np.int64)], axis=1) \
+        if len(table) else np.zeros((0, 2), np.int64)
+    if len(all_ids) == 0:
+        raise ValueError(f"workspace {workspace.path} has no usable images; scan a folder with "
+                         "images first")
+
+    # rows of unchanged images come from the old cache
+    reuse_from: dict[int, int] = {}
+    if old is not None:
+        old_pos = {int(i): p for p, i in enumerate(old[1])}
+        for n, (i, s) in enumerate(zip(all_ids, sigs)):
+            p = old_pos.get(int(i))
+            if p is not None and tuple(old[2][p]) == tuple(s):
+                reuse_from[n] = p
+    todo = [n for n in range(len(all_ids)) if n not in reuse_from]
+    log.info("feature cache %s: embedding %d images (%d reused) with %s, %d views at %d px on %s",
+             key, len(todo), len(reuse_from), backbone, recipe.n_views, recipe.image_size, dev)
+
+    module, dim, _ = build_extractor(backbone, pretrained, recipe.image_size, small_input)
+    module.to(dev)
+    if dev.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+
+    workspace.features_dir.mkdir(parents=True, exist_ok=True)
+    tmp = workspace.features_dir / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        feats = np.lib.format.open_memmap(tmp / "feats.npy", mode="w+", dtype=np.float16,
+                                          shape=(recipe.n_views, len(all_ids), dim))
+        ok = np.ones(len(all_ids), dtype=bool)
+        if reuse_from:
+            dst = np.fromiter(reuse_from.keys(), np.int64)
+            src = np.fromiter(reuse_from.values(), np.int64)
+            feats[:, dst] = old[3][:, src]
+        paths = [workspace.abspath(table.at[int(all_ids[n]), "path"]) for n in todo]
+        ds = _ViewsDataset(paths, [int(all_ids[n]) for n in todo], recipe)
+        bs = int(batch_size or _default_batch(dev, recipe.n_views))
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        nw = _default_workers(len(todo), dev) if workers is None else int(workers)
+        loader = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=nw,
+                            collate_fn=_collate, pin_memory=dev.type == "cuda",
+                            persistent_workers=False)
+        done, t0 = 0, time.perf_counter()
+        with torch.inference_mode():
+            for pos, bad, views_t in loader:
+                if should_stop is not None and should_stop():
+                    raise InterruptedError("feature extraction stopped")
+                for i in bad:
+                    ok[todo[i]] = False
+                if views_t is not None:
+                    b, m = views_t.shape[:2]
+                    out = _embed(module, views_t.flatten(0, 1), dev).view(b, m, -1)
+                    rows = np.asarray([todo[i] for i in pos], np.int64)
+                    feats[:, rows] = out.transpose(0, 1).cpu().numpy().astype(np.float16)
+                done += len(pos) + len(bad)
+                if progress:
+                    progress(done, len(todo))
+        if not np.isfinite(np.asarray(feats[:, ok], np.float32)).all():
+            raise FloatingPointError(f"backbone {backbone} produced non-finite features "
+                                     "(float16 overflow?)")
+        feats.flush()
+        elapsed = time.perf_counter() - t0
+        if todo:
+            log.info("embedded %d images in %.1f s (%.1f img/s, %d views each)", len(todo),
+                     elapsed, len(todo) / max(elapsed, 1e-9), recipe.n_views)
+        keep = np.flatnonzero(ok)
+        if len(keep) < len(all_ids):
+            log.warning("%d image(s) could not be read and are left out of the features",
+                        len(all_ids) - len(keep))
+            kept = np.asarray(feats[:, keep])
+            del feats
+            np.save(tmp / "feats.npy", kept)
+        else:
+            del feats
+        np.save(tmp / "ids.npy", all_ids[keep])
+        np.save(tmp / "sig.npy", sigs[keep])
+        meta = {"format": FORMAT_VERSION, "key": key, "backbone": backbone,
+                "weights": weights_id, "pretrained": str(pretrained),
+                "recipe": recipe.to_dict(), "small_input": bool(small_input),
+                "catalog_version": version, "n": int(len(keep)), "dim": int(dim),
+                "dtype": "float16", "created": time.time(),
+                "seconds": round(elapsed, 3), "device": str(dev)}
+        atomic_write_json(tmp / "meta.json", meta)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    loaded = _load_cache(final)
+    if loaded is None:
+        raise RuntimeError(f"feature cache {final} unreadable right after writing it")
+    return _as_cache(final, loaded[0], loaded[1], loaded[3], computed=len(todo))
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``, replacing an older ``final`` (which is removed)."""
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,186 @@
+"""Fast mode: heads trained on cached features of a frozen backbone, predictions for every image."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from selfclassifier_core import catalog, fastmode
+from selfclassifier_core.predictions import load_predictions
+from selfclassifier_core.workspace import Workspace
+
+SIZE = 32
+
+
+def _noise(path: Path, seed: int, bright: bool) -> None:
+    rng = np.random.default_rng(seed)
+    lo, hi = (170, 256) if bright else (0, 86)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(lo, hi, (16, 16, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def dark_bright(tmp_path):
+    """16 dark and 16 bright noise images (interleaved names), one unreadable file."""
+    folder = tmp_path / "images"
+    kinds = {f"img_{j:02d}.png": j % 2 == 1 for j in range(32)}
+    for j, (name, bright) in enumerate(kinds.items()):
+        _noise(folder / name, j, bright)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    ws = Workspace.for_folder(folder, tmp_path / "ws")
+    catalog.scan(folder, ws, workers=1)
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    return folder, ws, weights, kinds
+
+
+def _options(weights, **kw):
+    return {"backbone": "resnet18", "pretrained": str(weights), "image_size": SIZE, "views": 3,
+            "classes": 2, "steps": 60, "batch_size": 32, "proj_hidden_dim": 64, "device": "cpu",
+            "workers": 0, "nn_k": 3, **kw}
+
+
+def test_fast_mode_predicts_every_image_and_separates_kinds(dark_bright):
+    folder, ws, weights, kinds = dark_bright
+    opts = _options(weights)
+    run_id = ws.create_run("fast", opts)
+    seen = []
+    fastmode.train_fast(ws, run_id, opts, progress=seen.append)
+
+    run = ws.get_run(run_id)
+    assert run.status == "done" and run.heads == [2, 4, 8] and run.main_head == 2
+    usable = dict(ws.usable_images())
+    assert len(usable) == 32 and "broken.png" not in usable.values()
+    preds = load_predictions(run.dir)
+    assert sorted(preds.image_ids.tolist()) == sorted(usable)
+    assert preds.embeddings.shape == (32, 128)
+    np.testing.assert_allclose(np.linalg.norm(preds.embeddings.astype(np.float32), axis=1), 1,
+                               atol=1e-2)
+    for k in (2, 4, 8):
+        h = preds.head(k)
+        assert h.cluster.min() >= 0 and h.cluster.max() < k
+        assert np.all((h.confidence > 0) & (h.confidence <= 1)) and np.all(h.margin >= 0)
+
+    # dark and bright noise end up in different classes of the 2-class head
+    truth = np.array([kinds[usable[int(i)]] for i in preds.image_ids])
+    cl = preds.head(2).cluster
+    agree = max(np.mean(cl == truth), np.mean(cl != truth))
+    assert agree == 1.0, (cl, truth)
+
+    # run files like the trainer's
+    stats = [json.loads(x) for x in (run.dir / "stats.jsonl").read_text().splitlines()]
+    assert stats[-1]["step"] == 60 and all(np.isfinite(s["loss"]) for s in stats)
+    progress = json.loads((run.dir / "progress.json").read_text())
+    assert progress["status"] == "done" and progress["step"] == 60
+    assert any(p.get("phase") == "features" for p in seen) and seen[-1]["status"] == "done"
+    cfg = json.loads((run.dir / "config.json").read_text())
+    assert cfg["mode"] == "fast" and cfg["heads"] == [2, 4, 8]
+
+
+def test_checkpoint_rebuilds_model_that_embeds_like_the_predictions(dark_bright):
+    """The checkpoint holds the whole model (pretrained backbone included): a model rebuilt from
+    it embeds raw images like the saved predictions (which came from cached features)."""
+    from selfclassifier_core.checkpoint import load_checkpoint
+    from selfclassifier_core.imageio import load_rgb
+    from selfclassifier_core.model import build_from_checkpoint
+    from selfclassifier_core.transforms import eval_transform
+
+    folder, ws, weights, _ = dark_bright
+    opts = _options(weights, steps=20)
+    run_id = ws.create_run("fast", opts)
+    fastmode.train_fast(ws, run_id, opts)
+    ckpt = load_checkpoint(ws.run_dir(run_id) / "checkpoint.pt")
+    assert ckpt["format_version"] == 1 and ckpt["mode"] == "fast"
+    assert ckpt["views"]["n_views"] == 3 and ckpt["feature_cache"]
+    src = torchvision.models.resnet18(weights=None)
+    src.load_state_dict(torch.load(weights, weights_only=True))
+    assert torch.equal(ckpt["model"]["backbone.layer3.0.conv1.weight"], src.layer3[0].conv1.weight)
+    model = build_from_checkpoint(ckpt).eval()
+    preds = load_predictions(ws.run_dir(run_id))
+    rel = dict(ws.usable_images())
+    ids = preds.image_ids[:5]
+    x = torch.stack([eval_transform(SIZE)(load_rgb(folder / rel[int(i)])) for i in ids])
+    with torch.no_grad():
+        out = model(x)
+    np.testing.assert_allclose(out.embedding.numpy(), preds.embeddings[:5].astype(np.float32),
+                               atol=3e-2)
+    probs = torch.softmax(out.logits[0] / ckpt["train_config"]["row_tau"], dim=1)
+    assert np.array_equal(probs.argmax(1).numpy(), preds.head(2).cluster[:5])
+
+
+def test_second_run_reuses_features(dark_bright, monkeypatch):
+    from selfclassifier_core import features
+
+    _, ws, weights, _ = dark_bright
+    opts = _options(weights, steps=5)
+    fastmode.train_fast(ws, ws.create_run("fast", opts), opts)
+
+    def boom(*a, **k):
+        raise AssertionError("features recomputed")
+
+    monkeypatch.setattr(features, "build_extractor", boom)
+    run2 = ws.create_run("fast", opts)
+    fastmode.train_fast(ws, run2, {**opts, "classes": 3})
+    assert ws.get_run(run2).status == "done" and ws.get_run(run2).heads == [3, 6, 12]
+
+
+def test_cancel_keeps_a_usable_state(dark_bright):
+    _, ws, weights, _ = dark_bright
+    opts = _options(weights, steps=500)
+    run_id = ws.create_run("fast", opts)
+    calls = {"n": 0}
+
+    def stop_after_features():
+        calls["n"] += 1
+        return calls["n"] > 8  # a few polls during extraction, then during training
+
+    fastmode.train_fast(ws, run_id, opts, should_stop=stop_after_features)
+    run = ws.get_run(run_id)
+    assert run.status == "cancelled" and "step" in run.message
+    preds = load_predictions(run.dir)
+    assert len(preds.image_ids) == 32
+
+
+def test_cancel_file_during_extraction(dark_bright):
+    _, ws, weights, _ = dark_bright
+    opts = _options(weights)
+    run_id = ws.create_run("fast", opts)
+    (ws.run_dir(run_id) / "CANCEL").write_text("")
+    fastmode.train_fast(ws, run_id, opts)
+    run = ws.get_run(run_id)
+    assert run.status == "cancelled" and not (run.dir / "predictions.npz").exists()
+
+
+def test_bad_options_fail_the_run_with_message(dark_bright):
+    _, ws, weights, _ = dark_bright
+    opts = _options(weights, optimizer="sgd")
+    run_id = ws.create_run("fast", opts)
+    with pytest.raises(ValueError, match="optimizer"):
+        fastmode.train_fast(ws, run_id, opts)
+    run = ws.get_run(run_id)
+    assert run.status == "failed" and "sgd" in run.message
+    opts = _options(weights, heads=[40])
+    run_id = ws.create_run("fast", opts)
+    with pytest.raises(ValueError, match="40 classes"):
+        fastmode.train_fast(ws, run_id, opts)
+    assert ws.get_run(run_id).status == "failed"
+
+
+def test_default_heads():
+    assert fastmode.default_heads(10, 2000) == [10, 20, 40]
+    assert fastmode.default_heads(10, 50) == [10, 20]
+    assert fastmode.default_heads(None, 2000) == [32, 64, 128]
+    with pytest.raises(ValueError, match="classes"):
+        fastmode.default_heads(1, 100)
+
+
+def test_knn_graph_excludes_self():
+    x = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
+    nn = fastmode.knn_graph(x, 1)
+    assert nn[:, 0].tolist() == [1, 0, 3, 2]
