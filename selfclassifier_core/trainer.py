@@ -297,19 +297,24 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return LARS(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
 
+_GRID = 1_000_000  # the run's progress fraction in millionths, as a step for the schedule
+
+
 def lr_at(cfg: TrainConfig, progress: float) -> float:
-    """Cosine schedule with linear warm-up over the fraction ``progress`` ∈ [0, 1] of the run."""
-    final = cfg.lr * cfg.final_lr_fraction
-    if progress < cfg.warmup_fraction:
-        return cfg.lr * (progress / cfg.warmup_fraction)
-    t = (progress - cfg.warmup_fraction) / max(1e-12, 1 - cfg.warmup_fraction)
-    return final + 0.5 * (cfg.lr - final) * (1 + math.cos(math.pi * min(1.0, t)))
+    """Cosine schedule with linear warm-up at the fraction ``progress`` ∈ [0, 1] of the run
+    (of its epochs, or of its minutes when budgeted by time)."""
+    from .schedules import cosine_with_warmup
+
+    return cosine_with_warmup(int(round(min(1.0, progress) * _GRID)), _GRID,
+                              int(round(cfg.warmup_fraction * _GRID)), cfg.lr,
+                              cfg.lr * cfg.final_lr_fraction)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every param group's lr to ``lr × group['lr_scale']``."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+    """Every group's lr = ``lr × group['lr_scale']`` (lower backbone rate when fine-tuning)."""
+    from .schedules import set_lr as _set_lr
+
+    _set_lr(optimizer, lr)
 
 
 class _ViewsForward(nn.Module):

@@ -205,3 +205,18 @@ def test_separates_dark_from_bright(tmp_path):
                  for c in np.unique(cluster)) / len(cluster)
     assert len(np.unique(cluster)) == 2
     assert purity >= 0.9, purity
+
+
+def test_finetune_gives_backbone_lower_lr():
+    from selfclassifier_core.schedules import set_lr
+    from selfclassifier_core.trainer import build_model, build_optimizer
+
+    cfg = resolve_config(40, [(16, 16)] * 40, torch.device("cpu"), classes=2, mode="finetune",
+                         pretrained="x.pt", proj_hidden_dim=16)
+    assert cfg.backbone_lr_scale == 0.1
+    opt = build_optimizer(build_model(cfg), cfg)
+    set_lr(opt, 1.0)
+    lrs = {(g["lr"], g["weight_decay"] == 0) for g in opt.param_groups}
+    assert lrs == {(0.1, True), (0.1, False), (1.0, True), (1.0, False)}
+    with pytest.raises(ValueError, match="finetune' needs --pretrained"):
+        train(None, None, mode="finetune")
