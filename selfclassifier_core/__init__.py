@@ -37,6 +37,9 @@ _API = {
     "Labels": ("labels", "Labels"),
     "NeighborIndex": ("neighbors", "NeighborIndex"),
     "umap_2d": ("projection", "umap_2d"),
+    "run_map": ("projection", "run_map"),
+    "thumbnail": ("thumbnails", "thumbnail"),
+    "thumbnail_bytes": ("thumbnails", "thumbnail_bytes"),
 }
 
 __all__ = sorted(_API) + ["__version__"]

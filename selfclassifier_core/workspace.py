@@ -5,7 +5,8 @@ Layout::
     <workspace>/
       workspace.db        SQLite (WAL): meta, images (the catalog), scans, runs, labels
       runs/<id>/          one training run: checkpoint.pt, config.json, stats.jsonl,
-                          progress.json, predictions.npz, embeddings.npy, index/, umap.npy
+                          progress.json, predictions.npz, embeddings.npy,
+                          neighbors.faiss (+ ids, key), umap.npy (+ key)
       features/           fast-mode feature caches (float16, memory-mapped)
       thumbnails/         thumbnails, made once
       exports/            default place for exports
