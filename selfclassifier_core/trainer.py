@@ -409,8 +409,9 @@ class Trainer:
             set_rng_states(resume_state.get("rng") or {})
         self.net: nn.Module = _ViewsForward(self.model)
         if dist.world_size() > 1:
-            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
-            self.model = self.net.model
+            if self.cuda:  # SyncBatchNorm runs on GPUs only; CPU/gloo keeps per-rank BN
+                self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+                self.model = self.net.model
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.cuda else None)
 
