@@ -597,6 +597,7 @@ class Trainer:
                 if dist.is_main():
                     with open(self.run_dir / STATS_FILE, "a", encoding="utf-8") as fh:
                         fh.write(json.dumps(s) + "\n")
+            if s["steps"] and dist.is_main():
                 log.info("epoch %d: loss %.4f, %.1f images/s, classes in use %s", s["epoch"],
                          s["loss"], s["images_per_s"] or 0, s["classes_in_use"])
             if complete or s["steps"]:
@@ -773,10 +774,11 @@ def _train_loop(ws: Workspace, run_id: int, cfg: TrainConfig,
     if cfg.minutes is not None:
         deadline = time.monotonic() + max(0.0, cfg.minutes * 60 - trainer.state.elapsed_s)
     stopper = _Stopper(run_dir, should_stop, deadline)
-    log.info("run %d: %s, heads %s, batch %d, crops %d/%d ×%d local, %s on %s", run_id,
-             cfg.backbone, cfg.heads, cfg.batch_size, cfg.global_size, cfg.local_size,
-             cfg.n_local, f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.minutes} min",
-             cfg.device)
+    if dist.is_main():
+        log.info("run %d: %s, heads %s, batch %d, crops %d/%d ×%d local, %s on %s", run_id,
+                 cfg.backbone, cfg.heads, cfg.batch_size, cfg.global_size, cfg.local_size,
+                 cfg.n_local, f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.minutes} min",
+                 cfg.device)
     stats = trainer.fit(stopper)
     result = TrainResult(ws, run_id, run_dir, stats)
     if trainer.state.stop_reason == "cancelled":

@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         raise CliError(str(exc)) from exc
     finally:
+        main = dist.is_main()
         dist.cleanup()
-    if not dist.is_main():
+    if not main:
         return 0
     ws = result.workspace.path
     if result.status == "cancelled":
