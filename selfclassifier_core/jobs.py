@@ -44,7 +44,10 @@ _FLAGS = {
     "device": "--device",
     "pretrained": "--pretrained",
 }
+# fast-mode options with no command-line flag (passed to ``trainer.train`` as options)
+_FAST_ONLY = ("views", "image_size")
 _FINAL = ("done", "failed", "cancelled")
+AFTER_TRAINING = ("neighbors", "map")
 
 # Popen objects of the jobs this process started, so finished children are reaped (no zombies).
 _CHILDREN: dict[int, subprocess.Popen] = {}
@@ -99,10 +102,13 @@ def cli_equivalent(folder: str | os.PathLike, workspace: Workspace, options: dic
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(_FLAGS)
+    unknown = set(options) - set(_FLAGS) - set(_FAST_ONLY)
     if unknown:
         raise ValueError(f"unknown training option(s) {sorted(unknown)}; "
-                         f"valid: {sorted(_FLAGS)}")
+                         f"valid: {sorted(_FLAGS) + list(_FAST_ONLY)}")
+    fast_only = [k for k in _FAST_ONLY if options.get(k) is not None]
+    if fast_only and options.get("mode", "fast" if options.get("pretrained") else None) != "fast":
+        raise ValueError(f"option(s) {fast_only} apply to fast mode only")
     return {k: v for k, v in options.items() if v is not None and v != ""}
 
 
@@ -127,14 +133,18 @@ def _launch(ws: Workspace, run_id: int, cmd: list[str], spec: dict[str, Any] | N
 
 
 def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | None,
-                   options: dict[str, Any] | None = None) -> int:
+                   options: dict[str, Any] | None = None,
+                   after: tuple[str, ...] | None = None) -> int:
     """Create a run and train it in a detached background process; return the run id.
 
     Args:
         folder: the image folder.
         workspace: a :class:`Workspace`, its path, or None for the folder's default workspace.
         options: any of mode, classes, backbone, epochs, minutes, batch_size, device, pretrained
-            (None values use the trainer's defaults).
+            (None values use the trainer's defaults); in fast mode also views, image_size.
+        after: what the background process prepares once the run is done, so the app's screens
+            open instantly: ``"neighbors"`` (the FAISS index) and/or ``"map"`` (UMAP points).
+            The run counts as done before this starts. Default: :data:`AFTER_TRAINING`.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -147,7 +157,11 @@ def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.Pa
                              "wait for it or cancel it first")
     mode = options.get("mode") or ("fast" if options.get("pretrained") else "scratch")
     run_id = ws.create_run(mode, dict(options, folder=str(folder.resolve())))
-    spec = {"folder": str(folder.resolve()), "options": options,
+    after = AFTER_TRAINING if after is None else tuple(after)
+    bad = set(after) - {"neighbors", "map"}
+    if bad:
+        raise ValueError(f"unknown after-training step(s) {sorted(bad)}; valid: {AFTER_TRAINING}")
+    spec = {"folder": str(folder.resolve()), "options": options, "after": list(after),
             "cli": cli_equivalent(folder, ws, options)}
     atomic_write_json(ws.run_dir(run_id) / JOB_FILE, spec)
     try:
@@ -410,8 +424,30 @@ def _child(argv: list[str] | None = None) -> int:
         if isinstance(exc, (ValueError, WorkspaceError, FileNotFoundError)):
             return 2
         raise
-    print(f"run {result.run_id}: {getattr(result, 'status', 'done')}", flush=True)
+    status = getattr(result, "status", "done")
+    print(f"run {result.run_id}: {status}", flush=True)
+    if status == "done":
+        _prepare_views(ws, result.run_id, spec.get("after") or [])
     return 0
+
+
+def _prepare_views(ws: Workspace, run_id: int, steps: list[str]) -> None:
+    """Build what the app's screens need (cached in the run directory); failures only logged."""
+    for step in steps:
+        t0 = time.perf_counter()
+        try:
+            if step == "neighbors":
+                from .neighbors import NeighborIndex
+
+                NeighborIndex.for_run(ws, run_id)
+            elif step == "map":
+                from .projection import run_map
+
+                run_map(ws, run_id)
+        except Exception as exc:  # noqa: BLE001 - the app computes it on demand instead
+            log.warning("could not prepare %s for run %s: %s", step, run_id, exc)
+            continue
+        print(f"prepared {step} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ def test_open_another_folder_and_recent(fixture_app, tmp_path, monkeypatch):
 
 
 def test_start_short_training_from_the_app(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "AFTER_TRAINING", ("neighbors",))  # no UMAP in the job here
     folder = tmp_path / "imgs"
     folder.mkdir()
     from PIL import Image

@@ -41,7 +41,7 @@ def _wait_until(predicate, timeout=120.0, poll=0.2):
 
 def test_background_training_reaches_done(tiny_folder, tmp_path):
     ws_path = tmp_path / "ws"
-    run_id = jobs.start_training(tiny_folder, ws_path, FAST)
+    run_id = jobs.start_training(tiny_folder, ws_path, FAST, after=("neighbors",))
     ws = Workspace.open(ws_path)
     job = (ws.run_dir(run_id) / jobs.JOB_FILE)
     assert job.exists(), "pid must be recorded in job.json"
@@ -59,12 +59,16 @@ def test_background_training_reaches_done(tiny_folder, tmp_path):
     assert st.stats and "loss" in st.stats[-1]
     assert ws.get_run(run_id).status == "done"
     assert jobs.active_run(ws) is None
+    # the neighbour index was built by the background process, ready for the app
+    from selfclassifier_core import neighbors
+    assert (ws.run_dir(run_id) / neighbors.INDEX_FILE).exists()
+    assert "prepared neighbors" in (ws.run_dir(run_id) / jobs.LOG_FILE).read_text()
 
 
 def test_cancel_stops_a_running_job(tiny_folder, tmp_path):
     ws_path = tmp_path / "ws"
     opts = dict(FAST, epochs=500)
-    run_id = jobs.start_training(tiny_folder, ws_path, opts)
+    run_id = jobs.start_training(tiny_folder, ws_path, opts, after=())
     ws = Workspace.open(ws_path)
     _wait_until(lambda: jobs.job_status(ws, run_id).progress.get("step") is not None
                 or jobs.job_status(ws, run_id).finished, timeout=180)
@@ -118,6 +122,10 @@ def test_dead_process_of_another_server_is_reported(tmp_path, tiny_folder):
 def test_unknown_option_and_missing_folder_rejected(tmp_path, tiny_folder):
     with pytest.raises(ValueError, match="lr"):
         jobs.start_training(tiny_folder, tmp_path / "ws", {"lr": 1})
+    with pytest.raises(ValueError, match="fast mode only"):
+        jobs.start_training(tiny_folder, tmp_path / "ws", {"mode": "scratch", "image_size": 96})
+    with pytest.raises(ValueError, match="after-training"):
+        jobs.start_training(tiny_folder, tmp_path / "ws", {}, after=("coffee",))
     with pytest.raises(WorkspaceError, match="does not exist"):
         jobs.start_training(tmp_path / "nope", tmp_path / "ws2", {})
 
