@@ -85,6 +85,8 @@ def test_opens_the_demo_by_default(monkeypatch):
     assert metrics["Ignored files"] == "1"            # LICENSE-emoji is not an image
     assert metrics["Unreadable"] == "0"
     assert at.selectbox(key="opt_mode").value in ("fast", "scratch")
+    if at.selectbox(key="opt_mode").value == "fast":   # the quick route for small folders
+        assert at.number_input(key="opt_epochs").value == 75
     assert recent.load_recent()[0]["folder"] == str((ROOT / "assets" / "demo").resolve())
     # no run yet: the other screens say so in words instead of failing
     for page in ("Clusters", "Map", "Neighbours", "Export"):
@@ -141,6 +143,7 @@ def test_start_short_training_from_the_app(tmp_path, monkeypatch):
     at.selectbox(key="opt_device").set_value("cpu")
     at.number_input(key="opt_classes").set_value(2)
     at.number_input(key="opt_minutes").set_value(0.1)
+    at.number_input(key="opt_epochs").set_value(0)
     at.number_input(key="opt_batch").set_value(16)
     next(b for b in at.button if b.label == "Start training").click().run()
     assert_ok(at)

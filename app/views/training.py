@@ -43,6 +43,9 @@ def default_settings(n_images: int, median_side: float | None = None) -> dict:
         "pretrained": "imagenet" if fast else None,
         "image_size": 128 if fast and small else None,
         "classes": 0,  # automatic
+        # fast mode's default 600 steps are far more than a small folder needs (measured on the
+        # demo: 75 steps give the same NMI as 600 in an eighth of the training time)
+        "epochs": 75 if fast and n_images <= 1000 else 0,
         # fast mode is bounded by its default steps (a cap could cut training to nothing
         # while features are still being computed); scratch needs a budget
         "minutes": 0.0 if fast else (1.0 if n_images <= 2000 else 10.0),
@@ -153,7 +156,7 @@ def _settings_section(ctx: state.Context) -> None:
                                 key="opt_backbone")
         device = c3.selectbox("Device", DEVICES, index=DEVICES.index(d["device"]),
                               key="opt_device")
-        c4, c5, c6 = st.columns(3)
+        c4, c5, c6, c7 = st.columns(4)
         classes = c4.number_input("Classes (0 = automatic)", min_value=0, max_value=1000,
                                   value=d["classes"], step=1, key="opt_classes",
                                   help="Number of groups of the main head; finer heads of "
@@ -164,7 +167,12 @@ def _settings_section(ctx: state.Context) -> None:
                                   help="Training stops cleanly when the time is up, then "
                                        "predicts every image. 0: the default number of steps "
                                        "(fast) or epochs (scratch, fine-tune).")
-        batch = c6.number_input("Batch size (0 = automatic)", min_value=0, max_value=8192,
+        epochs = c6.number_input("Epochs (0 = default)", min_value=0, max_value=100000,
+                                 value=int(d["epochs"]), step=1, key="opt_epochs",
+                                 help="With a time budget too, whichever ends first. In fast "
+                                      "mode this is the number of training passes over the "
+                                      "cached features.")
+        batch = c7.number_input("Batch size (0 = automatic)", min_value=0, max_value=8192,
                                 value=0, step=16, key="opt_batch")
         start = st.form_submit_button("Start training", type="primary",
                                       disabled=active is not None or n == 0)
@@ -175,6 +183,7 @@ def _settings_section(ctx: state.Context) -> None:
     if start:
         options = {"mode": mode, "backbone": backbone, "device": device,
                    "classes": int(classes) or None, "minutes": float(minutes) or None,
+                   "epochs": int(epochs) or None,
                    "batch_size": int(batch) or None}
         if mode in ("fast", "finetune") and backbone == "efficientnet_lite0":
             options["pretrained"] = "imagenet"
