@@ -33,7 +33,7 @@ from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FastOptions", "train_fast", "default_backbone", "default_heads"]
+__all__ = ["FastOptions", "train_fast", "default_backbone", "default_heads", "default_recipe"]
 
 CHECKPOINT_FORMAT = 1
 CANCEL_FILE = "CANCEL"
@@ -68,6 +68,23 @@ def default_heads(classes: int | None, n_images: int) -> list[int]:
     return [h for h in (classes, 2 * classes, 4 * classes) if h == classes or 2 * h <= n_images]
 
 
+# CPU budget for feature extraction, in 224-px image forwards (~1.5-2 min of EfficientNet-Lite0
+# on a 2-core laptop CPU)
+CPU_FORWARDS_224 = 4000
+
+
+def default_recipe(n_images: int, device: torch.device) -> tuple[int, int]:
+    """``(views, image_size)``: 8 views at 224 px on a GPU; on a CPU as many views (2-4) and as
+    large an image (96-224 px) as fit :data:`CPU_FORWARDS_224`, so a few thousand images get
+    clusters in a few minutes."""
+    if device.type == "cuda":
+        return 8, 224
+    n = max(1, n_images)
+    views = int(max(2, min(4, CPU_FORWARDS_224 // n)))
+    size = 224 * math.sqrt(CPU_FORWARDS_224 / (n * views))
+    return views, int(max(96, min(224, size // 16 * 16)))
+
+
 @dataclass
 class FastOptions:
     """Options of a fast-mode run (unknown keys of the options dict are ignored).
@@ -80,8 +97,8 @@ class FastOptions:
     pretrained: str = "DEFAULT"
     classes: int | None = None
     heads: list[int] | None = None       # overrides classes
-    views: int | None = None             # cached views per image (default 4 CPU / 8 GPU)
-    image_size: int = 224
+    views: int | None = None             # cached views per image (default: default_recipe)
+    image_size: int | None = None        # side of each view (default: default_recipe)
     steps: int | None = None
     epochs: int | None = None
     minutes: float | None = None
@@ -251,7 +268,10 @@ def _train_fast(ws: Workspace, run_id: int, opts: FastOptions, progress, should_
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     backbone = opts.backbone or default_backbone()
-    n_views = opts.views or (8 if device.type == "cuda" else 4)
+    n_images = len(ws.usable_images())
+    auto_views, auto_size = default_recipe(n_images, device)
+    n_views = opts.views or auto_views
+    image_size = opts.image_size or auto_size
 
     def stop_requested() -> bool:
         return bool((should_stop is not None and should_stop())
@@ -264,7 +284,7 @@ def _train_fast(ws: Workspace, run_id: int, opts: FastOptions, progress, should_
 
     try:
         cache = extract_features(ws, backbone, opts.pretrained, views=n_views,
-                                 image_size=opts.image_size, seed=opts.seed, device=device,
+                                 image_size=image_size, seed=opts.seed, device=device,
                                  batch_size=opts.feature_batch_size, workers=opts.workers,
                                  progress=feat_progress, should_stop=stop_requested)
     except InterruptedError:
@@ -334,6 +354,7 @@ def _train_fast(ws: Workspace, run_id: int, opts: FastOptions, progress, should_
     losses: list[float] = []
     step = 0
     last_report = t_train
+    log_every = max(steps_per_epoch, math.ceil(steps / 20))  # stats: per epoch, at most ~20
     perm = torch.randperm(n, generator=gen)
     pos = 0
     V = opts.n_train_views
@@ -383,7 +404,7 @@ def _train_fast(ws: Workspace, run_id: int, opts: FastOptions, progress, should_
                     "loss": losses[-1], "images_per_s": round(step * batch / el, 1),
                     "eta_s": round((steps - step) * el / step, 1), "fraction": step / steps},
                     progress)
-            if step % steps_per_epoch == 0 or step == steps:
+            if step % log_every == 0 or step == steps:
                 last_report = time.perf_counter()
                 _log_epoch(model, full, opts, run_dir, stats_path, step, steps, steps_per_epoch,
                            losses, batch, t_train, opt, progress)

@@ -243,9 +243,8 @@ def build_extractor(backbone: str, pretrained: str | os.PathLike, image_size: in
 
 
 def _embed(module: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return module(x).float()
     return module(x).float()
@@ -356,9 +355,7 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
              key, len(todo), len(reuse_from), backbone, recipe.n_views, recipe.image_size, dev)
 
     module, dim, _ = build_extractor(backbone, pretrained, recipe.image_size, small_input)
-    module.to(dev)
-    if dev.type == "cuda":
-        module.to(memory_format=torch.channels_last)
+    module.to(dev).to(memory_format=torch.channels_last)  # faster on CUDA and CPU alike
 
     workspace.features_dir.mkdir(parents=True, exist_ok=True)
     tmp = workspace.features_dir / f".{key}.{uuid.uuid4().hex[:8]}.tmp"

@@ -275,6 +275,14 @@ def load_backbone_weights(module: nn.Module, backbone_name: str,
     usable: dict[str, torch.Tensor] = {}
     for k, t in mapped.items():
         if k in target:
+            if (k == "encoder.pos_embedding" and t.ndim == 3 and own[k].ndim == 3
+                    and t.shape[0] == 1 and t.shape[2] == own[k].shape[2]
+                    and t.shape[1] != own[k].shape[1]):
+                from .backbones import resize_pos_embedding  # ViT trained at another size
+
+                log.info("interpolating %s from %d to %d positions", k, t.shape[1],
+                         own[k].shape[1])
+                t = resize_pos_embedding(t, own[k].shape[1])
             if tuple(t.shape) != tuple(own[k].shape):
                 mismatched.append(f"{k} (weights {tuple(t.shape)} vs model {tuple(own[k].shape)})")
             else:
