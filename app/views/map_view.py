@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
-import pandas as pd
 import streamlit as st
 
 from app import state
@@ -61,7 +59,9 @@ def render(ctx: state.Context) -> None:
     fig = px.scatter(df, x="x", y="y", color="label", custom_data=["id"],
                      hover_data={"path": True, "label": True, "confidence": ":.2f", "x": False,
                                  "y": False, "id": False}, render_mode="webgl",
-                     category_orders={"label": sorted(df["label"].unique())})
+                     category_orders={"label": sorted(df["label"].unique())},
+                     color_discrete_sequence=px.colors.qualitative.Dark24
+                     + px.colors.qualitative.Light24)
     fig.update_traces(marker=dict(size=6 if len(df) < 5000 else 3, opacity=0.8))
     fig.update_layout(dragmode="lasso", height=620, margin=dict(l=0, r=0, t=10, b=0),
                       legend=dict(itemsizing="constant", title="label"),
@@ -117,4 +117,3 @@ def _selection(ctx: state.Context, view: state.LabelView, ids: list[int]) -> Non
         st.rerun()
 
 
-__all__ = ["render", "selected_ids", "np", "pd"]
