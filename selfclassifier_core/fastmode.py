@@ -110,9 +110,9 @@ class FastOptions:
     warmup_frac: float = 0.05
     row_tau: float = 0.1
     col_tau: float = 0.05
-    nn_k: int = 10                       # 0 disables nearest-neighbour positives
-    nn_prob: float = 0.5
-    proj_hidden_dim: int = 1024
+    nn_k: int = 20                       # 0 disables nearest-neighbour positives
+    nn_prob: float = 0.8
+    proj_hidden_dim: int = 512
     proj_layers: int = 2
     proj_bn: bool = True
     device: str = "auto"
@@ -311,7 +311,7 @@ def _train_fast(ws: Workspace, run_id: int, opts: FastOptions, progress, should_
     elif opts.epochs:
         steps = opts.epochs * steps_per_epoch
     else:  # enough passes for small folders, capped for big ones
-        steps = int(min(3000, max(600, 150 * steps_per_epoch)))
+        steps = int(min(3000, max(300, 100 * steps_per_epoch)))
     lr = opts.lr or (1e-3 if opts.optimizer == "adamw" else 0.3 * batch / 256)
     deadline = t_start + opts.minutes * 60 if opts.minutes else None
 
