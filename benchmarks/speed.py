@@ -1,11 +1,16 @@
 """Training and feature-extraction speed (images/s) for a backbone, crop sizes, batch, device.
 
 Synthetic tensors measure the model alone; ``--folder`` adds the real data pipeline
-(decode + multi-crop augmentation through the DataLoader) on that folder's catalog.
+(decode + multi-crop augmentation through the DataLoader) on that folder's catalog, with the
+views made by PIL in the workers (``--augment cpu``) or batched on the training device
+(``--augment device``: workers decode + resize to a uint8 square, GpuMultiCrop cuts the
+views), or both (``--augment both``, the default), each also measured without the model
+(data pipeline alone).
 
     python benchmarks/speed.py --backbone resnet18 --global-size 32 --local-size 16 --batch 64
     python benchmarks/speed.py --backbone resnet18 --global-size 224 --local-size 96 --batch 32
     python benchmarks/speed.py --device cuda --batch 256 --n-local 6 --folder photos/
+    python benchmarks/speed.py --global-size 32 --local-size 16 --folder imgs/ --augment device
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfclassifier_core.loss import SelfClassifierLoss  # noqa: E402
 from selfclassifier_core.model import ModelConfig, SelfClassifier  # noqa: E402
 from selfclassifier_core.trainer import resolve_device  # noqa: E402
+
+AUGMENTS = ("cpu", "device")
 
 
 def _sync(device: torch.device) -> None:
@@ -90,27 +97,62 @@ def extract_speed(args, model, device) -> float:
     return args.batch * args.steps / (time.perf_counter() - t0)
 
 
-def loader_batches(args, device):
-    """Batches of the real pipeline over ``--folder`` (scanned into a temporary workspace)."""
+def scanned_workspace(folder: str):
+    """``folder`` scanned into a temporary workspace."""
     import tempfile
 
     from selfclassifier_core.catalog import scan
-    from selfclassifier_core.data import MultiCropDataset, default_workers, make_loader
-    from selfclassifier_core.transforms import MultiCropTransform
     from selfclassifier_core.workspace import Workspace
 
-    ws = Workspace.for_folder(args.folder, Path(tempfile.mkdtemp()) / "ws")
-    scan(args.folder, ws)
-    ds = MultiCropDataset(ws, MultiCropTransform(args.global_size, args.local_size, args.n_local),
-                          max_side=max(64, 2 * args.global_size))
+    ws = Workspace.for_folder(folder, Path(tempfile.mkdtemp()) / "ws")
+    scan(folder, ws)
+    return ws
+
+
+def loader_batches(args, device, ws, augment: str):
+    """Batches of views from the real pipeline as the trainer makes them: PIL multi-crop in
+    the loader workers (``cpu``), or uniform uint8 images from the workers augmented on
+    ``device`` by GpuMultiCrop (``device``). Same crop scales as the trainer."""
+    from selfclassifier_core.data import MultiCropDataset, default_workers, make_loader, sample_seed
+    from selfclassifier_core.gpu_augment import GpuMultiCrop, UniformImage, source_size_for
+    from selfclassifier_core.transforms import GLOBAL_SCALE, LOCAL_SCALE, MultiCropTransform
+
+    crops = dict(global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE)
+    sizes = (args.global_size, args.local_size, args.n_local)
+    transform = (UniformImage(source_size_for(args.global_size)) if augment == "device"
+                 else MultiCropTransform(*sizes, **crops))
+    ds = MultiCropDataset(ws, transform, max_side=max(64, 2 * args.global_size))
     workers = args.workers if args.workers is not None else default_workers(len(ds))
     loader = make_loader(ds, args.batch, shuffle=True, drop_last=True, workers=workers,
                          pin_memory=device.type == "cuda")
+    gpu_aug = GpuMultiCrop(*sizes, **crops) if augment == "device" else None
 
     def forever():
+        i = 0
         while True:
-            yield from loader
+            for views, ids in loader:
+                if gpu_aug is not None:
+                    g = torch.Generator().manual_seed(sample_seed(0, 0, i))
+                    with torch.no_grad():
+                        views = gpu_aug(views[1].to(device, non_blocking=True), generator=g)
+                i += 1
+                yield views, ids
     return forever(), len(ds), workers
+
+
+def pipeline_speed(args, device, batches) -> float:
+    """Images/s of the data pipeline alone (views on ``device``, no model)."""
+    n_img, t0 = 0, None
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        views, _ = next(batches)
+        views = [v.to(device, non_blocking=True) for v in views]
+        if step >= args.warmup:
+            n_img += views[0].shape[0]
+    _sync(device)
+    return n_img / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> None:
@@ -127,6 +169,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--folder", help="also measure training through the real data pipeline")
     p.add_argument("--workers", type=int)
+    p.add_argument("--augment", choices=(*AUGMENTS, "both"), default="both",
+                   help="with --folder: where the views are made (default: measure both)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,9 +185,15 @@ def main(argv=None) -> None:
     print(f"  train, synthetic tensors:   {train_speed(args, model, device):8.1f} images/s")
     print(f"  extract (1 view, forward):  {extract_speed(args, model, device):8.1f} images/s")
     if args.folder:
-        batches, n, workers = loader_batches(args, device)
-        print(f"  train, real pipeline ({n} images, {workers} workers): "
-              f"{train_speed(args, model, device, batches):8.1f} images/s")
+        ws = scanned_workspace(args.folder)
+        for augment in AUGMENTS if args.augment == "both" else (args.augment,):
+            batches, n, workers = loader_batches(args, device, ws, augment)
+            where = "PIL in workers" if augment == "cpu" else f"GpuMultiCrop on {device.type}"
+            print(f"  real pipeline, {where} ({n} images, {workers} workers):")
+            print(f"    data alone:               {pipeline_speed(args, device, batches):8.1f} "
+                  "images/s")
+            print(f"    train:                    "
+                  f"{train_speed(args, model, device, batches):8.1f} images/s")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,19 @@ Modes: ``scratch`` (the paper: everything from random weights; the default witho
 learning rate) and ``fast`` (frozen pretrained backbone, see :mod:`.fastmode`; the default when
 ``pretrained`` is given).
 
+Augmentation (``augment``): ``cpu`` makes the multi-crop views with PIL in the DataLoader
+workers (:class:`.transforms.MultiCropTransform`); ``device`` has the workers only decode and
+resize each image to a uint8 square (:class:`.gpu_augment.UniformImage`) and makes the views of
+the whole batch on the training device (:class:`.gpu_augment.GpuMultiCrop`), which keeps a GPU
+fed; ``auto`` (default) is ``device`` on CUDA and ``cpu`` elsewhere. Both use the same crop
+scales (:data:`.transforms.GLOBAL_SCALE`, :data:`.transforms.LOCAL_SCALE`).
+
 Determinism: the model is initialised from ``seed``; the sampling order of epoch ``e`` comes
 from a generator seeded with ``(seed, e)`` and each sample's augmentation from
-``(seed, e, index)`` (see :mod:`.data`). Checkpoints hold the model, optimizer, queue, step and
-RNG states, so on CPU a run interrupted at an epoch boundary and resumed ends with exactly the
-weights of an uninterrupted run.
+``(seed, e, index)`` (see :mod:`.data`); with ``augment="device"`` each batch's views come
+from a generator seeded with ``(seed, e, batch index, rank)``. Checkpoints hold the model,
+optimizer, queue, step and RNG states, so on CPU a run interrupted at an epoch boundary and
+resumed ends with exactly the weights of an uninterrupted run (with either augmentation).
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -36,17 +44,21 @@ from torch import nn
 from . import dist
 from .checkpoint import (CHECKPOINT_FILE, CheckpointError, load_checkpoint, rng_states,
                          save_checkpoint, set_rng_states)
-from .data import MultiCropDataset, default_workers, make_loader
+from .data import MultiCropDataset, default_workers, make_loader, sample_seed
 from .fsutil import atomic_write_json
 from .loss import SelfClassifierLoss
 from .queue import NeighborQueue, queue_size_for
-from .transforms import MultiCropTransform, crop_sizes_for
+from .transforms import GLOBAL_SCALE, LOCAL_SCALE, MultiCropTransform, crop_sizes_for
 from .workspace import Workspace, WorkspaceError
+
+if TYPE_CHECKING:
+    from .pretrained import LoadReport
 
 log = logging.getLogger(__name__)
 
 MODES = ("scratch", "fast", "finetune")
 OPTIMIZERS = ("lars", "adamw")
+AUGMENTS = ("auto", "cpu", "device")
 CANCEL_FILE = "CANCEL"
 PROGRESS_FILE = "progress.json"
 STATS_FILE = "stats.jsonl"
@@ -92,6 +104,7 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0
     seed: int = 0
     workers: int | None = None
+    augment: str = "auto"  # "cpu" (PIL in the workers) | "device" (GpuMultiCrop) | "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +145,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def resolve_augment(augment: str | None, device: str | torch.device) -> str:
+    """Where the multi-crop views are made: ``cpu`` (PIL, DataLoader workers) or ``device``
+    (:class:`.gpu_augment.GpuMultiCrop` on the training device). ``auto``/None: ``device`` on
+    CUDA, ``cpu`` elsewhere (MPS included)."""
+    augment = "auto" if augment is None else augment
+    if augment not in AUGMENTS:
+        raise ValueError(f"--augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    if augment == "auto":
+        return "device" if torch.device(device).type == "cuda" else "cpu"
+    return augment
+
+
 def default_classes(n_images: int) -> int:
     """Classes when none are asked for: about sqrt(n/2), between 2 and 1000."""
     return int(max(2, min(1000, round(math.sqrt(n_images / 2)))))
@@ -163,6 +188,8 @@ def resolve_config(n_images: int, image_sizes: list[tuple[int, int]], device: to
       epochs), unless ``epochs`` or ``minutes`` are given.
     - optimizer: LARS, lr 0.3 × batch / 256 (the paper's 4.8 at 4096), weight decay 1e-6;
       AdamW: lr 1e-3 × max(1, batch / 256), weight decay 0.04.
+    - augmentation: on the device on CUDA, PIL in the loader workers elsewhere
+      (:func:`resolve_augment`; the config records the resolved choice).
     """
     if n_images < 2:
         raise ValueError(f"the folder has {n_images} usable image(s); training needs at least 2")
@@ -220,12 +247,14 @@ def resolve_config(n_images: int, image_sizes: list[tuple[int, int]], device: to
     n_local = (6 if gpu else 2) if n_local is None else n_local
     lr_scale = options.pop("backbone_lr_scale", None)
     lr_scale = (0.1 if mode == "finetune" else 1.0) if lr_scale is None else lr_scale
+    augment = resolve_augment(options.pop("augment", None), device)
     cfg = TrainConfig(
         classes=k, heads=list(heads), backbone=backbone, batch_size=batch, epochs=epochs,
         minutes=minutes, device=str(device), mode=mode, pretrained=pretrained,
         optimizer=optimizer, lr=float(lr), weight_decay=float(wd), global_size=global_size,
         local_size=local_size, n_local=int(n_local), small_input=small,
-        backbone_lr_scale=float(lr_scale), seed=int(seed), **_known(options))
+        backbone_lr_scale=float(lr_scale), seed=int(seed), augment=augment,
+        **_known(options))
     if cfg.nn_positives:
         cfg.queue_size = queue_size_for(n_images, cfg.queue_size)
     return cfg
@@ -234,7 +263,7 @@ def resolve_config(n_images: int, image_sizes: list[tuple[int, int]], device: to
 def check_options(classes: int | None = None, batch_size: int | None = None,
                   epochs: int | None = None, minutes: float | None = None,
                   lr: float | None = None, optimizer: str | None = None,
-                  **_: Any) -> None:
+                  augment: str | None = None, **_: Any) -> None:
     """Checks that need no folder, done before scanning so a typo fails at once."""
     if classes is not None and (not isinstance(classes, int) or classes < 2):
         raise ValueError(f"--classes must be an integer ≥ 2, got {classes!r}")
@@ -252,6 +281,8 @@ def check_options(classes: int | None = None, batch_size: int | None = None,
         raise ValueError(f"--lr must be > 0, got {lr!r}")
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if augment is not None:
+        resolve_augment(augment, "cpu")
 
 
 def _known(options: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +302,42 @@ def build_model(cfg: TrainConfig):
                        small_input=cfg.small_input, proj_hidden_dim=cfg.proj_hidden_dim,
                        heads=list(cfg.heads))
     return SelfClassifier(mcfg)
+
+
+def load_finetune_weights(model: nn.Module, cfg: TrainConfig) -> "LoadReport":
+    """Load ``cfg.pretrained`` into ``model.backbone`` for fine-tuning; returns the
+    :class:`.pretrained.LoadReport` (its ``missing`` lists what stays at random init).
+
+    With the small-input stem (crops ≤ 64 px) the weights are first checked and loaded into
+    the standard architecture, then every tensor whose shape still fits is copied: only the
+    layers the stem replaces (a ResNet's 3×3 ``conv1``) keep their initialisation, and the
+    report names them, instead of the whole load failing on the stem's shape.
+    """
+    from .pretrained import load_backbone_weights
+
+    if not cfg.small_input:
+        return load_backbone_weights(model.backbone, cfg.backbone, cfg.pretrained)
+    from .backbones import build_backbone
+
+    with torch.random.fork_rng(devices=[]):  # the reference's init must not shift the RNG
+        reference, _ = build_backbone(cfg.backbone, small_input=False, image_size=cfg.global_size)
+    report = load_backbone_weights(reference, cfg.backbone, cfg.pretrained)
+    ref, own = reference.state_dict(), model.backbone.state_dict()
+    not_loaded = set(report.missing)
+    copied, replaced = 0, []
+    with torch.no_grad():
+        for k, t in own.items():
+            if k in ref and ref[k].shape == t.shape:
+                if k not in not_loaded:
+                    t.copy_(ref[k])
+                    copied += 1
+            elif not k.endswith("num_batches_tracked"):
+                replaced.append(k)
+    if replaced:
+        log.warning("pretrained %s: the small-input stem replaces %s; left at random init",
+                    cfg.backbone, ", ".join(replaced))
+    return dataclasses.replace(report, loaded=copied, total=len(own),
+                               missing=sorted(set(report.missing) | set(replaced)))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -388,11 +455,10 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def prepare(self, resume_state: dict[str, Any] | None = None) -> None:
         cfg = self.cfg
+        self.pretrained_report = None
         if resume_state is None and cfg.mode == "finetune":
-            from .pretrained import load_backbone_weights
-
-            report = load_backbone_weights(self.model.backbone, cfg.backbone, cfg.pretrained)
-            log.info("pretrained backbone: %s", report)
+            self.pretrained_report = load_finetune_weights(self.model, cfg)
+            log.info("pretrained backbone: %s", self.pretrained_report)
         self.model.to(self.device)
         if self.queue is not None:
             self.queue.to(self.device)
@@ -416,7 +482,17 @@ class Trainer:
                 self.net, device_ids=[self.device.index] if self.cuda else None)
 
         self.items = self.ws.usable_images()
-        transform = MultiCropTransform(cfg.global_size, cfg.local_size, cfg.n_local)
+        self.augment = resolve_augment(cfg.augment, self.device)
+        crops = dict(global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE)
+        self.gpu_aug = None
+        if self.augment == "device":
+            from .gpu_augment import GpuMultiCrop, UniformImage, source_size_for
+
+            self.gpu_aug = GpuMultiCrop(cfg.global_size, cfg.local_size, cfg.n_local,
+                                        **crops).to(self.device)
+            transform: Any = UniformImage(source_size_for(cfg.global_size))
+        else:
+            transform = MultiCropTransform(cfg.global_size, cfg.local_size, cfg.n_local, **crops)
         self.dataset = MultiCropDataset(self.ws, transform, self.items, seed=cfg.seed,
                                         max_side=max(64, 2 * cfg.global_size))
         world = dist.world_size()
@@ -483,7 +559,10 @@ class Trainer:
                             epoch + 1, i + 1)
                 continue
             views, ids = batch
-            views = [v.to(self.device, non_blocking=True) for v in views]
+            if self.gpu_aug is not None:
+                views = self._device_views(views, epoch, i)
+            else:
+                views = [v.to(self.device, non_blocking=True) for v in views]
             if self.cuda:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             lr = lr_at(cfg, self._total_progress(epoch + i / self.steps_per_epoch))
@@ -533,8 +612,27 @@ class Trainer:
             "images_per_s": round(n_images / seconds, 2) if seconds > 0 else None,
             "classes_in_use": {str(k): len(s) for k, s in zip(cfg.heads, seen)},
             "skipped_batches": skipped,
+            "augment": self.augment,
             "complete": self.state.stop_reason is None,
         }
+
+    def _device_views(self, sources: list[torch.Tensor], epoch: int, index: int
+                      ) -> list[torch.Tensor]:
+        """The views of batch ``index`` made on the device by :class:`GpuMultiCrop`.
+
+        ``sources`` is the collated :class:`UniformImage` output: uint8 ``[B, 3, S, S]``
+        sources of global view 1 (a nearest neighbour's image with NN positives) and the
+        images themselves. The randomness comes from a CPU generator seeded with
+        ``(seed, epoch, batch index, rank)``, so a resumed run makes the same views.
+        """
+        src1, images = sources
+        images = images.to(self.device, non_blocking=True)
+        # without neighbours src1 holds the same images: leave it on the host
+        src1 = src1.to(self.device, non_blocking=True) if self.dataset.neighbors else None
+        g = torch.Generator().manual_seed(
+            sample_seed(self.cfg.seed, epoch, index * dist.world_size() + dist.rank()))
+        with torch.no_grad():
+            return self.gpu_aug(images, generator=g, global1_images=src1)
 
     def _progress_info(self, epoch: int, step: int, loss: float, rate: float, lr: float,
                        seen: list[set[int]]) -> dict[str, Any]:
@@ -545,6 +643,7 @@ class Trainer:
         return {"status": "running", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
                 "steps": self.steps_per_epoch, "global_step": self.state.step, "loss": loss,
                 "lr": lr, "images_per_s": rate, "eta_s": eta, "fraction": done,
+                "augment": self.augment,
                 "classes_in_use": {str(k): len(s) for k, s in zip(cfg.heads, seen)},
                 "updated": time.time()}
 
@@ -673,7 +772,7 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         run_id: with ``resume``, the run to continue.
         seed: seeds model initialisation, sampling and augmentation.
         **options: any :class:`TrainConfig` field (lr, optimizer, nn_positives, n_local,
-            global_size, local_size, workers, ...).
+            global_size, local_size, workers, augment, ...).
 
     Returns:
         A :class:`TrainResult`; ``status`` is ``done`` or ``cancelled``.
@@ -718,6 +817,10 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         cfg.device = str(dev)
         if options.get("workers") is not None:
             cfg.workers = options["workers"]
+        if "augment" not in resume_state["train_config"]:
+            cfg.augment = "cpu"  # runs from before the option had PIL views
+        if options.get("augment") is not None:  # changes the views: no longer exact
+            cfg.augment = resolve_augment(options["augment"], dev)
     else:
         if run_id is not None:
             raise ValueError("--run-id names the run to continue and needs --resume")
@@ -775,10 +878,10 @@ def _train_loop(ws: Workspace, run_id: int, cfg: TrainConfig,
         deadline = time.monotonic() + max(0.0, cfg.minutes * 60 - trainer.state.elapsed_s)
     stopper = _Stopper(run_dir, should_stop, deadline)
     if dist.is_main():
-        log.info("run %d: %s, heads %s, batch %d, crops %d/%d ×%d local, %s on %s", run_id,
-                 cfg.backbone, cfg.heads, cfg.batch_size, cfg.global_size, cfg.local_size,
-                 cfg.n_local, f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.minutes} min",
-                 cfg.device)
+        log.info("run %d: %s, heads %s, batch %d, crops %d/%d ×%d local (augment: %s), "
+                 "%s on %s", run_id, cfg.backbone, cfg.heads, cfg.batch_size, cfg.global_size,
+                 cfg.local_size, cfg.n_local, trainer.augment,
+                 f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.minutes} min", cfg.device)
     stats = trainer.fit(stopper)
     result = TrainResult(ws, run_id, run_dir, stats)
     if trainer.state.stop_reason == "cancelled":

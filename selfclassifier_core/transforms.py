@@ -24,6 +24,10 @@ PHOTO_GLOBAL = 224
 PHOTO_LOCAL = 96
 MIN_GLOBAL = 16
 MIN_LOCAL = 8
+# Area ranges of the random resized crops (fraction of the image). The one place they are set:
+# the trainer passes them to both MultiCropTransform and gpu_augment.GpuMultiCrop.
+GLOBAL_SCALE = (0.25, 1.0)
+LOCAL_SCALE = (0.05, 0.25)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -63,8 +67,8 @@ class MultiCropTransform:
     """
 
     def __init__(self, global_size: int = PHOTO_GLOBAL, local_size: int = PHOTO_LOCAL,
-                 n_local: int = 6, global_scale: tuple[float, float] = (0.25, 1.0),
-                 local_scale: tuple[float, float] = (0.05, 0.25), hflip_prob: float = 0.5,
+                 n_local: int = 6, global_scale: tuple[float, float] = GLOBAL_SCALE,
+                 local_scale: tuple[float, float] = LOCAL_SCALE, hflip_prob: float = 0.5,
                  cj_prob: float = 0.8, cj_strength: float = 1.0, gray_prob: float = 0.2,
                  blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5),
                  solarize_prob: float = 0.2):

@@ -1,10 +1,15 @@
 """`train`, `predict`, `runs` through the command line (subprocess), and bad values."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
+
+from selfclassifier_core.cli import build_parser, main
+from selfclassifier_core.workspace import Workspace
 from test_trainer import make_folder
 
 
@@ -18,9 +23,14 @@ def test_train_predict_runs_cli(tmp_path):
     folder = make_folder(tmp_path / "imgs", n=16)
     ws = tmp_path / "ws"
     r = _cli("train", folder, "--workspace", ws, "--classes", "2", "--epochs", "1",
-             "--batch-size", "8", "--device", "cpu", "--n-local", "0", "--workers", "0")
+             "--batch-size", "8", "--device", "cpu", "--n-local", "0", "--workers", "0",
+             "--augment", "device")
     assert r.returncode == 0, r.stderr
     assert f"run 1 done in workspace {ws}" in r.stdout and "export" in r.stdout
+    run_dir = Workspace.open(ws).run_dir(1)
+    assert json.loads((run_dir / "config.json").read_text())["augment"] == "device"
+    stats = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [s["augment"] for s in stats] == ["device"]
     r = _cli("runs", ws)
     assert r.returncode == 0 and "done" in r.stdout and "scratch" in r.stdout
     assert "2*,4,8" in r.stdout
@@ -44,3 +54,15 @@ def test_resume_without_checkpoint_exit_2(tmp_path):
     assert _cli("scan", folder, "--workspace", tmp_path / "ws").returncode == 0
     r = _cli("train", folder, "--workspace", tmp_path / "ws", "--resume")
     assert r.returncode == 2 and "no run with a checkpoint" in r.stderr
+
+
+def test_augment_flag_values(tmp_path, capsys):
+    parse = build_parser().parse_args
+    assert parse(["train", "f"]).augment is None  # the trainer resolves auto
+    for value in ("auto", "cpu", "device"):
+        assert parse(["train", "f", "--augment", value]).augment == value
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(tmp_path), "--augment", "gpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--augment" in err and "invalid choice: 'gpu'" in err

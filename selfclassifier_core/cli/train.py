@@ -36,6 +36,10 @@ def register(sub) -> None:
                    help="use a nearest neighbour's image as the positive of view 1 (paper v2)")
     p.add_argument("--n-local", type=int, help="local crops per image")
     p.add_argument("--workers", type=int, help="data loader processes")
+    p.add_argument("--augment", choices=["auto", "cpu", "device"],
+                   help="where the multi-crop views are made: cpu (PIL in the loader "
+                        "workers), device (batched on the training device), auto (default: "
+                        "device on CUDA, else cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, device=args.device, resume=args.resume,
             mode=args.mode, pretrained=args.pretrained, should_stop=stop.is_set,
             run_id=args.run_id, seed=args.seed, lr=args.lr, optimizer=args.optimizer,
-            nn_positives=args.nn_positives, n_local=args.n_local, workers=args.workers)
+            nn_positives=args.nn_positives, n_local=args.n_local, workers=args.workers,
+            augment=args.augment)
     except TrainingError as exc:
         raise CliError(str(exc)) from exc
     finally:
