@@ -68,21 +68,24 @@ def default_heads(classes: int | None, n_images: int) -> list[int]:
     return [h for h in (classes, 2 * classes, 4 * classes) if h == classes or 2 * h <= n_images]
 
 
-# CPU budget for feature extraction, in 224-px image forwards (~1.5-2 min of EfficientNet-Lite0
-# on a 2-core laptop CPU)
-CPU_FORWARDS_224 = 4000
+# EfficientNet-Lite0 forward throughput on a 2-core x86_64 CPU (fp32, channels_last, measured;
+# bf16 autocast was 6-12x slower there), by image side, and the extraction budget on a CPU
+CPU_IMAGES_PER_S = {224: 16.0, 160: 55.0, 128: 90.0, 96: 150.0}
+CPU_EXTRACT_BUDGET_S = 90.0
 
 
 def default_recipe(n_images: int, device: torch.device) -> tuple[int, int]:
-    """``(views, image_size)``: 8 views at 224 px on a GPU; on a CPU as many views (2-4) and as
-    large an image (96-224 px) as fit :data:`CPU_FORWARDS_224`, so a few thousand images get
-    clusters in a few minutes."""
+    """``(views, image_size)``: 8 views at 224 px on a GPU; on a CPU the largest image side,
+    then the most views (4 to 2), whose extraction fits about :data:`CPU_EXTRACT_BUDGET_S`, so a
+    few thousand images get clusters in a few minutes on a laptop."""
     if device.type == "cuda":
         return 8, 224
     n = max(1, n_images)
-    views = int(max(2, min(4, CPU_FORWARDS_224 // n)))
-    size = 224 * math.sqrt(CPU_FORWARDS_224 / (n * views))
-    return views, int(max(96, min(224, size // 16 * 16)))
+    for size, rate in CPU_IMAGES_PER_S.items():
+        for views in (4, 3, 2):
+            if n * views / rate <= CPU_EXTRACT_BUDGET_S:
+                return views, size
+    return 2, 96
 
 
 @dataclass
@@ -330,6 +333,7 @@ def _train_fast(ws: Workspace, run_id: int, opts: FastOptions, progress, should_
 
     ws.update_run(run_id, heads=heads, main_head=heads[0])
     resolved = {**dataclasses.asdict(opts), "backbone": backbone, "views": n_views,
+                "image_size": cache.recipe.image_size,
                 "heads": heads, "batch_size": batch, "steps": steps, "lr": lr,
                 "feature_cache": cache.key, "n_images": n, "device": str(device)}
     atomic_write_json(run_dir / "config.json", {"mode": "fast", **resolved})

@@ -184,3 +184,13 @@ def test_knn_graph_excludes_self():
     x = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
     nn = fastmode.knn_graph(x, 1)
     assert nn[:, 0].tolist() == [1, 0, 3, 2]
+
+
+def test_default_recipe_fits_cpu_budget():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert fastmode.default_recipe(10_000, gpu) == (8, 224)
+    assert fastmode.default_recipe(300, cpu) == (4, 224)
+    views, size = fastmode.default_recipe(2000, cpu)
+    assert 2 <= views <= 4 and 96 <= size < 224
+    assert 2000 * views / fastmode.CPU_IMAGES_PER_S[size] <= fastmode.CPU_EXTRACT_BUDGET_S
+    assert fastmode.default_recipe(1_000_000, cpu) == (2, 96)
