@@ -2,7 +2,7 @@
 
 Every builder keeps torchvision's parameter names: the classifier is replaced by
 ``nn.Identity`` instead of wrapping the network, so a torchvision state dict loads straight in
-(see :func:`load_pretrained`). What each backbone does with small images (``small_input``,
+(:func:`selfclassifier_core.pretrained.load_backbone_weights` does, strictly). What each backbone does with small images (``small_input``,
 chosen by the model config for ``image_size <= 64``):
 
 * ``resnet18/34/50``: CIFAR-style stem -- ``conv1`` becomes a 3x3 stride-1 conv and the max-pool
@@ -34,7 +34,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKBONES", "build_backbone", "load_pretrained", "min_input_size", "resize_pos_embedding"]
+__all__ = ["BACKBONES", "build_backbone", "min_input_size", "resize_pos_embedding"]
 
 Builder = Callable[[bool, int], tuple[nn.Module, int]]
 
@@ -172,35 +172,6 @@ def build_backbone(name: str, small_input: bool, image_size: int = 224) -> tuple
     net, dim = BACKBONES[name](bool(small_input), int(image_size))
     logger.debug("built backbone %s (small_input=%s, dim=%d)", name, small_input, dim)
     return net, dim
-
-
-def load_pretrained(backbone: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Load a torchvision state dict into a backbone, skipping what no longer fits.
-
-    Classifier weights (now ``nn.Identity``) and tensors whose shape changed (a small-input stem)
-    are skipped; ViT position embeddings of another grid size are interpolated.
-
-    Returns:
-        The names of the backbone's parameters left at their random initialisation.
-    """
-    own = backbone.state_dict()
-    usable = {}
-    for key, value in state_dict.items():
-        if key not in own:
-            continue
-        if key == "encoder.pos_embedding" and value.shape != own[key].shape and value.ndim == 3:
-            value = resize_pos_embedding(value, own[key].shape[1])
-        if value.shape != own[key].shape:
-            logger.info("pretrained %s has shape %s, model needs %s: skipped",
-                        key, tuple(value.shape), tuple(own[key].shape))
-            continue
-        usable[key] = value
-    backbone.load_state_dict(usable, strict=False)
-    missing = [k for k in own if k not in usable]
-    if missing:
-        logger.info("%d backbone tensors not in the pretrained weights: %s", len(missing),
-                    ", ".join(missing[:8]))
-    return missing
 
 
 def resize_pos_embedding(pos: torch.Tensor, length: int) -> torch.Tensor:

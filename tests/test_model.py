@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from selfclassifier_core.backbones import BACKBONES, build_backbone, load_pretrained, min_input_size
+from selfclassifier_core.backbones import BACKBONES, build_backbone, min_input_size
 from selfclassifier_core.heads import ClassifierHeads, ProjectionMLP
 from selfclassifier_core.model import ModelConfig, ModelOutput, SelfClassifier, build_from_checkpoint
 
@@ -75,20 +75,21 @@ def test_vit_accepts_several_view_sizes():
 
 
 def test_torchvision_state_dict_loads_into_backbone():
-    net, _ = build_backbone("resnet18", small_input=False, image_size=224)
     reference = models.resnet18(weights=None)
-    missing = load_pretrained(net, reference.state_dict())
-    assert missing == []
-    torch.testing.assert_close(net.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
-    # the same names load strictly once the classifier is dropped
     sd = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
-    net.load_state_dict(sd, strict=True)
-    # small stem: everything but conv1 loads
+    net, _ = build_backbone("resnet18", small_input=False, image_size=224)
+    net.load_state_dict(sd, strict=True)  # torchvision's names, once the classifier is dropped
+    torch.testing.assert_close(net.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    # small stem: only conv1 changes shape
     small, _ = build_backbone("resnet18", small_input=True, image_size=32)
-    assert load_pretrained(small, reference.state_dict()) == ["conv1.weight"]
-    # efficientnet's small stem only changes the stride: all weights load
+    own = small.state_dict()
+    assert set(own) == set(sd)
+    assert [k for k in own if own[k].shape != sd[k].shape] == ["conv1.weight"]
+    # efficientnet's small stem only changes the stride: every tensor keeps its shape
     eff, _ = build_backbone("efficientnet_b0", small_input=True, image_size=32)
-    assert load_pretrained(eff, models.efficientnet_b0(weights=None).state_dict()) == []
+    eff_sd = {k: v for k, v in models.efficientnet_b0(weights=None).state_dict().items()
+              if not k.startswith("classifier.")}
+    eff.load_state_dict(eff_sd, strict=True)
 
 
 def test_heads_rows_unit_norm_and_embedding_unit_norm():
