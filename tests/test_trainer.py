@@ -48,7 +48,18 @@ def test_resolve_config_defaults_and_errors():
     assert cfg.heads == [5, 10, 20] and cfg.batch_size == 100 and cfg.backbone == "resnet18"
     assert cfg.epochs >= 10 and cfg.n_local == 2
     cfg = resolve_config(5000, [(640, 480)] * 10, cpu, classes=10, batch_size=32)
-    assert cfg.heads == [10, 20] and (cfg.global_size, cfg.local_size) == (224, 96)
+    # photos: 224/96 crops on a GPU, capped at 128 px on a CPU unless asked for
+    assert cfg.heads == [10, 20] and (cfg.global_size, cfg.local_size) == (128, 55)
+    assert not cfg.small_input
+    cfg = resolve_config(5000, [(640, 480)] * 10, torch.device("cuda"), classes=10)
+    assert (cfg.global_size, cfg.local_size) == (224, 96)
+    cfg = resolve_config(5000, [(640, 480)] * 10, cpu, classes=10, global_size=224)
+    assert (cfg.global_size, cfg.local_size) == (224, 96)
+    # 64-px icons: the small-image stem at 32 px on a CPU, at 64 px on a GPU
+    cfg = resolve_config(300, [(64, 64)] * 300, cpu, classes=10)
+    assert (cfg.global_size, cfg.small_input) == (32, True)
+    cfg = resolve_config(300, [(64, 64)] * 300, torch.device("cuda"), classes=10)
+    assert (cfg.global_size, cfg.small_input) == (64, True)
     with pytest.raises(ValueError, match="--classes"):
         resolve_config(100, [], cpu, classes=0)
     with pytest.raises(ValueError, match="--batch-size 8 is smaller than --classes 10"):
