@@ -62,3 +62,9 @@ def is_within(child: str | os.PathLike, parent: str | os.PathLike) -> bool:
     c = Path(child).resolve()
     p = Path(parent).resolve()
     return c == p or p in c.parents
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, int]:
+    """Size and mtime of a file: a cheap key that changes whenever the file is rewritten."""
+    st = os.stat(path)
+    return {"bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}

@@ -74,10 +74,6 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return x
 
 
-def file_identity(path: str | os.PathLike) -> dict[str, int]:
-    """Size and mtime of a file: a cheap key that changes whenever the file is rewritten."""
-    st = os.stat(path)
-    return {"bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
 class NeighborIndex:
@@ -192,17 +188,11 @@ class NeighborIndex:
         A saved index is used only if it was built from the same embeddings file (same size and
         mtime) with the same ``ivf_threshold`` decision; otherwise it is rebuilt.
         """
-        from .predictions import EMBEDDINGS_FILE, load_predictions
-        from .workspace import WorkspaceError
+        from .predictions import load_run_embeddings
 
-        run = workspace.resolve_run(run_id)
-        emb_path = run.dir / EMBEDDINGS_FILE
-        if not emb_path.exists():
-            raise WorkspaceError(f"run {run.id} has no embeddings ({emb_path} missing); "
-                                 "run `predict` on it")
-        preds = load_predictions(run.dir)
+        run, preds, emb_identity = load_run_embeddings(workspace, run_id)
         n = len(preds.image_ids)
-        key = {"format": INDEX_FORMAT, "embeddings": file_identity(emb_path),
+        key = {"format": INDEX_FORMAT, "embeddings": emb_identity,
                "n": n, "dim": int(preds.embeddings.shape[1]),
                "kind": "ivf" if n > ivf_threshold else "flat"}
         index_path, ids_path, key_path = (run.dir / INDEX_FILE, run.dir / IDS_FILE,

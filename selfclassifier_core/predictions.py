@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fsutil import atomic_open
+from .fsutil import atomic_open, file_identity
 
 PREDICTIONS_FILE = "predictions.npz"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -104,3 +104,20 @@ def load_predictions(run_dir: str | Path, embeddings: bool = True) -> Prediction
     if embeddings and (run_dir / EMBEDDINGS_FILE).exists():
         emb = np.load(run_dir / EMBEDDINGS_FILE, mmap_mode="r")
     return Predictions(image_ids=ids, heads=heads, embeddings=emb)
+
+
+def load_run_embeddings(workspace, run_id: int | None = None):
+    """``(run, predictions, identity)`` for building caches from a run's embeddings.
+
+    ``run`` is the given run or the newest finished one; ``predictions`` carries the
+    memory-mapped embeddings; ``identity`` (size and mtime of the embeddings file) changes
+    whenever they are rewritten. A run without embeddings is a ``WorkspaceError``.
+    """
+    from .workspace import WorkspaceError
+
+    run = workspace.resolve_run(run_id)
+    emb_path = Path(run.dir) / EMBEDDINGS_FILE
+    if not emb_path.exists():
+        raise WorkspaceError(f"run {run.id} has no embeddings ({emb_path} missing); "
+                             "run `predict` on it")
+    return run, load_predictions(run.dir), file_identity(emb_path)

@@ -138,19 +138,12 @@ def run_map(workspace: "Workspace", run_id: int | None = None, progress: Progres
     """
     import pandas as pd
 
-    from .neighbors import file_identity
-    from .predictions import EMBEDDINGS_FILE, load_predictions
-    from .workspace import WorkspaceError
+    from .predictions import load_run_embeddings
 
-    run = workspace.resolve_run(run_id)
-    emb_path = run.dir / EMBEDDINGS_FILE
-    if not emb_path.exists():
-        raise WorkspaceError(f"run {run.id} has no embeddings ({emb_path} missing); "
-                             "run `predict` on it")
-    preds = load_predictions(run.dir)
+    run, preds, emb_identity = load_run_embeddings(workspace, run_id)
     n = len(preds.image_ids)
     key: dict[str, Any] = {
-        "format": MAP_FORMAT, "embeddings": file_identity(emb_path), "n": n,
+        "format": MAP_FORMAT, "embeddings": emb_identity, "n": n,
         "params": {"seed": seed, "n_neighbors": n_neighbors, "min_dist": float(min_dist),
                    "max_fit": max_fit},
     }
