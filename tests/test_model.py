@@ -37,6 +37,32 @@ def test_every_backbone_at_its_smallest_size(name):
     assert torch.isfinite(out.embedding).all()
 
 
+@pytest.mark.parametrize("small_input,size", [(True, 8), (True, 16), (True, 32), (False, 32),
+                                               (False, 64)])
+def test_convnet_small_shapes_and_model(small_input, size):
+    torch.manual_seed(0)
+    assert min_input_size("convnet_small", small_input) <= size
+    net, dim = build_backbone("convnet_small", small_input, size)
+    assert dim == 128
+    out = net(torch.randn(3, 3, size, size))
+    assert out.shape == (3, 128) and torch.isfinite(out).all()
+    out.sum().backward()  # every parameter takes part
+    assert all(p.grad is not None for p in net.parameters())
+    assert sum(p.numel() for p in net.parameters()) < 500_000
+    model = SelfClassifier(_tiny_config(backbone="convnet_small", image_size=size,
+                                        small_input=small_input)).eval()
+    with torch.no_grad():
+        views = model.forward_views([torch.randn(2, 3, size, size), torch.randn(2, 3, 8, 8)])
+    assert [o.embedding.shape for o in views] == [(2, 16), (2, 16)]
+
+
+def test_convnet_small_rejects_bad_widths():
+    from selfclassifier_core.backbones import ConvNetSmall
+
+    with pytest.raises(ValueError, match="widths"):
+        ConvNetSmall(widths=(32, 0, 64))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "convnext_tiny", "efficientnet_b0"])
 def test_normal_stem_handles_32px(name):
     net, dim = build_backbone(name, small_input=False, image_size=32)

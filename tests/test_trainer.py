@@ -45,8 +45,24 @@ def test_resolve_config_defaults_and_errors():
     cpu = torch.device("cpu")
     cfg = resolve_config(100, [(28, 28)] * 100, cpu, classes=5)
     assert (cfg.global_size, cfg.local_size, cfg.small_input) == (28, 12, True)
-    assert cfg.heads == [5, 10, 20] and cfg.batch_size == 100 and cfg.backbone == "resnet18"
+    assert cfg.heads == [5, 10, 20] and cfg.batch_size == 100
     assert cfg.epochs >= 10 and cfg.n_local == 2
+    # tiny crops (≤ 32 px) from scratch on a CPU: the small convnet unless a backbone is asked for
+    assert cfg.backbone == "convnet_small"
+    assert resolve_config(100, [(28, 28)] * 100, cpu, backbone="resnet18").backbone == "resnet18"
+    assert resolve_config(100, [(28, 28)] * 100, cpu, mode="finetune",
+                          pretrained="DEFAULT").backbone == "resnet18"
+    assert resolve_config(100, [(28, 28)] * 100, torch.device("cuda")).backbone == "resnet18"
+    assert (cfg.optimizer, cfg.augment) == ("adamw", "cpu")
+    assert (tuple(cfg.global_scale), tuple(cfg.local_scale)) == ((0.5, 1.0), (0.2, 0.5))
+    cfg = resolve_config(100, [(48, 48)] * 100, cpu, global_size=48)  # 48-px crops: as before
+    assert (cfg.backbone, cfg.optimizer, cfg.augment) == ("resnet18", "lars", "cpu")
+    assert (tuple(cfg.global_scale), tuple(cfg.local_scale)) == ((0.25, 1.0), (0.05, 0.25))
+    cfg = resolve_config(100, [(28, 28)] * 100, cpu, optimizer="lars", augment="cpu",
+                         global_scale=(0.3, 0.9))
+    assert (cfg.optimizer, cfg.augment, cfg.global_scale) == ("lars", "cpu", (0.3, 0.9))
+    with pytest.raises(ValueError, match="global_scale"):
+        resolve_config(100, [], cpu, global_scale=(0.5, 1.5))
     cfg = resolve_config(5000, [(640, 480)] * 10, cpu, classes=10, batch_size=32)
     # photos: 224/96 crops on a GPU, capped at 128 px on a CPU unless asked for
     assert cfg.heads == [10, 20] and (cfg.global_size, cfg.local_size) == (128, 55)
