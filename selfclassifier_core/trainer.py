@@ -280,7 +280,11 @@ def resolve_config(n_images: int, image_sizes: list[tuple[int, int]], device: to
     n_local = (6 if gpu else 2) if n_local is None else n_local
     lr_scale = options.pop("backbone_lr_scale", None)
     lr_scale = (0.1 if mode == "finetune" else 1.0) if lr_scale is None else lr_scale
-    augment = resolve_augment(options.pop("augment", None), device)
+    asked_augment = options.pop("augment", None)
+    # the tiny recipe's crops are cheap to make as batched tensor ops; PIL in a worker was
+    # its bottleneck (digits, 3 minutes: ACC 0.85 with device-side views vs 0.44 with PIL)
+    augment = ("device" if tiny_cpu and asked_augment in (None, "auto")
+               else resolve_augment(asked_augment, device))
     for name, tiny, usual in (("global_scale", TINY_GLOBAL_SCALE, GLOBAL_SCALE),
                               ("local_scale", TINY_LOCAL_SCALE, LOCAL_SCALE)):
         value = options.get(name)

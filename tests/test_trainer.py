@@ -53,7 +53,7 @@ def test_resolve_config_defaults_and_errors():
     assert resolve_config(100, [(28, 28)] * 100, cpu, mode="finetune",
                           pretrained="DEFAULT").backbone == "resnet18"
     assert resolve_config(100, [(28, 28)] * 100, torch.device("cuda")).backbone == "resnet18"
-    assert (cfg.optimizer, cfg.augment) == ("adamw", "cpu")
+    assert (cfg.optimizer, cfg.augment) == ("adamw", "device")
     assert (tuple(cfg.global_scale), tuple(cfg.local_scale)) == ((0.5, 1.0), (0.2, 0.5))
     cfg = resolve_config(100, [(48, 48)] * 100, cpu, global_size=48)  # 48-px crops: as before
     assert (cfg.backbone, cfg.optimizer, cfg.augment) == ("resnet18", "lars", "cpu")

@@ -136,7 +136,12 @@ def test_resolve_augment_and_bad_values(tmp_path):
     assert resolve_augment("cpu", "cuda") == "cpu"
     with pytest.raises(ValueError, match="'gpu'"):
         resolve_augment("gpu", "cpu")
+    # the tiny-crop scratch recipe on a CPU makes its views on the device; other CPU runs use PIL
     cfg = resolve_config(40, [(16, 16)] * 40, torch.device("cpu"), classes=2)
+    assert cfg.augment == "device"
+    cfg = resolve_config(40, [(16, 16)] * 40, torch.device("cpu"), classes=2, augment="cpu")
+    assert cfg.augment == "cpu"
+    cfg = resolve_config(40, [(100, 100)] * 40, torch.device("cpu"), classes=2)
     assert cfg.augment == "cpu"
     with pytest.raises(ValueError, match="--augment .*'pil'"):
         resolve_config(40, [], torch.device("cpu"), augment="pil")

@@ -16,7 +16,8 @@ MODES = {
     "scratch": "Scratch — learn everything from these images (the paper)",
     "finetune": "Fine-tune — pretrained backbone trained end to end",
 }
-BACKBONES = ["resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_b0",
+AUTO = "auto"  # the core picks the backbone from the folder and the device
+BACKBONES = [AUTO, "resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_b0",
              "convnext_tiny", "vit_b_16"]
 DEVICES = ["auto", "cpu", "cuda"]
 POLL_S = 1.0
@@ -39,7 +40,7 @@ def default_settings(n_images: int, median_side: float | None = None) -> dict:
     small = median_side is not None and median_side <= 96
     return {
         "mode": "fast" if fast else "scratch",
-        "backbone": "efficientnet_lite0" if fast else "resnet18",
+        "backbone": "efficientnet_lite0" if fast else AUTO,
         "pretrained": "imagenet" if fast else None,
         "image_size": 128 if fast and small else None,
         "classes": 0,  # automatic
@@ -153,6 +154,7 @@ def _settings_section(ctx: state.Context) -> None:
         mode = c1.selectbox("Mode", modes, index=modes.index(d["mode"]),
                             format_func=MODES.get, key="opt_mode")
         backbone = c2.selectbox("Backbone", BACKBONES, index=BACKBONES.index(d["backbone"]),
+                                format_func=lambda b: "automatic" if b == AUTO else b,
                                 key="opt_backbone")
         device = c3.selectbox("Device", DEVICES, index=DEVICES.index(d["device"]),
                               key="opt_device")
@@ -181,7 +183,8 @@ def _settings_section(ctx: state.Context) -> None:
     if active is not None:
         st.caption(f"Run {active} is training; cancel it to start another.")
     if start:
-        options = {"mode": mode, "backbone": backbone, "device": device,
+        options = {"mode": mode, "backbone": None if backbone == AUTO else backbone,
+                   "device": device,
                    "classes": int(classes) or None, "minutes": float(minutes) or None,
                    "epochs": int(epochs) or None,
                    "batch_size": int(batch) or None}
