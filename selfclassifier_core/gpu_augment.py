@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, _blur_kernel
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, _blur_kernel, check_multicrop_args
 
 log = logging.getLogger(__name__)
 
@@ -312,25 +312,14 @@ class GpuMultiCrop(nn.Module):
                  blur_sigma: tuple[float, float] = (0.1, 2.0), solarize_prob: float = 0.2,
                  sampling_ratio: int = 0):
         super().__init__()
-        if int(global_size) < 1:
-            raise ValueError(f"global_size must be ≥ 1, got {global_size!r}")
-        if int(local_size) < 1:
-            raise ValueError(f"local_size must be ≥ 1, got {local_size!r}")
-        if int(n_local) < 0:
-            raise ValueError(f"n_local must be ≥ 0, got {n_local!r}")
-        for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name} must satisfy 0 < low ≤ high ≤ 1, got {(lo, hi)!r}")
-        if not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < low ≤ high, got {ratio!r}")
         if len(blur_probs) != 3:
             raise ValueError(f"blur_probs needs 3 values (global 1, global 2, local), "
                              f"got {blur_probs!r}")
-        for name, p in (("hflip_prob", hflip_prob), ("cj_prob", cj_prob),
-                        ("gray_prob", gray_prob), ("solarize_prob", solarize_prob),
-                        *(("blur_probs", b) for b in blur_probs)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {p!r}")
+        check_multicrop_args(global_size, local_size, n_local, global_scale, local_scale,
+                             hflip_prob=hflip_prob, cj_prob=cj_prob, gray_prob=gray_prob,
+                             solarize_prob=solarize_prob, blur_probs=blur_probs)
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < low ≤ high, got {ratio!r}")
         if cj_strength < 0:
             raise ValueError(f"cj_strength must be ≥ 0, got {cj_strength!r}")
         if not 0 < blur_sigma[0] <= blur_sigma[1]:

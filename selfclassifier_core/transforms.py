@@ -54,6 +54,25 @@ def _normalize() -> T.Compose:
     return T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def check_multicrop_args(global_size: int, local_size: int, n_local: int,
+                         global_scale: tuple[float, float], local_scale: tuple[float, float],
+                         *, blur_probs: Sequence[float] = (), **probs: float) -> None:
+    """The argument checks shared by the PIL and the batched multi-crop (ValueError naming
+    the bad value)."""
+    if int(global_size) < 1:
+        raise ValueError(f"global_size must be ≥ 1, got {global_size!r}")
+    if int(local_size) < 1:
+        raise ValueError(f"local_size must be ≥ 1, got {local_size!r}")
+    if int(n_local) < 0:
+        raise ValueError(f"n_local must be ≥ 0, got {n_local!r}")
+    for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"{name} must satisfy 0 < low ≤ high ≤ 1, got {(lo, hi)!r}")
+    for name, p in (*probs.items(), *(("blur_probs", b) for b in blur_probs)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {p!r}")
+
+
 class MultiCropTransform:
     """2 global + ``n_local`` local crops of one image, each a normalised float tensor [3, s, s].
 
@@ -76,20 +95,9 @@ class MultiCropTransform:
                  cj_prob: float = 0.8, cj_strength: float = 1.0, gray_prob: float = 0.2,
                  blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5),
                  solarize_prob: float = 0.2):
-        if int(global_size) < 1:
-            raise ValueError(f"global_size must be ≥ 1, got {global_size!r}")
-        if int(local_size) < 1:
-            raise ValueError(f"local_size must be ≥ 1, got {local_size!r}")
-        if int(n_local) < 0:
-            raise ValueError(f"n_local must be ≥ 0, got {n_local!r}")
-        for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name} must satisfy 0 < low ≤ high ≤ 1, got {(lo, hi)!r}")
-        for name, p in (("hflip_prob", hflip_prob), ("cj_prob", cj_prob),
-                        ("gray_prob", gray_prob), ("solarize_prob", solarize_prob),
-                        *(("blur_probs", b) for b in blur_probs)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {p!r}")
+        check_multicrop_args(global_size, local_size, n_local, global_scale, local_scale,
+                             hflip_prob=hflip_prob, cj_prob=cj_prob, gray_prob=gray_prob,
+                             solarize_prob=solarize_prob, blur_probs=blur_probs)
         self.global_size = int(global_size)
         self.local_size = int(local_size)
         self.n_local = int(n_local)
