@@ -11,7 +11,9 @@ State (per run and head, stored in the workspace database):
 A label is its name: clusters that share a name are one label in every export. That is what
 :meth:`Labels.merge` does (and what renaming a cluster to a name in use does): the model's cluster
 ids are kept, so a merge can be undone, or split again by renaming one of the clusters.
-:meth:`Labels.cluster_summary` reports clusters that share a name.
+:meth:`Labels.cluster_summary` reports clusters that share a name. :meth:`Labels.delete_label`
+removes a name everywhere: clusters carrying it get their default names back, images given it
+fall back to their cluster.
 
 Every operation is one ``BEGIN IMMEDIATE`` transaction that reads the current state, writes the
 change and appends a history row holding, for every key it touched, the value before and after.
@@ -40,6 +42,7 @@ import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -144,7 +147,12 @@ class CarryOverReport:
     overrides_carried: int = 0
     overrides_dropped: int = 0      # images of the old overrides missing from the new run
     labels_created: list[str] = field(default_factory=list)
+    # edits of the new run that were there before and were replaced (undo brings them back):
+    names_overwritten: list[dict[str, Any]] = field(default_factory=list)  # cluster, before, after
+    overrides_overwritten: list[dict[str, Any]] = field(default_factory=list)  # image_id, ...
     history_id: int | None = None
+
+    SHOWN = 10   # overwritten edits listed one by one in ``str(report)``; the rest are counted
 
     def __str__(self) -> str:
         lines = [f"carry-over run {self.from_run} (head {self.from_head}) -> run {self.to_run} "
@@ -162,7 +170,38 @@ class CarryOverReport:
                      f"edits carried, {self.overrides_dropped} dropped (images not in the new run)")
         if self.labels_created:
             lines.append(f"  labels created: {self.labels_created}")
+        n_over = len(self.names_overwritten) + len(self.overrides_overwritten)
+        if n_over:
+            lines.append(f"  overwrote {n_over} earlier edit(s) of run {self.to_run} "
+                         "(undo brings them back):")
+            shown = [f"    cluster {o['cluster']}: name {o['before']!r} -> {o['after']!r}"
+                     for o in self.names_overwritten]
+            shown += [f"    image {o['image_id']}: {_describe_override(o['before'])} -> "
+                      f"{_describe_override(o['after'])}" for o in self.overrides_overwritten]
+            lines += shown[:self.SHOWN]
+            if len(shown) > self.SHOWN:
+                lines.append(f"    ... and {len(shown) - self.SHOWN} more")
         return "\n".join(lines)
+
+
+def _describe_override(value: dict[str, Any] | None) -> str:
+    """A per-image edit in words: ``moved to cluster 3``, ``label 'Birds', excluded``."""
+    if value is None:
+        return "no edit"
+    parts = []
+    if value["cluster"] is not None:
+        parts.append(f"moved to cluster {value['cluster']}")
+    if value["label"] is not None:
+        parts.append(f"label {value['label']!r}")
+    if value["excluded"]:
+        parts.append("excluded")
+    return ", ".join(parts)
+
+
+def _override_dict(value: list[Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return {"cluster": value[0], "label": value[1], "excluded": bool(value[2])}
 
 
 class _Ops:
@@ -451,6 +490,38 @@ class Labels:
                 ops.set("created", new_n, new_n in self._created(conn), True)
             return self._commit(conn, "rename_label", {"old": old_n, "new": new_n}, ops)
 
+    def delete_label(self, name: str) -> int | None:
+        """Delete a label name: created labels lose it, clusters carrying it get their default
+        names back, images given it individually fall back to their cluster.
+
+        Images moved to a cluster that carried the name stay in that cluster (and so take its
+        default name); excluded images stay excluded. Clusters of a deleted merge are split
+        again. Raises ValueError for an unknown name, and for a name that is only the default
+        name of a cluster (a cluster always has a name: rename it instead). Returns the
+        history id.
+        """
+        name_n = normalize_name(name)
+        with self.workspace.transaction() as conn:
+            if name_n not in self._label_names(conn):
+                raise ValueError(f"unknown label {name!r}: no cluster, image or created label "
+                                 "has that name")
+            ops = _Ops()
+            names = self._names(conn)
+            for c, stored in names.items():
+                if stored == name_n:
+                    ops.set("names", c, stored, None)
+            for r in conn.execute("SELECT image_id, cluster, label, excluded FROM label_overrides "
+                                  "WHERE run_id=? AND head=? AND label=?", (*self._key(), name_n)):
+                self._set_override(ops, int(r[0]), [r[1], r[2], int(r[3])], None, None,
+                                   int(r[3]))
+            if name_n in self._created(conn):
+                ops.set("created", name_n, True, False)
+            if not _count(ops.to_json()):
+                c = self._defaults.index(name_n)
+                raise ValueError(f"label {name_n!r} is the default name of cluster {c}; there "
+                                 "is nothing to delete (rename the cluster instead)")
+            return self._commit(conn, "delete_label", {"name": name_n}, ops)
+
     def exclude(self, image_ids: Iterable[int]) -> int | None:
         """Mark images as excluded (junk/outlier): left out of exports unless asked for."""
         return self._set_excluded(image_ids, 1)
@@ -720,8 +791,10 @@ def carry_over(workspace: Workspace, from_run: int, to_run: int, head: int | Non
     sharing no image stay unmatched. Names of matched clusters that the person had set are
     copied; per-image edits of images present in both runs are copied (a move to an old cluster
     becomes a move to its matched new cluster, or to the old cluster's name if it has no match);
-    created labels are copied. Everything is one operation in the new run's history (undo takes
-    it all back) and is described in the returned report (also logged).
+    created labels are copied. Edits the new run already had on those clusters and images are
+    replaced; the report lists each one it replaced (``names_overwritten``,
+    ``overrides_overwritten``). Everything is one operation in the new run's history (undo takes
+    it all back, replaced edits included) and is described in the returned report (also logged).
 
     Args:
         head: the new run's head (default: its main head).
@@ -796,6 +869,16 @@ def carry_over(workspace: Workspace, from_run: int, to_run: int, head: int | Non
             if name not in existing:
                 ops.set("created", name, False, True)
                 report.labels_created.append(name)
+        changes = ops.to_json()
+        by_key = itemgetter(0)
+        report.names_overwritten = [
+            {"cluster": int(c), "before": before,
+             "after": new._defaults[int(c)] if after is None else after}
+            for c, before, after in sorted(changes["names"], key=by_key) if before is not None]
+        report.overrides_overwritten = [
+            {"image_id": int(i), "before": _override_dict(before), "after": _override_dict(after)}
+            for i, before, after in sorted(changes["overrides"], key=by_key)
+            if before is not None]
         args = {"from_run": report.from_run, "from_head": report.from_head,
                 "matched": {str(k): v for k, v in mapping.items()}}
         report.history_id = new._commit(conn, "carry_over", args, ops)

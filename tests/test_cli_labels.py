@@ -75,6 +75,44 @@ def test_labels_carry(ws_run, capsys):
     assert Labels(ws, run2).cluster_names()[0] == "Cats"
 
 
+def test_labels_carry_lists_overwritten_edits(ws_run, capsys):
+    ws, run1 = ws_run
+    Labels(ws, run1).rename(0, "Cats")
+    run2 = add_run(ws, heads=(3, 6), seed=0)           # same clusters: identity match
+    Labels(ws, run2).rename(0, "Kittens")
+    capsys.readouterr()
+    assert main(["labels", str(ws.path), "--run", str(run2), "carry", "--from", str(run1)]) == 0
+    out = capsys.readouterr().out
+    assert f"overwrote 1 earlier edit(s) of run {run2}" in out
+    assert "cluster 0: name 'Kittens' -> 'Cats'" in out
+    assert main(["labels", str(ws.path), "--run", str(run2), "undo"]) == 0
+    assert Labels(ws, run2).cluster_names()[0] == "Kittens"
+
+
+def test_labels_delete(ws_run, capsys):
+    ws, _ = ws_run
+    W = str(ws.path)
+    assert main(["labels", W, "rename", "1", "Cats"]) == 0
+    assert main(["labels", W, "move", "--to-label", "Cats", "3", "4"]) == 0
+    assert main(["labels", W, "exclude", "4"]) == 0
+    assert main(["labels", W, "create", "Fish"]) == 0
+    before = Labels(ws).final_table()
+    capsys.readouterr()
+    assert main(["labels", W, "delete", "Cats"]) == 0
+    assert "done (history" in capsys.readouterr().out
+    assert main(["labels", W, "delete", "Fish"]) == 0
+    lab = Labels(ws)
+    assert lab.cluster_names()[1] == "cluster_1"
+    assert "Cats" not in lab.label_names() and "Fish" not in lab.label_names()
+    df = lab.final_table()
+    assert df.loc[3, "label"] == f"cluster_{df.loc[3, 'predicted_cluster']}"
+    assert df.loc[4, "excluded"]
+    assert [e.op for e in lab.history()][-2:] == ["delete_label", "delete_label"]
+    assert main(["labels", W, "undo", "--steps", "2"]) == 0
+    assert "undo: delete_label {'name': 'Cats'}" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(Labels(ws).final_table(), before)
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["rename", "7", "x"], "unknown cluster 7"),
     (["rename", "1", "   "], "empty"),
@@ -82,6 +120,8 @@ def test_labels_carry(ws_run, capsys):
     (["move", "--to-label", "x", "no/such.png"], "no/such.png"),
     (["create", "cluster_0"], "already exists"),
     (["merge", "1"], "two"),
+    (["delete", "Nope"], "unknown label 'Nope'"),
+    (["delete", "cluster_1"], "default name of cluster 1"),
 ])
 def test_labels_user_errors_exit_2(ws_run, capsys, argv, fragment):
     ws, _ = ws_run

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from selfclassifier_core.labels import Labels, carry_over, default_name
@@ -560,6 +561,144 @@ def _check_history_replays_to_state(ws, run_id):
     assert {k: v for k, v in ov.items() if v is not None} == db_ov
 
 
+# ---------------------------------------------------------------------- delete
+def snapshot(lab: Labels):
+    """Everything a person sees of the labels: the final table, cluster and label names."""
+    return lab.final_table(), lab.cluster_names(), lab.label_names()
+
+
+def assert_same_state(a, b) -> None:
+    pd.testing.assert_frame_equal(a[0], b[0])
+    assert a[1:] == b[1:]
+
+
+def test_delete_renamed_cluster_name(ws_run):
+    ws, run_id = ws_run
+    lab = Labels(ws)
+    lab.rename(1, "Cats")
+    lab.rename(2, "Dogs")
+    in_c1 = ids_in(ws, run_id, 3, 1)
+    hid = lab.delete_label(" Cats ")             # normalised like every name
+    assert isinstance(hid, int)
+    assert lab.cluster_names() == {0: "cluster_0", 1: "cluster_1", 2: "Dogs"}
+    assert "Cats" not in lab.label_names()
+    df = lab.final_table()
+    assert set(df.loc[in_c1, "label"]) == {"cluster_1"}
+    assert not df["edited"].any()
+    assert lab.history()[-1].op == "delete_label" and lab.history()[-1].args == {"name": "Cats"}
+
+
+def test_delete_created_empty_label(ws_run):
+    lab = Labels(ws_run[0])
+    lab.create_label("Fish")
+    before = lab.final_table()
+    assert lab.delete_label("Fish") is not None
+    assert "Fish" not in lab.label_names()
+    assert lab.label_names() == ["cluster_0", "cluster_1", "cluster_2"]
+    assert "Fish" not in lab.cluster_summary("label").index
+    pd.testing.assert_frame_equal(lab.final_table(), before)
+    lab.undo()
+    assert lab.label_names()[-1] == "Fish"
+
+
+def test_delete_label_given_to_images(ws_run):
+    ws, run_id = ws_run
+    lab = Labels(ws)
+    predicted = dict(zip(lab.image_ids.tolist(), lab.predicted.tolist()))
+    lab.move([4, 5, 6], label="Birds")
+    lab.exclude([5])
+    moved = next(i for i in range(7, 31) if predicted[i] != 2)
+    lab.rename(2, "Birds")                       # a cluster carries the name too
+    lab.move([moved], cluster=2)                 # moved into that cluster: follows its name
+    lab.delete_label("Birds")
+    df = lab.final_table()
+    for i in (4, 5, 6):                          # back to their predicted cluster
+        assert df.loc[i, "cluster"] == predicted[i]
+        assert df.loc[i, "label"] == f"cluster_{predicted[i]}"
+    assert df.loc[5, "excluded"] and df.loc[5, "edited"]       # exclusion kept
+    assert not df.loc[[4, 6], "edited"].any() and not df.loc[[4, 6], "excluded"].any()
+    assert df.loc[moved, "cluster"] == 2 and df.loc[moved, "label"] == "cluster_2"
+    assert df.loc[moved, "edited"]
+    assert "Birds" not in set(df["label"]) and "Birds" not in lab.label_names()
+
+
+def test_delete_merged_clusters_sharing_a_name(ws_run):
+    ws, run_id = ws_run
+    lab = Labels(ws)
+    lab.merge([0, 2], name="animals")
+    lab.move([3], label="animals")
+    assert lab.cluster_summary().loc[0, "shared_with"] == [2]
+    lab.delete_label("animals")
+    assert lab.cluster_names() == {0: "cluster_0", 1: "cluster_1", 2: "cluster_2"}
+    summary = lab.cluster_summary()
+    assert summary["shared_with"].tolist() == [[], [], []]
+    df = lab.final_table()
+    expected = cluster_assignments(30, 3, seed=0)
+    assert df["label"].tolist() == [f"cluster_{c}" for c in expected]
+    assert not df["edited"].any()
+
+
+def test_delete_undo_redo_restore_exact_state(ws_run):
+    ws, run_id = ws_run
+    lab = Labels(ws)
+    lab.merge([0, 1], name="Pets")
+    lab.move([4, 5], label="Pets")
+    lab.exclude([5, 9])
+    lab.create_label("Later")
+    lab.rename_label("Later", "Pets ")           # a created label of the same name
+    lab.rename(2, "Other")
+    before = snapshot(lab)
+    lab.delete_label("Pets")
+    after = snapshot(lab)
+    assert after[1] == {0: "cluster_0", 1: "cluster_1", 2: "Other"}
+    assert "Pets" not in after[2]
+    entry = lab.undo()
+    assert entry.op == "delete_label" and entry.state == "undone"
+    assert_same_state(snapshot(lab), before)
+    lab.redo()
+    assert_same_state(snapshot(lab), after)
+    lab.undo()
+    assert_same_state(snapshot(Labels(ws, run_id)), before)   # as a fresh reader sees it
+
+
+def test_delete_unknown_or_default_name_is_refused(ws_run):
+    lab = Labels(ws_run[0])
+    lab.rename(0, "Cats")
+    with pytest.raises(ValueError, match="unknown label 'Dogs'"):
+        lab.delete_label("Dogs")
+    with pytest.raises(ValueError, match="unknown label 'cluster_0'"):
+        lab.delete_label("cluster_0")            # cluster 0 is called Cats now
+    with pytest.raises(ValueError, match="default name of cluster 1"):
+        lab.delete_label("cluster_1")
+    with pytest.raises(ValueError, match="empty"):
+        lab.delete_label("  ")
+    assert [e.op for e in lab.history()] == ["rename"]
+    # a default name another cluster was renamed to: that cluster gets its own name back
+    lab.rename(0, "cluster_1")
+    lab.delete_label("cluster_1")
+    assert lab.cluster_names() == {0: "cluster_0", 1: "cluster_1", 2: "cluster_2"}
+
+
+def test_export_after_delete(ws_run, tmp_path):
+    from selfclassifier_core import export
+
+    ws, run_id = ws_run
+    lab = Labels(ws)
+    lab.rename(1, "Cats")
+    lab.move([2, 3], label="Cats")
+    lab.exclude([3])
+    lab.delete_label("Cats")
+    out = tmp_path / "labels.csv"
+    export.export_csv(ws, out, run_id)
+    text = out.read_text()
+    assert "Cats" not in text
+    table = export.export_table(ws, run_id)
+    expected = cluster_assignments(30, 3, seed=0)
+    assert 3 not in table.index                  # still excluded
+    assert table.loc[2, "label"] == f"cluster_{expected[1]}"
+    assert len(table) == 29 and set(table["label"]) == {"cluster_0", "cluster_1", "cluster_2"}
+
+
 # ---------------------------------------------------------------------- carry-over
 def test_carry_over_with_permuted_clusters(tmp_path):
     ws, run1 = make_workspace_with_run(tmp_path, n_images=60, heads=(4,), write_images=False)
@@ -625,3 +764,55 @@ def test_carry_over_reports_unmatched(tmp_path):
     row = new.final_table().loc[img2]
     assert row["label"] == "d"        # the edit keeps its final label either way
     assert new.final_table().loc[img3, "cluster"] == 2
+
+
+def test_carry_over_lists_overwritten_edits_and_undo_restores_them(tmp_path):
+    ws, run1 = make_workspace_with_run(tmp_path, n_images=40, heads=(4,), write_images=False)
+    old_cl = cluster_assignments(40, 4, 0)
+    perm = np.array([1, 3, 0, 2])
+    run2 = add_run(ws, heads=(4,), seed=5, clusters={4: perm[old_cl].astype(np.int32)})
+    old = Labels(ws, run1)
+    old.rename(0, "Cats")
+    old.move([5], label="Birds")
+    old.exclude([6])
+    new = Labels(ws, run2)
+    new.rename(int(perm[0]), "Kittens")          # replaced by "Cats"
+    new.rename(int(perm[1]), "Mine")             # old cluster 1 has no name: kept
+    new.move([5], label="Zebras")                # replaced by "Birds"
+    new.move([7], label="Kept")                  # the old run has no edit of image 7: kept
+    before = new.final_table(), new.cluster_names(), new.label_names()
+
+    report = carry_over(ws, run1, run2)
+    assert report.names_overwritten == [
+        {"cluster": int(perm[0]), "before": "Kittens", "after": "Cats"}]
+    assert report.overrides_overwritten == [
+        {"image_id": 5, "before": {"cluster": None, "label": "Zebras", "excluded": False},
+         "after": {"cluster": None, "label": "Birds", "excluded": False}}]
+    text = str(report)
+    assert "overwrote 2 earlier edit(s) of run" in text
+    assert f"cluster {perm[0]}: name 'Kittens' -> 'Cats'" in text
+    assert "image 5: label 'Zebras' -> label 'Birds'" in text
+    assert "Mine" not in text and "image 6" not in text   # new edits, nothing overwritten
+    assert new.cluster_names()[int(perm[1])] == "Mine"
+    assert new.final_table().loc[7, "label"] == "Kept"
+
+    new.undo()
+    pd.testing.assert_frame_equal(new.final_table(), before[0])
+    assert (new.cluster_names(), new.label_names()) == before[1:]
+    new.redo()
+    assert new.cluster_names()[int(perm[0])] == "Cats"
+
+
+def test_carry_over_report_without_and_with_many_overwrites():
+    from selfclassifier_core.labels import CarryOverReport
+
+    report = CarryOverReport(1, 2, 3, 3, 10)
+    assert "overwrote" not in str(report)
+    report.overrides_overwritten = [
+        {"image_id": i, "before": {"cluster": 1, "label": None, "excluded": True}, "after": None}
+        for i in range(1, 14)]
+    text = str(report)
+    assert "overwrote 13 earlier edit(s) of run 2" in text
+    assert "image 1: moved to cluster 1, excluded -> no edit" in text
+    assert "image 10:" in text and "image 11:" not in text
+    assert "... and 3 more" in text

@@ -8,6 +8,8 @@ Actions::
     labels WS move --to-cluster C ID...       (or --to-label NAME ID...)
     labels WS create NAME
     labels WS rename-label OLD NEW
+    labels WS delete NAME                     clusters named NAME get default names back, images
+                                              given NAME fall back to their cluster
     labels WS exclude ID... / include ID...
     labels WS undo [--steps N] / redo [--steps N]
     labels WS history [--all]
@@ -25,8 +27,8 @@ from pathlib import Path
 
 from . import CliError
 
-ACTIONS = ("list", "rename", "merge", "move", "create", "rename-label", "exclude", "include",
-           "undo", "redo", "history", "carry")
+ACTIONS = ("list", "rename", "merge", "move", "create", "rename-label", "delete", "exclude",
+           "include", "undo", "redo", "history", "carry")
 
 
 def open_workspace(path: str):
@@ -85,6 +87,8 @@ def register(sub) -> None:
     a = act("rename-label", "rename a label everywhere")
     a.add_argument("old")
     a.add_argument("new")
+    a = act("delete", "delete a label: its clusters get default names, its images their cluster")
+    a.add_argument("name")
     a = act("exclude", "exclude images (junk, outliers)")
     a.add_argument("images", nargs="+", metavar="ID")
     a = act("include", "include excluded images again")
@@ -153,6 +157,8 @@ def run(args) -> int:
         return _done(lab.create_label(args.name))
     if a == "rename-label":
         return _done(lab.rename_label(args.old, args.new))
+    if a == "delete":
+        return _done(lab.delete_label(args.name))
     if a in ("exclude", "include"):
         ids = _image_ids(ws, args.images)
         return _done(getattr(lab, a)(ids))
