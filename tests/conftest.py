@@ -15,6 +15,19 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: on a shared 2-core machine two OpenMP threads slow
+    tiny training steps down several times over. Use it module-wide with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     try:

@@ -9,15 +9,9 @@ import torchvision
 from selfclassifier_core import trainer as trainer_mod
 from selfclassifier_core.predictions import load_predictions
 from selfclassifier_core.trainer import train
-from test_trainer import FAST, make_folder
+from train_fixtures import FAST, make_folder
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

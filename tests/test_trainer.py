@@ -6,39 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from selfclassifier_core import trainer as trainer_mod
 from selfclassifier_core.checkpoint import CheckpointError, load_checkpoint
 from selfclassifier_core.predictions import load_predictions
 from selfclassifier_core.trainer import TrainingError, resolve_config, train
 from selfclassifier_core.workspace import Workspace
+from train_fixtures import FAST, assert_same_weights, make_folder, train_one_epoch_then_cancel
 
-# small and fast: 8-px crops, two global views only, narrow projection
-FAST = dict(n_local=0, global_size=8, proj_hidden_dim=64, workers=0, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads slow these tiny
-    steps down several times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_folder(path, n=24, size=16, seed=0):
-    """Half dark, half bright noise images (dark_*.png / bright_*.png) plus one broken file."""
-    path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        bright = i % 2 == 1
-        lo, hi = (170, 256) if bright else (0, 86)
-        arr = rng.integers(lo, hi, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(path / f"{'bright' if bright else 'dark'}_{i:02d}.png")
-    (path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_resolve_config_defaults_and_errors():
@@ -127,31 +103,18 @@ def test_end_to_end_predictions_stats_and_csv(tmp_path):
     assert len(df) == 24 and set(df["head"]) == {2}
 
 
-def _weights(run_dir):
-    return load_checkpoint(run_dir / "checkpoint.pt")["model"]
-
-
 def test_resume_gives_identical_weights(tmp_path):
     opts = dict(classes=2, epochs=2, batch_size=8, seed=3, nn_positives=True, **FAST)
     folder = make_folder(tmp_path / "imgs")
     straight = train(folder, tmp_path / "ws1", **opts)
 
-    done_epochs = []
-
-    def progress(info):
-        if info["step"] == info["steps"]:
-            done_epochs.append(info["epoch"])
-
-    first = train(folder, tmp_path / "ws2", progress=progress,
-                  should_stop=lambda: len(done_epochs) >= 1, **opts)
+    first = train_one_epoch_then_cancel(folder, tmp_path / "ws2", **opts)
     assert first.status == "cancelled"
     assert first.workspace.get_run(first.run_id).status == "cancelled"
     assert load_checkpoint(first.run_dir / "checkpoint.pt")["epoch"] == 1
     resumed = train(None, first.workspace, resume=True, run_id=first.run_id, device="cpu")
     assert resumed.status == "done" and resumed.run_id == first.run_id
-    a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert_same_weights(straight.run_dir, resumed.run_dir)
     qa = load_checkpoint(straight.run_dir / "checkpoint.pt")["queue"]
     qb = load_checkpoint(resumed.run_dir / "checkpoint.pt")["queue"]
     assert torch.equal(qa["ids"], qb["ids"]) and int((qa["ids"] >= 0).sum()) == 12  # filled

@@ -14,17 +14,11 @@ from selfclassifier_core.data import MultiCropDataset, _load
 from selfclassifier_core.predictions import load_predictions
 from selfclassifier_core.trainer import resolve_augment, resolve_config, train
 from selfclassifier_core.transforms import GLOBAL_SCALE, LOCAL_SCALE
-from test_trainer import FAST, make_folder
+from train_fixtures import FAST, assert_same_weights, make_folder, train_one_epoch_then_cancel
 
 DEVICE_AUG = dict(FAST, augment="device")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -101,30 +95,17 @@ def test_device_augment_trains_end_to_end_with_neighbour_sources(tmp_path, spy):
     assert swapped > 0
 
 
-def _weights(run_dir):
-    return load_checkpoint(run_dir / "checkpoint.pt")["model"]
-
-
 def test_device_augment_resume_gives_identical_weights(tmp_path):
     opts = dict(classes=2, epochs=2, batch_size=8, seed=5, nn_positives=True, **DEVICE_AUG)
     folder = make_folder(tmp_path / "imgs", n=16)
     straight = train(folder, tmp_path / "ws1", **opts)
 
-    done_epochs = []
-
-    def progress(info):
-        if info["step"] == info["steps"]:
-            done_epochs.append(info["epoch"])
-
-    first = train(folder, tmp_path / "ws2", progress=progress,
-                  should_stop=lambda: len(done_epochs) >= 1, **opts)
+    first = train_one_epoch_then_cancel(folder, tmp_path / "ws2", **opts)
     assert first.status == "cancelled"
     assert load_checkpoint(first.run_dir / "checkpoint.pt")["epoch"] == 1
     resumed = train(None, first.workspace, resume=True, run_id=first.run_id, device="cpu")
     assert resumed.status == "done" and [s["augment"] for s in resumed.stats] == ["device"]
-    a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert_same_weights(straight.run_dir, resumed.run_dir)
 
 
 def test_resolve_augment_and_bad_values(tmp_path):
