@@ -401,3 +401,54 @@ def test_export_imagefolder_from_the_app(fixture_app, tmp_path):
     at.text_input(key="exp_out").set_value(str(ws.root / "out"))
     next(b for b in at.button if b.label == "Write folders").click().run()
     assert any("overlaps the image folder" in e.value for e in at.error)
+
+
+# --------------------------------------------------------------------------- deleting labels
+def test_delete_label_of_the_open_group_and_undo(fixture_app):
+    at, ws, run_id = fixture_app
+    Labels(ws, run_id).rename(1, "Cats")
+    size = int((export_labels(ws, run_id) == "Cats").sum())
+    goto(at, "Clusters")
+    _open_group(at, "Cats")
+    assert at.button(key="delete_btn").disabled         # nothing happens before confirming
+    next(c for c in at.checkbox if c.key.startswith("del_ok|")).check().run()
+    at.button(key="delete_btn").click().run()
+    assert_ok(at)
+    assert Labels(ws, run_id).cluster_names()[1] == "cluster_1"
+    labels = export_labels(ws, run_id)
+    assert "Cats" not in set(labels) and int((labels == "cluster_1").sum()) == size > 0
+    assert any("Deleted" in s.value and "Cats" in s.value for s in at.success)
+    assert name_input(at, "cluster_1")                  # back to the overview: the group is gone
+    at.sidebar.button(key="undo").click().run()
+    assert_ok(at)
+    assert Labels(ws, run_id).cluster_names()[1] == "Cats"
+    assert name_input(at, "Cats")
+
+
+def test_delete_selected_labels_with_confirmation(fixture_app):
+    at, ws, run_id = fixture_app
+    lab = Labels(ws, run_id)
+    lab.rename(0, "Cats")
+    lab.move([1, 2], label="Birds")
+    goto(at, "Clusters")
+    boxes = {c.key.rsplit("|", 1)[1]: c for c in at.checkbox if c.key.startswith("mg|")}
+    boxes["Cats"].check()
+    boxes["Birds"].check()
+    at.run()
+    assert at.button(key="delete_sel_btn").disabled
+    next(c for c in at.checkbox if c.key.startswith("del_sel_ok|")).check().run()
+    assert not at.button(key="delete_sel_btn").disabled
+    next(c for c in at.checkbox if c.key.endswith("|cluster_2")).check().run()
+    assert at.button(key="delete_sel_btn").disabled     # another selection: confirm again
+    next(c for c in at.checkbox if c.key.startswith("del_sel_ok|")).check().run()
+    at.button(key="delete_sel_btn").click().run()
+    assert not at.exception
+    # the renamed cluster and the image label are gone; a default name cannot be deleted
+    (err,) = at.error
+    assert "Cats" in err.value and "Birds" in err.value and "default name of cluster 2" in err.value
+    lab = Labels(ws, run_id)
+    assert lab.cluster_names() == {0: "cluster_0", 1: "cluster_1", 2: "cluster_2"}
+    assert "Birds" not in lab.label_names()
+    assert [e.op for e in lab.history()][-2:] == ["delete_label", "delete_label"]
+    cards = sorted(t.value for t in at.text_input if t.key.startswith("rn|"))
+    assert cards == ["cluster_0", "cluster_1", "cluster_2"]

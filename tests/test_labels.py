@@ -809,8 +809,8 @@ def test_carry_over_report_without_and_with_many_overwrites():
     report = CarryOverReport(1, 2, 3, 3, 10)
     assert "overwrote" not in str(report)
     report.overrides_overwritten = [
-        {"image_id": i, "before": {"cluster": 1, "label": None, "excluded": True}, "after": None}
-        for i in range(1, 14)]
+        {"image_id": i, "before": {"cluster": 1, "label": None, "excluded": True},
+         "after": None} for i in range(1, 14)]
     text = str(report)
     assert "overwrote 13 earlier edit(s) of run 2" in text
     assert "image 1: moved to cluster 1, excluded -> no edit" in text

@@ -20,6 +20,9 @@ STRIP = 6
 GRID_COLUMNS = 8
 PAGE_SIZES = (24, 48, 96)
 NEW_LABEL = "\u2795 New label…"
+DELETE_HELP = ("Deleting a label removes the name: clusters named so get their default names "
+               "back (cluster_03 style) and images given it return to their cluster. Undo "
+               "brings it back.")
 
 
 def render(ctx: state.Context) -> None:
@@ -103,6 +106,24 @@ def _move(ctx: state.Context, ids: list[int], target: str, new_name: str, cluste
     state.flash(f"Moved {len(ids)} image(s) to “{name}”.")
 
 
+def _delete(ctx: state.Context, names: list[str]) -> None:
+    """Delete labels, one undoable operation each; errors are reported together."""
+    lab = _labels(ctx)
+    deleted, errors = [], []
+    for n in names:
+        try:
+            lab.delete_label(n)
+            deleted.append(n)
+        except ValueError as exc:
+            errors.append(state.error_in_words(exc))
+    done = (f"Deleted {', '.join(f'“{n}”' for n in deleted)}." if deleted else "")
+    if errors:
+        state.flash(" ".join([done, *errors]).strip(), "error")
+    else:
+        state.flash(done + (" Undo brings it back." if len(deleted) == 1 else
+                            " Undo brings them back one at a time."))
+
+
 def _exclude(ctx: state.Context, ids: list[int], include: bool = False) -> None:
     lab = _labels(ctx)
     (lab.include if include else lab.exclude)(ids)
@@ -146,6 +167,13 @@ def _overview(ctx: state.Context, lab, view: state.LabelView) -> None:
             if m2.button("Merge selected", type="primary", disabled=len(chosen) < 2,
                          key="merge_btn"):
                 _merge(ctx, chosen, target)
+                st.rerun()
+            d1, d2 = st.columns([3, 1])
+            sure = d1.checkbox(f"Yes, delete the {len(chosen)} selected label(s)",
+                               key=f"del_sel_ok|{view.marker}|" + "\x1f".join(chosen),
+                               help=DELETE_HELP)  # a new selection asks again
+            if d2.button("Delete selected", disabled=not sure, key="delete_sel_btn"):
+                _delete(ctx, chosen)
                 st.rerun()
 
     pages = max(1, math.ceil(len(s) / CARDS_PER_PAGE))
@@ -197,6 +225,14 @@ def _detail(ctx: state.Context, lab, view: state.LabelView, name: str) -> None:
     key = f"rn_detail|{view.marker}|{name}"
     st.text_input("Rename this group", value=name, key=key, on_change=_rename,
                   args=(ctx, name, key))
+    with st.expander("Delete this label"):
+        st.caption(DELETE_HELP)
+        d1, d2 = st.columns([3, 1])
+        sure = d1.checkbox(f"Yes, delete “{state.esc(name)}”",
+                           key=f"del_ok|{view.marker}|{name}")
+        if d2.button("Delete label", disabled=not sure, key="delete_btn"):
+            _delete(ctx, [name])
+            st.rerun()
 
     c1, c2, c3 = st.columns([2, 1, 1])
     show = c1.segmented_control("Show", ["In this group", "Excluded"], default="In this group",
