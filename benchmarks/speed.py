@@ -134,7 +134,7 @@ def loader_batches(args, device, ws, augment: str):
                 if gpu_aug is not None:
                     g = torch.Generator().manual_seed(sample_seed(0, 0, i))
                     with torch.no_grad():
-                        views = gpu_aug(views[1].to(device, non_blocking=True), generator=g)
+                        views = gpu_aug(views[-1].to(device, non_blocking=True), generator=g)
                 i += 1
                 yield views, ids
     return forever(), len(ds), workers

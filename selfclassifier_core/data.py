@@ -46,7 +46,9 @@ class MultiCropDataset(Dataset):
 
     Args:
         workspace: the workspace whose catalog lists the images.
-        transform: a :class:`~selfclassifier_core.transforms.MultiCropTransform`.
+        transform: a :class:`~selfclassifier_core.transforms.MultiCropTransform` (views), or a
+            :class:`~selfclassifier_core.gpu_augment.UniformImage` (the image, views made later
+            on the device).
         items: ``(id, relative path)`` pairs; default ``workspace.usable_images()``.
         seed: base seed of the per-sample augmentation generator.
         max_side: decode large images at most this big (faster JPEG decoding); None = full size.
@@ -90,7 +92,14 @@ class MultiCropDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
             views = self.transform(img)
-            if nn_img is not None:
+            if getattr(self.transform, "adds_global1_source", False):
+                # views are made later from the image (UniformImage): in an epoch with
+                # neighbours the source of global view 1 goes in front, the image itself for
+                # one without a neighbour, so that every item of a batch has the same shape
+                if self.neighbors:
+                    views.insert(0, views[0] if nn_img is None
+                                 else self.transform.global_view(nn_img))
+            elif nn_img is not None:
                 views[0] = self.transform.global_view(nn_img)
         return views, image_id
 

@@ -94,11 +94,15 @@ class UniformImage:
     """A per-image transform for :class:`~selfclassifier_core.data.MultiCropDataset` that defers
     the augmentation to :class:`GpuMultiCrop`.
 
-    ``__call__`` returns ``[source, image]``, two uint8 ``[3, size, size]`` tensors; the dataset
-    replaces ``views[0]`` with :meth:`global_view` of the nearest neighbour when NN positives
-    are on. After collation ``views[0]`` is the source of global view 1 and ``views[1]`` the
-    batch itself: ``gpu_aug(views[1], generator, global1_images=views[0])``.
+    ``__call__`` returns ``[image]``, one uint8 ``[3, size, size]`` tensor. In an epoch with
+    nearest-neighbour positives the dataset puts the source of global view 1 in front
+    (:meth:`global_view` of the neighbour, see ``adds_global1_source``). After collation
+    ``views`` is ``[images]``, or ``[sources of global view 1, images]`` in such an epoch:
+    ``gpu_aug(views[-1], generator, global1_images=views[0] if len(views) == 2 else None)``.
     """
+
+    # MultiCropDataset adds the neighbour's source in front instead of replacing views[0]
+    adds_global1_source = True
 
     def __init__(self, size: int):
         if int(size) < 1:
@@ -106,8 +110,7 @@ class UniformImage:
         self.size = int(size)
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
-        t = uniform_resize(img, self.size)
-        return [t, t]
+        return [uniform_resize(img, self.size)]
 
     def global_view(self, img: Image.Image) -> torch.Tensor:
         return uniform_resize(img, self.size)

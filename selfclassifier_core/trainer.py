@@ -668,15 +668,13 @@ class Trainer:
                       ) -> list[torch.Tensor]:
         """The views of batch ``index`` made on the device by :class:`GpuMultiCrop`.
 
-        ``sources`` is the collated :class:`UniformImage` output: uint8 ``[B, 3, S, S]``
-        sources of global view 1 (a nearest neighbour's image with NN positives) and the
-        images themselves. The randomness comes from a CPU generator seeded with
-        ``(seed, epoch, batch index, rank)``, so a resumed run makes the same views.
+        ``sources`` is the collated :class:`UniformImage` output: the images, uint8
+        ``[B, 3, S, S]``, after (in an epoch with neighbours) the sources of global view 1 (a
+        nearest neighbour's image with NN positives). The randomness comes from a CPU generator
+        seeded with ``(seed, epoch, batch index, rank)``, so a resumed run makes the same views.
         """
-        src1, images = sources
-        images = images.to(self.device, non_blocking=True)
-        # without neighbours src1 holds the same images: leave it on the host
-        src1 = src1.to(self.device, non_blocking=True) if self.dataset.neighbors else None
+        images = sources[-1].to(self.device, non_blocking=True)
+        src1 = sources[0].to(self.device, non_blocking=True) if len(sources) == 2 else None
         g = torch.Generator().manual_seed(
             sample_seed(self.cfg.seed, epoch, index * dist.world_size() + dist.rank()))
         with torch.no_grad():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from PIL import Image
 from selfclassifier_core import checkpoint as ckpt
 from selfclassifier_core.data import (EvalDataset, MultiCropDataset, collate_skip_none,
                                       make_loader)
+from selfclassifier_core.gpu_augment import UniformImage
 from selfclassifier_core.queue import NeighborQueue, queue_size_for
+from selfclassifier_core.trainer import Trainer
 from selfclassifier_core.transforms import MultiCropTransform, eval_transform
 from selfclassifier_core.workspace import Workspace
 
@@ -88,6 +91,47 @@ def test_neighbor_view_comes_from_neighbor_image(tmp_path):
     white = eval_transform(8)(Image.new("RGB", (8, 8), (255, 255, 255)))
     assert torch.allclose(views[0], white, atol=1e-3)       # view 1: the neighbour (white)
     assert not torch.allclose(views[1], white, atol=0.5)    # view 2: the image itself (noise)
+
+
+def test_uniform_image_items_carry_each_image_once(tmp_path):
+    """Device augmentation: an item holds its image once; only in an epoch with neighbours
+    does it also hold the source of global view 1, and the trainer cuts global view 1 from it."""
+    folder, ws = make_workspace(tmp_path, n=4)
+    Image.new("RGB", (12, 12), (255, 255, 255)).save(folder / "im1.png")
+    tf = UniformImage(12)
+    ds = MultiCropDataset(ws, tf)
+    ids = [i for i, _ in ws.usable_images()]
+    own = [tf(Image.open(folder / f"im{i}.png"))[0] for i in range(4)]
+
+    views, image_id = ds[0]
+    assert image_id == ids[0] and len(views) == 1 and torch.equal(views[0], own[0])
+    loader = make_loader(ds, 4, shuffle=False, drop_last=True, workers=0)
+    (images,), batch_ids = next(iter(loader))  # one uint8 batch, no second copy
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (4, 3, 12, 12)
+    assert batch_ids.tolist() == ids and all(torch.equal(images[i], own[i]) for i in range(4))
+
+    ds.set_neighbors({ids[0]: ids[1]})  # image 0's positive is the white image; 1-3 have none
+    views, _ = ds[0]
+    assert len(views) == 2 and torch.equal(views[0], own[1]) and torch.equal(views[1], own[0])
+    views, _ = ds[2]  # no neighbour: its own image, so the batch stacks
+    assert len(views) == 2 and torch.equal(views[0], own[2]) and torch.equal(views[1], own[2])
+    (src1, images), _ = next(iter(loader))
+    assert torch.equal(src1[0], own[1]) and torch.equal(src1[1:], images[1:])
+    assert torch.equal(images, torch.stack(own))
+
+    # what the trainer hands to GpuMultiCrop for each batch layout
+    calls = []
+
+    def gpu_aug(images, generator=None, global1_images=None):
+        calls.append((images, global1_images))
+        return [images]
+
+    stub = SimpleNamespace(device=torch.device("cpu"), cfg=SimpleNamespace(seed=0),
+                           gpu_aug=gpu_aug)
+    Trainer._device_views(stub, [images], 0, 0)
+    Trainer._device_views(stub, [src1, images], 1, 0)
+    assert calls[0][0] is images and calls[0][1] is None
+    assert calls[1][0] is images and calls[1][1] is src1
 
 
 def test_eval_dataset_paths_and_bytes(tmp_path):
