@@ -10,6 +10,12 @@ For a run, :meth:`NeighborIndex.for_run` builds the index once and saves it as
 ``runs/<id>/neighbors.faiss`` (+ ``neighbors_ids.npy`` and ``neighbors.json``, the key that
 says which embeddings file it was built from); later calls load it, and a changed embeddings
 file (size or mtime) makes it rebuild.
+
+Threads: a search of a few vectors (the neighbours of one image or one uploaded file, up to
+:data:`FEW_QUERIES`) runs on one OpenMP thread (:func:`faiss_threads`): on a small, loaded
+machine the spin-waiting of idle OpenMP workers costs such a query more than they save. Bulk
+searches (:meth:`NeighborIndex.knn_all`, :meth:`NeighborIndex.duplicates`, many query vectors)
+keep faiss's thread count.
 """
 from __future__ import annotations
 
@@ -17,8 +23,9 @@ import json
 import logging
 import math
 import os
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -38,6 +45,7 @@ INDEX_FORMAT = 1                 # bump when the saved layout or build recipe ch
 DEFAULT_IVF_THRESHOLD = 1_000_000
 _CHUNK = 65_536                  # rows normalised / searched at a time
 _GPU_MAX_K = 2048                # faiss GPU indexes refuse larger k
+FEW_QUERIES = 16                 # searches of at most this many vectors run on one thread
 
 Progress = Callable[[int, int], None]
 EmbedFn = Callable[[list], np.ndarray]
@@ -62,6 +70,27 @@ def gpu_available() -> bool:
         return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     except Exception:  # noqa: BLE001 - a broken CUDA runtime means "no GPU", not a crash
         return False
+
+
+@contextmanager
+def faiss_threads(n: int) -> Iterator[None]:
+    """Run faiss with ``n`` OpenMP threads inside the block; the previous count is restored
+    after it, also when it raises. The count is per calling thread (OpenMP), so a search in
+    another thread is not affected."""
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"faiss threads must be a positive integer, got {n!r}")
+    faiss = _import_faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _threads_for(n_queries: int) -> AbstractContextManager[None]:
+    """One thread for a search of a few query vectors, faiss's own count for bulk searches."""
+    return faiss_threads(1) if n_queries <= FEW_QUERIES else nullcontext()
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:
@@ -276,7 +305,7 @@ class NeighborIndex:
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, *,
                        progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest catalog images of each query vector.
+        """k nearest catalog images of each query vector (on one thread for a few vectors).
 
         Args:
             vectors: ``[m, D]`` or ``[D]`` query embeddings (normalised here).
@@ -297,7 +326,8 @@ class NeighborIndex:
         ids = np.empty((m, k), np.int64)
         for start in range(0, m, _CHUNK):
             stop = min(m, start + _CHUNK)
-            s, p = self._search_raw(normalize(q[start:stop]), k)
+            with _threads_for(m):
+                s, p = self._search_raw(normalize(q[start:stop]), k)
             sims[start:stop] = s
             ids[start:stop] = np.where(p >= 0, self.image_ids[np.maximum(p, 0)], -1)
             if progress:
@@ -318,7 +348,8 @@ class NeighborIndex:
         k = _check_k(k)
         image_id = int(image_id)
         q = self.vectors([image_id])
-        sims, pos = self._search_raw(q, k + (0 if include_self else 1))
+        with _threads_for(1):
+            sims, pos = self._search_raw(q, k + (0 if include_self else 1))
         sims, pos = sims[0], pos[0]
         keep = pos >= 0
         ids = self.image_ids[np.maximum(pos, 0)]

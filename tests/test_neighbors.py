@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from workspace_fixtures import image_path, make_workspace_with_run
 
-from selfclassifier_core.neighbors import INDEX_FILE, NeighborIndex
+from selfclassifier_core import neighbors
+from selfclassifier_core.neighbors import INDEX_FILE, NeighborIndex, faiss_threads
 from selfclassifier_core.predictions import load_predictions, save_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +158,102 @@ def test_search_file_uses_the_embedding_function():
         index.search_file(b"x", k=3)   # not made with for_run: no model to embed with
     with pytest.raises(ValueError, match="could not read"):
         index.search_file(b"x", k=3, embed_fn=lambda items: np.full((1, 16), np.nan))
+
+
+# ---------------------------------------------------------------------------- threads
+@pytest.fixture
+def faiss_on_three_threads():
+    """faiss on 3 OpenMP threads during the test (neither 1 nor the default), restored after."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    yield faiss
+    faiss.omp_set_num_threads(before)
+
+
+class ThreadsSeen:
+    """Stands in for a faiss index: records the OpenMP thread count of each search, then
+    searches the real index (or raises ``error``)."""
+
+    def __init__(self, index, error: Exception | None = None):
+        self.index, self.error, self.threads = index, error, []
+
+    def search(self, x, k):
+        import faiss
+
+        self.threads.append(faiss.omp_get_max_threads())
+        if self.error is not None:
+            raise self.error
+        return self.index.search(x, k)
+
+
+def test_faiss_threads_restores_the_count_also_on_error(faiss_on_three_threads):
+    faiss = faiss_on_three_threads
+    with faiss_threads(1):
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == 3
+    with pytest.raises(RuntimeError, match="boom"):
+        with faiss_threads(2):
+            assert faiss.omp_get_max_threads() == 2
+            raise RuntimeError("boom")
+    assert faiss.omp_get_max_threads() == 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="faiss threads"):
+            with faiss_threads(bad):
+                pass
+    assert faiss.omp_get_max_threads() == 3
+
+
+def test_few_queries_run_on_one_thread_with_the_multithreaded_results(faiss_on_three_threads,
+                                                                      monkeypatch):
+    faiss = faiss_on_three_threads
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(3000, 32)).astype(np.float32)
+    ids = rng.permutation(np.arange(1, 3001))
+    queries = rng.normal(size=(3, 32)).astype(np.float32)
+    index = NeighborIndex(emb, ids, use_gpu=False)
+    spy = index.index = ThreadsSeen(index.cpu_index)
+
+    def one_off_searches():
+        return (index.search_vectors(queries, k=8),
+                index.search(int(ids[7]), k=5),
+                index.search_file(b"img", k=4, embed_fn=lambda items: emb[[11]]))
+
+    (sims, got), near, near_file = one_off_searches()
+    assert spy.threads == [1, 1, 1] and faiss.omp_get_max_threads() == 3
+
+    monkeypatch.setattr(neighbors, "FEW_QUERIES", 0)   # the same searches, multi-threaded
+    spy.threads.clear()
+    (sims_mt, got_mt), near_mt, near_file_mt = one_off_searches()
+    assert spy.threads == [3, 3, 3]
+    np.testing.assert_array_equal(sims, sims_mt)
+    np.testing.assert_array_equal(got, got_mt)
+    pd.testing.assert_frame_equal(near, near_mt)
+    pd.testing.assert_frame_equal(near_file, near_file_mt)
+    assert near_file["image_id"].iloc[0] == ids[11]
+
+
+def test_bulk_searches_keep_the_thread_count(faiss_on_three_threads):
+    emb, _, group_b = planted_embeddings()
+    ids = np.arange(1000, 1200)
+    index = NeighborIndex(emb, ids, use_gpu=False)
+    spy = index.index = ThreadsSeen(index.cpu_index)
+    index.knn_all(k=3)
+    assert sorted(ids[group_b].tolist()) in index.duplicates(threshold=0.9999)
+    index.search_vectors(emb[:neighbors.FEW_QUERIES + 1], k=3)
+    assert spy.threads == [3, 3, 3]
+
+
+def test_thread_count_is_restored_when_a_search_raises(faiss_on_three_threads):
+    faiss = faiss_on_three_threads
+    index = NeighborIndex(unit(np.eye(4)), [1, 2, 3, 4], use_gpu=False)
+    spy = index.index = ThreadsSeen(index.cpu_index, error=RuntimeError("search failed"))
+    with pytest.raises(RuntimeError, match="search failed"):
+        index.search(1, k=2)
+    with pytest.raises(RuntimeError, match="search failed"):
+        index.search_vectors(np.ones(4), k=2)
+    assert spy.threads == [1, 1] and faiss.omp_get_max_threads() == 3
 
 
 # ---------------------------------------------------------------------------- per run
