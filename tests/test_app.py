@@ -85,8 +85,8 @@ def test_opens_the_demo_by_default(monkeypatch):
     assert metrics["Ignored files"] == "1"            # LICENSE-emoji is not an image
     assert metrics["Unreadable"] == "0"
     assert at.selectbox(key="opt_mode").value in ("fast", "scratch")
-    if at.selectbox(key="opt_mode").value == "fast":   # the quick route for small folders
-        assert at.number_input(key="opt_epochs").value == 75
+    if at.selectbox(key="opt_mode").value == "fast":   # the core's default length
+        assert at.number_input(key="opt_epochs").value == 0
     assert recent.load_recent()[0]["folder"] == str((ROOT / "assets" / "demo").resolve())
     # no run yet: the other screens say so in words instead of failing
     for page in ("Clusters", "Map", "Neighbours", "Export"):

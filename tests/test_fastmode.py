@@ -194,3 +194,29 @@ def test_default_recipe_fits_cpu_budget():
     assert 2 <= views <= 4 and 96 <= size < 224
     assert 2000 * views / fastmode.CPU_IMAGES_PER_S[size] <= fastmode.CPU_EXTRACT_BUDGET_S
     assert fastmode.default_recipe(1_000_000, cpu) == (2, 96)
+
+
+def test_default_recipe_small_images_not_upscaled_on_cpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    big = fastmode.default_recipe(300, cpu, median_side=800)
+    small = fastmode.default_recipe(300, cpu, median_side=64)
+    assert big[1] > fastmode.SMALL_IMAGE_VIEW and small[1] <= fastmode.SMALL_IMAGE_VIEW
+    assert small[0] >= big[0]                         # the time saved goes into views
+    assert fastmode.default_recipe(300, gpu, median_side=64) == (8, 224)
+
+
+def test_default_steps_follow_folder_size():
+    assert fastmode.default_steps(306, 256) == 100     # small folder: the floor
+    assert fastmode.default_steps(2000, 256) == 700    # 100 passes of 7 steps
+    assert fastmode.default_steps(10_000_000, 1024) == 3000
+
+
+def test_median_side_from_catalog(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(10, 40), (30, 20), (50, 50)]):
+        Image.new("RGB", (w, h), (i * 50, 0, 0)).save(folder / f"{i}.png")
+    ws = Workspace.for_folder(folder, tmp_path / "ws")
+    assert fastmode.median_side(ws) is None            # nothing scanned yet
+    catalog.scan(folder, ws)
+    assert fastmode.median_side(ws) == 40.0

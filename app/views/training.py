@@ -29,38 +29,26 @@ def offline_pretrained() -> bool:
             and importlib.util.find_spec("efficientnet_lite_pytorch") is not None)
 
 
-def default_settings(n_images: int, median_side: float | None = None) -> dict:
+def default_settings(n_images: int) -> dict:
     """The fastest route to useful clusters: fast mode when offline weights exist.
 
-    Small images (icons, thumbnails, ≤ 96 px) are embedded at 128 px instead of 224 px in fast
-    mode: about a third of the work, which keeps the demo's first clusters within two minutes
-    on a 2-core CPU.
+    Views, image size and the number of steps are the core's defaults
+    (:func:`selfclassifier_core.fastmode.default_recipe` embeds icons at 128 px on a CPU;
+    :func:`~selfclassifier_core.fastmode.default_steps` sizes training to the folder), so the
+    app and the command line train the same way.
     """
     fast = offline_pretrained()
-    small = median_side is not None and median_side <= 96
     return {
         "mode": "fast" if fast else "scratch",
         "backbone": "efficientnet_lite0" if fast else AUTO,
         "pretrained": "imagenet" if fast else None,
-        "image_size": 128 if fast and small else None,
         "classes": 0,  # automatic
-        # fast mode's default 600 steps are far more than a small folder needs (measured on the
-        # demo: 75 steps give the same NMI as 600 in an eighth of the training time)
-        "epochs": 75 if fast and n_images <= 1000 else 0,
+        "epochs": 0,   # the core's default length
         # fast mode is bounded by its default steps (a cap could cut training to nothing
         # while features are still being computed); scratch needs a budget
         "minutes": 0.0 if fast else (1.0 if n_images <= 2000 else 10.0),
         "device": "auto",
     }
-
-
-def median_side(ctx: state.Context) -> float | None:
-    with ctx.ws.connect() as conn:
-        rows = conn.execute("SELECT MAX(width, height) FROM images WHERE status='ok' "
-                            "AND width IS NOT NULL LIMIT 2000").fetchall()
-    conn.close()
-    sides = sorted(r[0] for r in rows)
-    return float(sides[len(sides) // 2]) if sides else None
 
 
 def render(ctx: state.Context) -> None:
@@ -146,7 +134,7 @@ def _scan_section(ctx: state.Context) -> None:
 def _settings_section(ctx: state.Context) -> None:
     st.subheader("Train")
     n = len(ctx.ws.usable_images())
-    d = default_settings(n, median_side(ctx))
+    d = default_settings(n)
     active = jobs.active_run(ctx.ws)
     with st.form("train_settings"):
         c1, c2, c3 = st.columns(3)
@@ -190,8 +178,6 @@ def _settings_section(ctx: state.Context) -> None:
                    "batch_size": int(batch) or None}
         if mode in ("fast", "finetune") and backbone == "efficientnet_lite0":
             options["pretrained"] = "imagenet"
-        if mode == "fast" and d["image_size"]:
-            options["image_size"] = d["image_size"]
         try:
             run_id = jobs.start_training(ctx.folder, ctx.ws, options)
         except Exception as exc:  # noqa: BLE001 - in words
