@@ -103,8 +103,6 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return x
 
 
-
-
 class NeighborIndex:
     """k-nearest-neighbour search by cosine similarity over image embeddings.
 

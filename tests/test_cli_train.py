@@ -10,7 +10,7 @@ import pytest
 
 from selfclassifier_core.cli import build_parser, main
 from selfclassifier_core.workspace import Workspace
-from test_trainer import make_folder
+from train_fixtures import make_folder
 
 
 def _cli(*args, env_extra=None):

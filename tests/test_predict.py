@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from selfclassifier_core.predict import embed_files, head_prediction, load_model, predict
@@ -11,16 +10,28 @@ from selfclassifier_core.predictions import load_predictions
 from selfclassifier_core.trainer import train
 from selfclassifier_core.workspace import Workspace, WorkspaceError
 
-from test_trainer import FAST, make_folder
+from train_fixtures import FAST, make_folder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("pred")
-    folder = make_folder(tmp / "imgs", n=16)
-    res = train(folder, tmp / "ws", classes=2, epochs=1, batch_size=8, **FAST)
-    return tmp, res
+def _module_run():
+    return {}
+
+
+@pytest.fixture
+def trained(one_torch_thread, tmp_path_factory, _module_run):
+    """``(tmp dir, TrainResult)`` of one tiny run shared by the module's tests.
+
+    It is trained on first use inside a test, so on the one torch thread of ``one_torch_thread``
+    (a module-scoped fixture would be set up before that function-scoped one)."""
+    if not _module_run:
+        tmp = tmp_path_factory.mktemp("pred")
+        folder = make_folder(tmp / "imgs", n=16)
+        res = train(folder, tmp / "ws", classes=2, epochs=1, batch_size=8, **FAST)
+        _module_run["run"] = tmp, res
+    return _module_run["run"]
 
 
 def test_head_prediction_margin():
