@@ -9,6 +9,10 @@ very same cached backbone features -- all measured in the same run, plus the tim
     python benchmarks/quality.py --dataset emoji --mode fast --minutes 3
     python benchmarks/quality.py --dataset digits --mode scratch --minutes 5
     python benchmarks/quality.py --dataset mnist --n 2000 --mode fast --set nn_prob=0.7
+    python benchmarks/quality.py --dataset emoji --mode fast --seeds 5   # mean and range
+
+``--seeds N`` trains every variant N times (training seeds 0..N-1; in fast mode the cached
+features are the same for all) and prints each run, then the mean, min and max.
 
 ``--set key=value`` passes extra fast-mode options (see ``fastmode.FastOptions``); several
 ``--set`` groups separated by ``--variant`` are trained one after another on the same cache.
@@ -117,6 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra option key=value")
     ap.add_argument("--variant", action="append", default=[],
                     help="extra variant: comma-separated key=value (trained after the first)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train each variant with seeds 0..N-1 and print mean/min/max")
     ap.add_argument("--json", action="store_true", help="print one JSON line per result")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -142,15 +148,19 @@ def main(argv=None) -> int:
     results = []
     y_all = np.asarray(labels_sorted)
     km_pix, t_km = kmeans(pixels, n_true)
-    results.append(("k-means raw pixels", scores(y_all, km_pix), t_km))
+    results.append(("k-means raw pixels", scores(y_all, km_pix), t_km, None))
 
     variants = [parse_sets(args.set)] + [
         {**parse_sets(args.set), **parse_sets(v.split(","))} for v in args.variant]
     import selfclassifier_core as sc
     from selfclassifier_core.workspace import Workspace
 
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
+    runs = [(vi, {**extra, "seed": seed} if args.seeds > 1 else extra)
+            for vi, extra in enumerate(variants) for seed in range(args.seeds)]
     first_time = None
-    for vi, extra in enumerate(variants):
+    for vi, extra in runs:
         run_id, secs = train_run(folder, ws_path, args, extra)
         first_time = first_time or secs
         ws = Workspace.open(ws_path)
@@ -160,34 +170,43 @@ def main(argv=None) -> int:
         y_true = np.asarray([truth[rel_of[int(i)]] for i in preds.image_ids])
         head = run.main_head or preds.head_sizes[0]
         name = f"self-classifier {args.mode} (K={head}{', ' + json.dumps(extra) if extra else ''})"
-        results.append((name, scores(y_true, preds.head(head).cluster), secs))
+        results.append((name, scores(y_true, preds.head(head).cluster), secs, vi))
         print(f"run {run_id}: status {run.status} {run.message or ''}; classes in use "
               f"{len(np.unique(preds.head(head).cluster))}/{head}")
 
-        if args.mode == "fast" and vi == 0:
+        if args.mode == "fast" and vi == 0 and extra.get("seed", 0) == 0:
             from selfclassifier_core.features import extract_features
 
             ckpt_cfg = json.loads((run.dir / "config.json").read_text())
             cache = extract_features(ws, ckpt_cfg["backbone"], ckpt_cfg["pretrained"],
                                      views=ckpt_cfg["views"], image_size=ckpt_cfg["image_size"],
-                                     seed=ckpt_cfg["seed"], device=args.device)
+                                     seed=ckpt_cfg.get("feature_seed", ckpt_cfg["seed"]),
+                                     device=args.device)
             assert cache.computed == 0, "feature cache should have been reused"
             pos = {int(i): p for p, i in enumerate(cache.image_ids)}
             rows = [pos[int(i)] for i in preds.image_ids]
             f = np.asarray(cache.full, np.float32)[rows]
             km, t = kmeans(f, n_true)
-            results.append(("k-means same features", scores(y_true, km), t))
+            results.append(("k-means same features", scores(y_true, km), t, None))
             fn = f / np.linalg.norm(f, axis=1, keepdims=True)
             km, t = kmeans(fn, n_true)
-            results.append(("k-means same features, L2-normalised", scores(y_true, km), t))
+            results.append(("k-means same features, L2-normalised", scores(y_true, km), t, None))
 
     print(f"\n{args.dataset}: {len(truth)} images, {n_true} true classes; mode {args.mode}, "
           f"time to clusters {first_time:.1f} s (incl. scan + features + training + predict)")
     print(f"{'method':<70} {'ACC':>6} {'NMI':>6} {'ARI':>6} {'sec':>7}")
-    for name, s, t in results:
+    for name, s, t, _ in results:
         print(f"{name:<70} {s['acc']:6.3f} {s['nmi']:6.3f} {s['ari']:6.3f} {t:7.1f}")
         if args.json:
             print(json.dumps({"dataset": args.dataset, "method": name, **s, "seconds": t}))
+    if args.seeds > 1:
+        print(f"\nover {args.seeds} training seeds: mean [min, max]")
+        for vi, extra in enumerate(variants):
+            rows = [s for _, s, _, v in results if v == vi]
+            print(f"variant {vi} {json.dumps(extra)}")
+            for m in ("acc", "nmi", "ari"):
+                v = np.asarray([r[m] for r in rows])
+                print(f"  {m.upper()} {v.mean():.3f} [{v.min():.3f}, {v.max():.3f}]")
     return 0
 
 

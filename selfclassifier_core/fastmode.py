@@ -147,7 +147,8 @@ class FastOptions:
     proj_layers: int = 2
     proj_bn: bool = True
     device: str = "auto"
-    seed: int = 0
+    seed: int = 0                        # training: initialisation, batches, positives
+    feature_seed: int = 0                # the cached views' crops (part of the cache key)
     feature_batch_size: int | None = None
     workers: int | None = None
 
@@ -316,7 +317,7 @@ def _train_fast(ws: Workspace, run_id: int, opts: FastOptions, progress, should_
 
     try:
         cache = extract_features(ws, backbone, opts.pretrained, views=n_views,
-                                 image_size=image_size, seed=opts.seed, device=device,
+                                 image_size=image_size, seed=opts.feature_seed, device=device,
                                  batch_size=opts.feature_batch_size, workers=opts.workers,
                                  progress=feat_progress, should_stop=stop_requested)
     except InterruptedError:
