@@ -220,3 +220,17 @@ def test_median_side_from_catalog(tmp_path):
     assert fastmode.median_side(ws) is None            # nothing scanned yet
     catalog.scan(folder, ws)
     assert fastmode.median_side(ws) == 40.0
+
+
+def test_training_seed_reuses_cached_views_feature_seed_does_not(dark_bright):
+    _, ws, weights, _ = dark_bright
+    keys, embeddings = [], []
+    for extra in ({"seed": 0}, {"seed": 1}, {"seed": 1, "feature_seed": 7}):
+        opts = _options(weights, steps=5, **extra)
+        run_id = ws.create_run("fast", opts)
+        fastmode.train_fast(ws, run_id, opts)
+        cfg = json.loads((ws.run_dir(run_id) / "config.json").read_text())
+        keys.append(cfg["feature_cache"])
+        embeddings.append(load_predictions(ws.run_dir(run_id)).embeddings)
+    assert keys[0] == keys[1] != keys[2]
+    assert not np.array_equal(embeddings[0], embeddings[1])   # the training seed does change the model
