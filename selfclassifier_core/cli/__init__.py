@@ -19,6 +19,23 @@ class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+def open_workspace(path: str):
+    """The workspace at ``path``, or the default workspace of the image folder ``path``."""
+    from pathlib import Path
+
+    from ..workspace import DB_NAME, Workspace, default_workspace_for
+
+    p = Path(path).expanduser()
+    if (p / DB_NAME).exists():
+        return Workspace.open(p)
+    if p.is_dir():
+        default = default_workspace_for(p)
+        if (default / DB_NAME).exists():
+            return Workspace.open(default)
+    raise CliError(f"no workspace at {path} (and no workspace for it as an image folder); run "
+                   "`scan` or `train` first")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfclassifier",

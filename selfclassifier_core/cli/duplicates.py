@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import CliError
+from . import CliError, open_workspace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,14 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..neighbors import NeighborIndex
-    from ..workspace import Workspace
     from .neighbors import catalog_paths
 
     if not -1.0 <= args.threshold <= 1.0:
         raise CliError(f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}")
     if args.k < 1:
         raise CliError(f"-k must be at least 1, got {args.k}")
-    ws = Workspace.open(args.workspace)
+    ws = open_workspace(args.workspace)
     index = NeighborIndex.for_run(ws, args.run)
     groups = index.duplicates(threshold=args.threshold, k=args.k)
     conn = ws.connect()

@@ -25,25 +25,10 @@ import argparse
 import os
 from pathlib import Path
 
-from . import CliError
+from . import CliError, open_workspace  # noqa: F401  (open_workspace: also used by export)
 
 ACTIONS = ("list", "rename", "merge", "move", "create", "rename-label", "delete", "exclude",
            "include", "undo", "redo", "history", "carry")
-
-
-def open_workspace(path: str):
-    """The workspace at ``path``, or the default workspace of the image folder ``path``."""
-    from ..workspace import DB_NAME, Workspace, default_workspace_for
-
-    p = Path(path).expanduser()
-    if (p / DB_NAME).exists():
-        return Workspace.open(p)
-    if p.is_dir():
-        default = default_workspace_for(p)
-        if (default / DB_NAME).exists():
-            return Workspace.open(default)
-    raise CliError(f"no workspace at {path} (and no workspace for it as an image folder); run "
-                   "`scan` or `train` first")
 
 
 def add_run_head(parser: argparse.ArgumentParser, suppress: bool = False) -> None:

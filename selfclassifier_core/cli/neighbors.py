@@ -9,7 +9,7 @@ import argparse
 import sqlite3
 from pathlib import Path
 
-from . import CliError
+from . import CliError, open_workspace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,11 +60,10 @@ def resolve_image(ws, conn: sqlite3.Connection, image: str) -> tuple[int | None,
 
 def run(args: argparse.Namespace) -> int:
     from ..neighbors import NeighborIndex
-    from ..workspace import Workspace
 
     if args.k < 1:
         raise CliError(f"-k must be at least 1, got {args.k}")
-    ws = Workspace.open(args.workspace)
+    ws = open_workspace(args.workspace)
     conn = ws.connect()
     try:
         image_id, file = resolve_image(ws, conn, args.image)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import open_workspace
+
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="predict every image with a trained run",
@@ -21,9 +23,8 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..predict import predict, predict_folder
-    from ..workspace import Workspace
 
-    ws = Workspace.open(args.workspace)
+    ws = open_workspace(args.workspace)
     if args.folder:
         new_ws, run_id, preds = predict_folder(ws, args.folder, args.run,
                                                out_workspace=args.out_workspace,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from . import open_workspace
+
 
 def register(sub) -> None:
     p = sub.add_parser("runs", help="list the training runs of a workspace")
@@ -12,9 +14,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..workspace import Workspace
 
-    ws = Workspace.open(args.workspace)
+    ws = open_workspace(args.workspace)
     runs = ws.list_runs()
     if not runs:
         print(f"no runs in workspace {ws.path}")
