@@ -51,7 +51,7 @@ from .loss import SelfClassifierLoss
 from .queue import NeighborQueue, queue_size_for
 from .transforms import (GLOBAL_SCALE, LOCAL_SCALE, TINY_GLOBAL_SCALE, TINY_LOCAL_SCALE,
                          MultiCropTransform, crop_sizes_for)
-from .workspace import Workspace, WorkspaceError
+from .workspace import RunInfo, Workspace, WorkspaceError
 
 if TYPE_CHECKING:
     from .pretrained import LoadReport
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("scratch", "fast", "finetune")
+RESUMABLE_MODES = ("scratch", "finetune")  # fast runs start again from their feature cache
 OPTIMIZERS = ("lars", "adamw")
 AUGMENTS = ("auto", "cpu", "device")
 CANCEL_FILE = "CANCEL"
@@ -775,18 +776,27 @@ def _open_workspace(folder: str | os.PathLike | None,
     return Workspace.for_folder(folder, workspace)
 
 
-def _find_resume_run(ws: Workspace, run_id: int | None) -> int:
+def _find_resume_run(ws: Workspace, run_id: int | None) -> RunInfo:
+    """The run ``--resume`` continues: ``run_id``, else the newest scratch or finetune run with a
+    checkpoint. Fast runs are never resumed. Raises before anything is changed."""
     if run_id is not None:
         run = ws.get_run(run_id)
+        if run.mode not in RESUMABLE_MODES:
+            raise ValueError(f"--resume: run {run.id} is a {run.mode}-mode run; {run.mode} mode is "
+                             "not resumed, start it again: its features are cached")
     else:
-        runs = [r for r in ws.list_runs() if (r.dir / CHECKPOINT_FILE).exists()]
+        saved = [r for r in ws.list_runs() if (r.dir / CHECKPOINT_FILE).exists()]
+        runs = [r for r in saved if r.mode in RESUMABLE_MODES]
         if not runs:
-            raise CheckpointError(f"--resume: no run with a checkpoint in workspace {ws.path}")
+            hint = ("; fast-mode runs are not resumed, start one again: its features are cached"
+                    if saved else "")
+            raise CheckpointError(f"--resume: no run with a checkpoint in workspace {ws.path}"
+                                  f"{hint}")
         run = runs[-1]
     if not (run.dir / CHECKPOINT_FILE).exists():
         raise CheckpointError(f"--resume: run {run.id} has no checkpoint ({run.dir / CHECKPOINT_FILE}"
                               " missing); start a new run without --resume")
-    return run.id
+    return run
 
 
 def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.PathLike | None = None,
@@ -806,9 +816,10 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
             allows). Default about sqrt(n/2); see :func:`resolve_config` for every default.
         epochs / minutes: the budget; with both, whichever ends first.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``.
-        resume: continue run ``run_id`` (default: the newest run with a checkpoint) from its
-            checkpoint; ``epochs``/``minutes`` then set the new total. A missing checkpoint
-            is an error.
+        resume: continue run ``run_id`` (default: the newest scratch or finetune run with a
+            checkpoint) from its checkpoint; ``epochs``/``minutes`` then set the new total. A
+            missing checkpoint or a fast run is an error, raised before the run is changed; a
+            finished run whose continuation fails stays ``done``.
         mode: ``scratch`` | ``finetune`` | ``fast`` (default ``fast`` with ``pretrained``,
             else ``scratch``).
         pretrained: torchvision weights name or a local weights file.
@@ -854,10 +865,15 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
     dev = resolve_device(device)
 
     resume_state = None
+    before: RunInfo | None = None  # the resumed run as it was, restored if resuming fails
     if resume:
-        run_id = _find_resume_run(ws, run_id)
+        before = _find_resume_run(ws, run_id)
+        run_id = before.id
         resume_state = load_checkpoint(ws.run_dir(run_id) / CHECKPOINT_FILE)
         cfg = TrainConfig.from_dict(resume_state["train_config"])
+        if cfg.mode not in RESUMABLE_MODES:
+            raise ValueError(f"--resume: the checkpoint of run {run_id} is from a {cfg.mode}-mode "
+                             "run, which is not resumed; start it again: its features are cached")
         if epochs is not None or minutes is not None:
             cfg.epochs, cfg.minutes = epochs, minutes
         cfg.device = str(dev)
@@ -889,10 +905,24 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
     except BaseException as exc:
         if dist.is_main():
             status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-            ws.update_run(run_id, status=status, message=str(exc) or type(exc).__name__)
-            _write_final_progress(run_dir, status, str(exc))
+            if before is not None and before.status == "done" and status == "failed":
+                _restore_finished_run(ws, before, exc)
+            else:
+                ws.update_run(run_id, status=status, message=str(exc) or type(exc).__name__)
+                _write_final_progress(run_dir, status, str(exc))
         raise
     return result
+
+
+def _restore_finished_run(ws: Workspace, before: RunInfo, exc: BaseException) -> None:
+    """Undo what a failed ``--resume`` of a finished run changed in its record: the run stays
+    ``done`` with its config and its predictions (the checkpoint may hold later epochs)."""
+    log.warning("run %d: continuing it failed (%s); it stays done with its earlier predictions",
+                before.id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    ws.update_run(before.id, status="done", finished=before.finished, message=before.message,
+                  config=before.config)
+    atomic_write_json(before.dir / CONFIG_FILE, before.config)
+    _write_final_progress(before.dir, "done", before.message)
 
 
 def _broadcast_int(value: int | None) -> int:

@@ -56,6 +56,22 @@ def test_resume_without_checkpoint_exit_2(tmp_path):
     assert r.returncode == 2 and "no run with a checkpoint" in r.stderr
 
 
+def test_resume_of_a_fast_run_exit_2_and_run_untouched(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=8)
+    ws = Workspace.for_folder(folder, tmp_path / "ws")
+    run_id = ws.create_run("fast", {"classes": 2})
+    (ws.run_dir(run_id) / "checkpoint.pt").write_bytes(b"never loaded")
+    ws.update_run(run_id, status="done")
+    before = ws.get_run(run_id)
+    for args, words in [(["--run-id", str(run_id)], f"run {run_id} is a fast-mode run"),
+                        ([], "fast-mode runs are not resumed")]:
+        r = _cli("train", folder, "--workspace", tmp_path / "ws", "--resume", *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert lines[0].startswith("error: --resume") and words in lines[0], r.stderr
+    assert ws.get_run(run_id) == before
+
+
 def test_augment_flag_values(tmp_path, capsys):
     parse = build_parser().parse_args
     assert parse(["train", "f"]).augment is None  # the trainer resolves auto

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from selfclassifier_core import trainer as trainer_mod
-from selfclassifier_core.checkpoint import CheckpointError, load_checkpoint
+from selfclassifier_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from selfclassifier_core.model import ModelConfig, SelfClassifier
 from selfclassifier_core.predictions import load_predictions
 from selfclassifier_core.trainer import TrainingError, resolve_config, train
 from selfclassifier_core.workspace import Workspace
@@ -128,6 +129,62 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
     run_id = ws.create_run("scratch", {})
     with pytest.raises(CheckpointError, match=f"run {run_id} has no checkpoint"):
         train(None, ws, resume=True, run_id=run_id)
+
+
+def _finished_fast_run(ws: Workspace) -> int:
+    """A done fast-mode run with a checkpoint shaped like fastmode's: its ``train_config`` lacks
+    ``proj_hidden_dim``, so a scratch model rebuilt from it does not fit the saved weights."""
+    heads = [2, 4, 8]
+    model = SelfClassifier(ModelConfig(backbone="convnet_small", image_size=8, small_input=True,
+                                       proj_hidden_dim=64, heads=heads))
+    run_id = ws.create_run("fast", {"classes": 2}, heads=heads, main_head=2)
+    save_checkpoint(ws.run_dir(run_id) / "checkpoint.pt", {
+        **model.checkpoint_dict(), "mode": "fast",
+        "train_config": {"mode": "fast", "backbone": "convnet_small", "classes": 2,
+                         "heads": heads, "global_size": 8, "batch_size": 8}})
+    ws.update_run(run_id, status="done")
+    return run_id
+
+
+def test_resume_skips_fast_runs_and_leaves_them_alone(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=16)
+    first = train(folder, tmp_path / "ws", classes=2, epochs=1, batch_size=8, **FAST)
+    ws = first.workspace
+    fast_id = _finished_fast_run(ws)               # the newest run with a checkpoint
+    before = ws.get_run(fast_id)
+    ckpt = (before.dir / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=f"run {fast_id} is a fast-mode run; fast mode is not "
+                                         "resumed, start it again: its features are cached"):
+        train(None, ws, resume=True, run_id=fast_id, device="cpu")
+    resumed = train(None, ws, resume=True, device="cpu")   # picks the scratch run
+    assert resumed.run_id == first.run_id and resumed.status == "done"
+    assert ws.get_run(fast_id) == before
+    assert (before.dir / "checkpoint.pt").read_bytes() == ckpt
+    # no scratch or finetune run to continue: one error that says why
+    ws2 = Workspace.for_folder(folder, tmp_path / "ws2")
+    _finished_fast_run(ws2)
+    with pytest.raises(CheckpointError, match="no run with a checkpoint .*fast-mode runs are not "
+                                              "resumed"):
+        train(None, ws2, resume=True)
+
+
+def test_failed_resume_leaves_a_finished_run_done(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path / "imgs", n=16)
+    first = train(folder, tmp_path / "ws", classes=2, epochs=1, batch_size=8, **FAST)
+    ws = first.workspace
+    before = ws.get_run(first.run_id)
+    config = (first.run_dir / "config.json").read_text()
+
+    def boom(self, epoch, stopper):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_one_epoch", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(None, ws, resume=True, epochs=2, device="cpu")
+    assert ws.get_run(first.run_id) == before      # done, same finish time, message and config
+    assert (first.run_dir / "config.json").read_text() == config
+    assert json.loads((first.run_dir / "progress.json").read_text())["status"] == "done"
+    assert load_predictions(first.run_dir).image_ids.size == 16
 
 
 def test_nan_loss_names_the_step(tmp_path, monkeypatch):

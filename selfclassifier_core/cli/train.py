@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, help="global batch (≥ classes)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--resume", action="store_true",
-                   help="continue the newest run with a checkpoint (or --run-id)")
+                   help="continue the newest scratch or finetune run with a checkpoint (or "
+                        "--run-id); fast runs are not resumed")
     p.add_argument("--run-id", type=int, help="with --resume: the run to continue")
     p.add_argument("--mode", choices=["scratch", "fast", "finetune"],
                    help="default: fast with --pretrained, else scratch")
