@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
+import torch
 
+from selfclassifier_core.backbones import build_backbone
 from selfclassifier_core.cli import build_parser, main
 from selfclassifier_core.workspace import Workspace
 from train_fixtures import make_folder
@@ -82,3 +86,31 @@ def test_augment_flag_values(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--augment" in err and "invalid choice: 'gpu'" in err
+
+
+def test_fast_run_stopped_by_sigterm_prints_no_resume_hint(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=8)
+    weights = tmp_path / "small.pth"
+    torch.save(build_backbone("convnet_small", False)[0].state_dict(), weights)
+    cmd = [sys.executable, "-m", "selfclassifier_core", "train", str(folder), "--workspace",
+           str(tmp_path / "ws"), "--pretrained", str(weights), "--backbone", "convnet_small",
+           "--classes", "2", "--batch-size", "8", "--epochs", "100000", "--device", "cpu",
+           "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    watchdog = threading.Timer(240, proc.kill)  # should the log line below never come
+    watchdog.start()
+    try:
+        for line in proc.stderr:  # the training loop starts after this line
+            if "fast mode:" in line and "steps" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 1, err
+    run = Workspace.open(tmp_path / "ws").get_run(1)
+    assert run.mode == "fast" and run.status == "cancelled"
+    assert "--resume" not in out and f"run 1 cancelled in workspace {tmp_path / 'ws'}" in out
+    assert "run the same train command again; it reuses the cached features" in out

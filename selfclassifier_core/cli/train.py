@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from ..trainer import TrainingError, train
 
     stop = threading.Event()
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         result = train(
             None if args.resume else args.folder, args.workspace, classes=args.classes,
@@ -64,12 +65,21 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         raise CliError(str(exc)) from exc
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         main = dist.is_main()
         dist.cleanup()
     if not main:
         return 0
     ws = result.workspace.path
     if result.status == "cancelled":
+        run = result.workspace.get_run(result.run_id)
+        if run.mode == "fast":  # not resumed: a new run starts from the cached features
+            print(f"run {run.id} cancelled in workspace {ws}"
+                  + (f" ({run.message})" if run.message else ""))
+            print("fast mode is not resumed: run the same train command again"
+                  + ("; it reuses the cached features" if result.predictions_path else ""))
+            return 1
         print(f"run {result.run_id} cancelled (checkpoint saved) in workspace {ws}")
         print(f"continue: python -m selfclassifier_core train {args.folder} --workspace {ws} "
               f"--resume --run-id {result.run_id}")
