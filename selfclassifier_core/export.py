@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -256,14 +257,19 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
             folder; editing an exported file then edits the original) or ``sym`` (absolute
             symbolic links).
         overwrite: allow a non-empty OUT. Files listed by an earlier export's ``mapping.json``
-            in OUT are removed first; anything else there is left alone (new files never replace
-            it: names are made unique instead).
+            in OUT are removed once the new tree is complete; anything else there is left alone
+            (new files never replace it: names are made unique instead).
         include_excluded: also export excluded images, under their label.
 
-    Source images are only read. Every target is checked to lie inside OUT; OUT may not overlap
-    the image folder. ``mapping.json`` holds ``labels`` (label -> folder) and ``files`` (file in
-    OUT -> source path relative to the image folder); ``labels.csv`` is the CSV export with a
-    ``file`` column.
+    The tree is built in a temporary folder beside OUT (``OUT.partial-*``; inside OUT as
+    ``.partial-*`` when OUT is an existing symlink or mount point, or its parent is read-only)
+    and moved into place when complete, so an error leaves OUT as it was (absent, or the earlier
+    export) and removes the temporary folder.
+
+    Source images are only read. Every target is checked to lie inside the temporary folder;
+    OUT may not overlap the image folder. ``mapping.json`` holds ``labels`` (label -> folder)
+    and ``files`` (file in OUT -> source path relative to the image folder); ``labels.csv`` is
+    the CSV export with a ``file`` column.
     """
     if link not in LINK_MODES:
         raise ValueError(f"link must be one of {LINK_MODES}, got {link!r}")
@@ -280,6 +286,7 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
     if existing and not overwrite:
         raise ValueError(f"export folder {out} is not empty ({len(existing)} entries); choose an "
                          "empty folder or pass overwrite=True (--overwrite)")
+    previous = _previous_export(out) if existing else None
     labels = Labels(workspace, run_id, head)
     table = export_table(workspace, labels.run_id, labels.head, include_excluded, labels)
     if link == "hard":
@@ -288,12 +295,25 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
             raise ValueError(f"hard links need the export folder on the same file system as the "
                              f"image folder ({out} and {root} are on different devices); use "
                              "link='copy' or 'sym'")
-    out.mkdir(parents=True, exist_ok=True)
     report = ExportReport(out_dir=out, link=link)
-    if existing:
-        report.removed_previous = _remove_previous_export(out)
+    staging, inside = _staging_dir(out)
+    try:
+        taken = _names_kept(out, previous) if existing else set()
+        _build_tree(staging, root, table, link, labels, taken, report, progress)
+        if previous is not None:
+            report.removed_previous = _remove_previous_export(out, previous)
+        _move_into_place(staging, out, inside)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("%s", report)
+    return report
 
-    taken_folders = {p.name.casefold() for p in out.iterdir()}
+
+def _build_tree(tree: Path, root: Path, table, link: str, labels: Labels, taken_folders: set[str],
+                report: ExportReport, progress: Callable[[int, int], None] | None) -> None:
+    """Write the label folders, ``labels.csv`` and ``mapping.json`` into the empty ``tree``;
+    ``taken_folders`` (case-folded) are names the tree's folders must not take."""
     folders: dict[str, str] = {}
     taken_files: dict[str, set[str]] = {}
     files: dict[str, str] = {}
@@ -303,18 +323,18 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
         if label not in folders:
             folders[label] = safe_folder_name(label, taken_folders)
         folder = folders[label]
-        d = out / folder
+        d = tree / folder
         if folder not in taken_files:
             d.mkdir(exist_ok=True)
-            if not is_within(d, out) or d.is_symlink():
-                raise ValueError(f"label folder {d} would lie outside {out}")
+            if not is_within(d, tree) or d.is_symlink():
+                raise ValueError(f"label folder {d} would lie outside {tree}")
             taken_files[folder] = {p.name.casefold() for p in d.iterdir()}
         name = Path(rel).name
         unique = _unique_file_name(name, taken_files[folder])
         report.renamed_files += unique != name
         target = d / unique
-        if not is_within(target, out) or is_within(target, root):
-            raise ValueError(f"target {target} would lie outside {out}")
+        if not is_within(target, tree) or is_within(target, root):
+            raise ValueError(f"target {target} would lie outside {tree}")
         src = root / rel
         try:
             _place(src, target, link)
@@ -325,8 +345,8 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
             file_col.append(None)
         except OSError as exc:
             if exc.errno == errno.EXDEV:
-                raise ValueError(f"cannot hard-link {src} into {out}: different file systems; "
-                                 "use link='copy' or 'sym'") from exc
+                raise ValueError(f"cannot hard-link {src} into the export folder: different "
+                                 "file systems; use link='copy' or 'sym'") from exc
             raise
         else:
             rel_target = f"{folder}/{unique}"
@@ -339,15 +359,59 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
     csv_table = table.copy()
     csv_table.insert(0, "file", file_col)
     csv_table = csv_table[csv_table["file"].notna()]
-    atomic_write_bytes(out / MAPPING_CSV, _csv_bytes_with_file(csv_table))
-    atomic_write_json(out / MAPPING_JSON, {
+    atomic_write_bytes(tree / MAPPING_CSV, _csv_bytes_with_file(csv_table))
+    atomic_write_json(tree / MAPPING_JSON, {
         "run": labels.run_id, "head": labels.head, "link": link, "created": time.time(),
         "image_folder": str(root), "labels": report.folders, "files": files,
         "missing": report.missing})
-    _usual_mode(out / MAPPING_CSV)
-    _usual_mode(out / MAPPING_JSON)
-    log.info("%s", report)
-    return report
+    _usual_mode(tree / MAPPING_CSV)
+    _usual_mode(tree / MAPPING_JSON)
+
+
+def _staging_dir(out: Path) -> tuple[Path, bool]:
+    """A new empty folder to build the export in, and whether it lies inside ``out``.
+
+    Beside ``out`` (same parent, so one rename puts the tree in place) unless ``out`` is an
+    existing directory that a sibling cannot be renamed into: a symlink, a mount point, or one
+    whose parent is not writable (e.g. a mounted drive or a container volume).
+    """
+    if out.is_dir() and (out.is_symlink() or os.stat(out).st_dev != os.stat(out.parent).st_dev):
+        return _make_temp_dir(out, ".partial-"), True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _make_temp_dir(out.parent, f"{out.name}.partial-"), False
+    except PermissionError:
+        if not out.is_dir():
+            raise
+        return _make_temp_dir(out, ".partial-"), True
+
+
+def _make_temp_dir(parent: Path, prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes 0700; OUT gets the usual permissions
+    return path
+
+
+def _move_into_place(staging: Path, out: Path, inside: bool) -> None:
+    """Put the finished tree ``staging`` at ``out``: one rename when ``out`` is absent or an
+    empty directory; otherwise entry by entry (names never clash: see :func:`_names_kept`),
+    ``mapping.json`` and ``labels.csv`` first, so that even a move cut short leaves a tree that
+    ``overwrite`` recognises."""
+    if not inside:
+        try:
+            os.rename(staging, out)  # POSIX: also replaces an empty directory
+            return
+        except OSError:
+            if not out.is_dir():
+                raise
+    names = sorted(os.listdir(staging), key=lambda n: (n not in (MAPPING_JSON, MAPPING_CSV), n))
+    clash = [n for n in names if os.path.lexists(out / n)]
+    if clash:
+        raise ValueError(f"{', '.join(clash[:3])} appeared in {out} during the export; export "
+                         "again")
+    for name in names:
+        os.rename(staging / name, out / name)
+    staging.rmdir()
 
 
 def _csv_bytes_with_file(df) -> bytes:
@@ -368,26 +432,51 @@ def _place(src: Path, target: Path, link: str) -> None:
         os.symlink(src.absolute(), target)
 
 
-def _remove_previous_export(out: Path) -> int:
-    """Remove the files an earlier export listed in ``out/mapping.json`` (and empty folders)."""
+def _previous_export(out: Path) -> list[Path] | None:
+    """The files an earlier export listed in ``out/mapping.json`` (each inside a label folder of
+    ``out``), or None without a mapping file. Raises ``ValueError`` for an unreadable one."""
     path = out / MAPPING_JSON
     if not path.exists():
-        return 0
+        return None
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
-        files = list(mapping.get("files", {}))
+        listed = list(mapping.get("files", {}))
     except (ValueError, AttributeError) as exc:
         raise ValueError(f"{path} is not a mapping file of an earlier export ({exc}); remove it "
                          "or choose an empty folder") from exc
-    removed = 0
-    dirs = set()
-    for rel in files:
+    files = []
+    for rel in listed:
         parts = Path(rel).parts
         p = out / rel
         if (len(parts) != 2 or Path(rel).is_absolute() or any(x in ("", ".", "..") for x in parts)
                 or not is_within(p.parent, out)):
             log.warning("ignoring %r listed in %s: not inside a label folder", rel, path)
             continue
+        files.append(p)
+    return files
+
+
+def _names_kept(out: Path, previous: list[Path] | None) -> set[str]:
+    """Case-folded names of the entries of ``out`` that removing the earlier export
+    ``previous`` (see :func:`_remove_previous_export`) leaves in place."""
+    gone = {p for p in previous or [] if p.is_symlink() or p.is_file()}
+    emptied = {p.parent for p in gone}
+    kept = set()
+    for entry in out.iterdir():
+        if previous is not None and entry.name in (MAPPING_JSON, MAPPING_CSV):
+            continue
+        if entry in emptied and all(c in gone for c in entry.iterdir()):
+            continue
+        kept.add(entry.name.casefold())
+    return kept
+
+
+def _remove_previous_export(out: Path, files: list[Path]) -> int:
+    """Remove ``files`` (from :func:`_previous_export`), the folders they leave empty, and the
+    earlier ``mapping.json`` and ``labels.csv``; returns how many files were removed."""
+    removed = 0
+    dirs = set()
+    for p in files:
         if p.is_symlink() or p.is_file():
             p.unlink()
             removed += 1

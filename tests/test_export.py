@@ -320,3 +320,87 @@ def test_previous_mapping_cannot_delete_outside(ws_run, tmp_path):
         {"files": {"../victim.txt": "x", "a/../../victim.txt": "y", str(victim): "z"}}))
     export_imagefolder(ws, out, overwrite=True)
     assert victim.read_text() == "precious"
+
+
+def _crash_after(monkeypatch, n: int) -> list[Path]:
+    """Make the export place ``n`` files, then fail as a full disk would; returns the placed."""
+    real, placed = ex._place, []
+
+    def place(src, target, link):
+        if len(placed) == n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, target, link)
+        placed.append(target)
+
+    monkeypatch.setattr(ex, "_place", place)
+    return placed
+
+
+def test_imagefolder_crash_leaves_no_out_then_exports(ws_run, tmp_path, monkeypatch):
+    ws, _ = ws_run
+    sources = tree_digest(ws.root)
+    clean = export_imagefolder(ws, tmp_path / "clean")
+    out = tmp_path / "export" / "out"
+    real = ex._place
+    placed = _crash_after(monkeypatch, 5)
+    with pytest.raises(OSError, match="No space left"):
+        export_imagefolder(ws, out)
+    assert len(placed) == 5 and not out.exists()
+    assert os.listdir(out.parent) == []                # no temporary folder left
+    monkeypatch.setattr(ex, "_place", real)
+    report = export_imagefolder(ws, out)
+    assert report.files == 24 and report.folders == clean.folders   # no cluster_0_2
+    assert sorted(os.listdir(out)) == sorted([*clean.folders.values(), "labels.csv",
+                                              "mapping.json"])
+    assert os.listdir(out.parent) == ["out"]
+    assert out.stat().st_mode & 0o777 == 0o777 & ~ex._umask()
+    assert tree_digest(ws.root) == sources
+
+
+def test_imagefolder_crash_during_overwrite_keeps_previous_export(ws_run, tmp_path, monkeypatch):
+    ws, _ = ws_run
+    out = tmp_path / "out"
+    export_imagefolder(ws, out)
+    (out / "keep.txt").write_text("mine")
+    before = tree_digest(out)
+    Labels(ws).merge([0, 1, 2], name="All")
+    real = ex._place
+    _crash_after(monkeypatch, 5)
+    with pytest.raises(OSError, match="No space left"):
+        export_imagefolder(ws, out, overwrite=True)
+    assert tree_digest(out) == before                  # the earlier export, complete
+    assert sorted(os.listdir(tmp_path)) == ["images", "out", "ws"]
+    monkeypatch.setattr(ex, "_place", real)
+    report = export_imagefolder(ws, out, overwrite=True)
+    assert report.removed_previous == 24
+    assert sorted(os.listdir(out)) == ["All", "keep.txt", "labels.csv", "mapping.json"]
+    assert len(os.listdir(out / "All")) == 24
+    assert sorted(os.listdir(tmp_path)) == ["images", "out", "ws"]
+
+
+def test_imagefolder_builds_inside_out_when_its_parent_is_read_only(ws_run, tmp_path,
+                                                                     monkeypatch):
+    ws, _ = ws_run
+    out = tmp_path / "mnt" / "out"
+    out.mkdir(parents=True)
+    real_temp = ex._make_temp_dir
+
+    def make_temp_dir(parent, prefix):
+        if parent == out.parent:
+            raise PermissionError(errno.EACCES, "Permission denied", str(parent))
+        return real_temp(parent, prefix)
+
+    monkeypatch.setattr(ex, "_make_temp_dir", make_temp_dir)
+    real = ex._place
+    _crash_after(monkeypatch, 5)
+    with pytest.raises(OSError, match="No space left"):
+        export_imagefolder(ws, out, link="sym")
+    assert os.listdir(out) == [] and os.listdir(out.parent) == ["out"]
+    monkeypatch.setattr(ex, "_place", real)
+    export_imagefolder(ws, out, link="sym")
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    files = json.loads((out / "mapping.json").read_text())["files"]
+    assert len(files) == 24
+    for target, source in files.items():
+        link = out / target
+        assert link.is_symlink() and link.resolve() == (ws.root / source).resolve()
