@@ -69,9 +69,11 @@ def default_heads(classes: int | None, n_images: int) -> list[int]:
     return [h for h in (classes, 2 * classes, 4 * classes) if h == classes or 2 * h <= n_images]
 
 
-# EfficientNet-Lite0 forward throughput on a 2-core x86_64 CPU (fp32, channels_last, measured;
-# bf16 autocast was 6-12x slower there), by image side, and the extraction budget on a CPU
-CPU_IMAGES_PER_S = {224: 16.0, 160: 55.0, 128: 90.0, 96: 150.0}
+# EfficientNet-Lite0 feature extraction on a 2-core x86_64 CPU, views per second by image side,
+# end to end (decode, crops and forward share the two cores; fp32 channels_last, bf16 autocast
+# was 6-12x slower there). Measured: 128 px 55 views/s, 160 px 35 views/s (the forward alone
+# runs ~95 views/s at 128 px); 224 and 96 px scaled from the forward-only figures.
+CPU_IMAGES_PER_S = {224: 10.0, 160: 35.0, 128: 55.0, 96: 90.0}
 CPU_EXTRACT_BUDGET_S = 90.0
 # Icons and thumbnails (median longest side at most SMALL_IMAGE_SIDE) are embedded at no more
 # than SMALL_IMAGE_VIEW px on a CPU: upscaling them further costs time and adds no detail

@@ -189,7 +189,9 @@ def test_knn_graph_excludes_self():
 def test_default_recipe_fits_cpu_budget():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert fastmode.default_recipe(10_000, gpu) == (8, 224)
-    assert fastmode.default_recipe(300, cpu) == (4, 224)
+    views, size = fastmode.default_recipe(200, cpu)     # a small folder: full resolution
+    assert size == 224 and 200 * views / fastmode.CPU_IMAGES_PER_S[224] <= \
+        fastmode.CPU_EXTRACT_BUDGET_S
     views, size = fastmode.default_recipe(2000, cpu)
     assert 2 <= views <= 4 and 96 <= size < 224
     assert 2000 * views / fastmode.CPU_IMAGES_PER_S[size] <= fastmode.CPU_EXTRACT_BUDGET_S
