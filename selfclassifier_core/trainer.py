@@ -50,7 +50,7 @@ from .fsutil import atomic_write_json
 from .loss import SelfClassifierLoss
 from .queue import NeighborQueue, queue_size_for
 from .transforms import (GLOBAL_SCALE, LOCAL_SCALE, TINY_GLOBAL_SCALE, TINY_LOCAL_SCALE,
-                         MultiCropTransform, crop_sizes_for)
+                         MultiCropTransform, crop_scale, crop_sizes_for)
 from .workspace import RunInfo, Workspace, WorkspaceError
 
 if TYPE_CHECKING:
@@ -289,14 +289,7 @@ def resolve_config(n_images: int, image_sizes: list[tuple[int, int]], device: to
     for name, tiny, usual in (("global_scale", TINY_GLOBAL_SCALE, GLOBAL_SCALE),
                               ("local_scale", TINY_LOCAL_SCALE, LOCAL_SCALE)):
         value = options.get(name)
-        value = (tiny if tiny_cpu else usual) if value is None else value
-        try:
-            lo, hi = (float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"{name} must satisfy 0 < low ≤ high ≤ 1, got {value!r}")
-        options[name] = (lo, hi)
+        options[name] = crop_scale(name, (tiny if tiny_cpu else usual) if value is None else value)
     cfg = TrainConfig(
         classes=k, heads=list(heads), backbone=backbone, batch_size=batch, epochs=epochs,
         minutes=minutes, device=str(device), mode=mode, pretrained=pretrained,

@@ -8,7 +8,7 @@ widths and heights (28-px digits get 28/12-px crops, photos 224/96).
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -54,6 +54,18 @@ def _normalize() -> T.Compose:
     return T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def crop_scale(name: str, value: Any) -> tuple[float, float]:
+    """``value`` as an area range ``(low, high)`` of random resized crops, checked
+    (ValueError naming ``name`` unless ``0 < low ≤ high ≤ 1``)."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"{name} must satisfy 0 < low ≤ high ≤ 1, got {value!r}")
+    return lo, hi
+
+
 def check_multicrop_args(global_size: int, local_size: int, n_local: int,
                          global_scale: tuple[float, float], local_scale: tuple[float, float],
                          *, blur_probs: Sequence[float] = (), **probs: float) -> None:
@@ -65,9 +77,8 @@ def check_multicrop_args(global_size: int, local_size: int, n_local: int,
         raise ValueError(f"local_size must be ≥ 1, got {local_size!r}")
     if int(n_local) < 0:
         raise ValueError(f"n_local must be ≥ 0, got {n_local!r}")
-    for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"{name} must satisfy 0 < low ≤ high ≤ 1, got {(lo, hi)!r}")
+    crop_scale("global_scale", global_scale)
+    crop_scale("local_scale", local_scale)
     for name, p in (*probs.items(), *(("blur_probs", b) for b in blur_probs)):
         if not 0 <= p <= 1:
             raise ValueError(f"{name} must lie in [0, 1], got {p!r}")
