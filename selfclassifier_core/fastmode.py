@@ -111,11 +111,14 @@ def default_steps(n_images: int, batch_size: int) -> int:
 
 def median_side(workspace: Workspace) -> float | None:
     """Median longest side (px) of the usable images, from the catalog; None if unknown."""
-    table = workspace.image_table()
-    if "width" not in table or not len(table):
-        return None
-    sides = table[["width", "height"]].max(axis=1).dropna()
-    return float(sides.median()) if len(sides) else None
+    conn = workspace.connect()
+    try:
+        sides = [r[0] for r in conn.execute(
+            "SELECT MAX(width, height) FROM images WHERE status='ok' AND width IS NOT NULL "
+            "AND height IS NOT NULL")]
+    finally:
+        conn.close()
+    return float(np.median(sides)) if sides else None
 
 
 @dataclass
@@ -303,10 +306,10 @@ def _train_fast(ws: Workspace, run_id: int, opts: FastOptions, progress, should_
     torch.manual_seed(opts.seed)
     backbone = opts.backbone or default_backbone()
     n_images = len(ws.usable_images())
-    auto_views, auto_size = ((opts.views, opts.image_size) if opts.views and opts.image_size
-                             else default_recipe(n_images, device, median_side(ws)))
-    n_views = opts.views or auto_views
-    image_size = opts.image_size or auto_size
+    n_views, image_size = opts.views, opts.image_size
+    if not (n_views and image_size):  # the catalog is read only when a default is needed
+        auto_views, auto_size = default_recipe(n_images, device, median_side(ws))
+        n_views, image_size = n_views or auto_views, image_size or auto_size
 
     def stop_requested() -> bool:
         return bool((should_stop is not None and should_stop())
