@@ -205,8 +205,8 @@ def main(argv=None) -> int:
             rows = [s for _, s, _, v in results if v == vi]
             print(f"variant {vi} {json.dumps(extra)}")
             for m in ("acc", "nmi", "ari"):
-                v = np.asarray([r[m] for r in rows])
-                print(f"  {m.upper()} {v.mean():.3f} [{v.min():.3f}, {v.max():.3f}]")
+                vals = np.asarray([r[m] for r in rows])
+                print(f"  {m.upper()} {vals.mean():.3f} [{vals.min():.3f}, {vals.max():.3f}]")
     return 0
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .labels import add_run_head, open_workspace
+from . import open_workspace
+from .labels import add_run_head
 
 
 def register(sub) -> None:

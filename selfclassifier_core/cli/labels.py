@@ -25,7 +25,7 @@ import argparse
 import os
 from pathlib import Path
 
-from . import CliError, open_workspace  # noqa: F401  (open_workspace: also used by export)
+from . import CliError, open_workspace
 
 ACTIONS = ("list", "rename", "merge", "move", "create", "rename-label", "delete", "exclude",
            "include", "undo", "redo", "history", "carry")

@@ -14,7 +14,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     ws = open_workspace(args.workspace)
     runs = ws.list_runs()
     if not runs:
