@@ -812,7 +812,8 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         resume: continue run ``run_id`` (default: the newest scratch or finetune run with a
             checkpoint) from its checkpoint; ``epochs``/``minutes`` then set the new total. A
             missing checkpoint or a fast run is an error, raised before the run is changed; a
-            finished run whose continuation fails stays ``done``.
+            finished run whose continuation fails or is cancelled stays ``done`` with its
+            predictions.
         mode: ``scratch`` | ``finetune`` | ``fast`` (default ``fast`` with ``pretrained``,
             else ``scratch``).
         pretrained: torchvision weights name or a local weights file.
@@ -893,29 +894,35 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         atomic_write_json(run_dir / CONFIG_FILE, cfg.to_dict())
         ws.update_run(run_id, status="running", message=None, config=cfg.to_dict())
         (run_dir / CANCEL_FILE).unlink(missing_ok=True)
+    continuing_done = before is not None and before.status == "done"
     try:
         result = _train_loop(ws, run_id, cfg, resume_state, progress, should_stop)
     except BaseException as exc:
         if dist.is_main():
             status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-            if before is not None and before.status == "done" and status == "failed":
-                _restore_finished_run(ws, before, exc)
+            if continuing_done:
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                _restore_finished_run(ws, before, f"continuing it {status} ({why})")
             else:
                 ws.update_run(run_id, status=status, message=str(exc) or type(exc).__name__)
                 _write_final_progress(run_dir, status, str(exc))
         raise
+    if continuing_done and result.status == "cancelled" and dist.is_main():
+        _restore_finished_run(ws, before, "continuing it was cancelled; --resume goes on from "
+                                          "its checkpoint")
     return result
 
 
-def _restore_finished_run(ws: Workspace, before: RunInfo, exc: BaseException) -> None:
-    """Undo what a failed ``--resume`` of a finished run changed in its record: the run stays
-    ``done`` with its config and its predictions (the checkpoint may hold later epochs)."""
-    log.warning("run %d: continuing it failed (%s); it stays done with its earlier predictions",
-                before.id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    ws.update_run(before.id, status="done", finished=before.finished, message=before.message,
+def _restore_finished_run(ws: Workspace, before: RunInfo, what: str) -> None:
+    """Undo what a failed or cancelled ``--resume`` of a finished run changed in its record: the
+    run stays ``done`` with its config and its predictions (the checkpoint may hold later
+    steps; the message says so)."""
+    log.warning("run %d: %s; it stays done with its earlier predictions", before.id, what)
+    message = f"{before.message}; {what}" if before.message else what
+    ws.update_run(before.id, status="done", finished=before.finished, message=message,
                   config=before.config)
     atomic_write_json(before.dir / CONFIG_FILE, before.config)
-    _write_final_progress(before.dir, "done", before.message)
+    _write_final_progress(before.dir, "done", message)
 
 
 def _broadcast_int(value: int | None) -> int:

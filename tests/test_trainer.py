@@ -181,10 +181,31 @@ def test_failed_resume_leaves_a_finished_run_done(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod.Trainer, "train_one_epoch", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         train(None, ws, resume=True, epochs=2, device="cpu")
-    assert ws.get_run(first.run_id) == before      # done, same finish time, message and config
+    after = ws.get_run(first.run_id)               # done, same finish time and config
+    assert (after.status, after.finished, after.config) == ("done", before.finished, before.config)
+    assert after.message == "continuing it failed (disk on fire)"
     assert (first.run_dir / "config.json").read_text() == config
     assert json.loads((first.run_dir / "progress.json").read_text())["status"] == "done"
     assert load_predictions(first.run_dir).image_ids.size == 16
+
+
+def test_cancelled_continuation_leaves_a_finished_run_done(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=16)
+    first = train(folder, tmp_path / "ws", classes=2, epochs=1, batch_size=8, **FAST)
+    ws = first.workspace
+    before = ws.get_run(first.run_id)
+    preds = load_predictions(first.run_dir)
+    res = train(None, ws, resume=True, run_id=first.run_id, epochs=3, device="cpu",
+                should_stop=lambda: True)
+    assert res.status == "cancelled"
+    run = ws.get_run(first.run_id)
+    assert run.status == "done" and run.finished == before.finished
+    assert "cancelled" in run.message and run.config == before.config
+    assert json.loads((first.run_dir / "progress.json").read_text())["status"] == "done"
+    assert np.array_equal(load_predictions(first.run_dir).image_ids, preds.image_ids)
+    done = train(None, ws, resume=True, run_id=first.run_id, epochs=2, device="cpu")
+    assert done.status == "done" and ws.get_run(first.run_id).message is None
+    assert load_checkpoint(first.run_dir / "checkpoint.pt")["epoch"] == 2
 
 
 def test_nan_loss_names_the_step(tmp_path, monkeypatch):
