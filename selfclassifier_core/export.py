@@ -264,7 +264,9 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
     The tree is built in a temporary folder beside OUT (``OUT.partial-*``; inside OUT as
     ``.partial-*`` when OUT is an existing symlink or mount point, or its parent is read-only)
     and moved into place when complete, so an error leaves OUT as it was (absent, or the earlier
-    export) and removes the temporary folder.
+    export) and removes the temporary folder. Such a folder left by an export that was killed
+    is removed by the next export into OUT; one still in use by a running export (it holds a
+    lock on it) makes this export an error.
 
     Source images are only read. Every target is checked to lie inside the temporary folder;
     OUT may not overlap the image folder. ``mapping.json`` holds ``labels`` (label -> folder)
@@ -282,6 +284,7 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
                          "folder outside it")
     if out.exists() and not out.is_dir():
         raise ValueError(f"export folder {out} exists and is not a directory")
+    _remove_stale_staging(out)
     existing = list(out.iterdir()) if out.exists() else []
     if existing and not overwrite:
         raise ValueError(f"export folder {out} is not empty ({len(existing)} entries); choose an "
@@ -297,6 +300,7 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
                              "link='copy' or 'sym'")
     report = ExportReport(out_dir=out, link=link)
     staging, inside = _staging_dir(out)
+    lock = _lock_dir(staging, wait=True)  # marks it as in use for _remove_stale_staging
     try:
         taken = _names_kept(out, previous) if existing else set()
         _build_tree(staging, root, table, link, labels, taken, report, progress)
@@ -306,6 +310,9 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     log.info("%s", report)
     return report
 
@@ -384,6 +391,56 @@ def _staging_dir(out: Path) -> tuple[Path, bool]:
         if not out.is_dir():
             raise
         return _make_temp_dir(out, ".partial-"), True
+
+
+_STAGING_SUFFIX = re.compile(r"\.partial-[A-Za-z0-9_]{8}")  # what tempfile.mkdtemp adds
+
+
+def _lock_dir(path: Path, wait: bool) -> int | None:
+    """An exclusive ``flock`` on directory ``path``: its file descriptor (close it to release),
+    or None when another process holds the lock (``wait=False``) or the platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks on directories
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Delete the temporary folders of exports into ``out`` that were stopped hard (``kill -9``,
+    power loss): ``OUT.partial-*`` beside OUT and ``.partial-*`` inside it. A folder that a
+    running export holds (its flock) is a clear error: one export into a folder at a time."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return  # no way to tell a stale folder from one in use: leave them
+    found = []
+    if out.parent.is_dir():
+        found += [p for p in out.parent.iterdir() if p.name.startswith(out.name)
+                  and _STAGING_SUFFIX.fullmatch(p.name[len(out.name):])]
+    if out.is_dir():
+        found += [p for p in out.iterdir() if _STAGING_SUFFIX.fullmatch(p.name)]
+    for path in found:
+        if path.is_symlink() or not path.is_dir():
+            continue
+        fd = _lock_dir(path, wait=False)
+        if fd is None:
+            raise ValueError(f"another export into {out} is running (it is building {path}); "
+                             "wait until it has finished")
+        try:
+            shutil.rmtree(path)
+            log.warning("removed %s, left behind by an export that was stopped", path)
+        finally:
+            os.close(fd)
 
 
 def _make_temp_dir(parent: Path, prefix: str) -> Path:

@@ -404,3 +404,36 @@ def test_imagefolder_builds_inside_out_when_its_parent_is_read_only(ws_run, tmp_
     for target, source in files.items():
         link = out / target
         assert link.is_symlink() and link.resolve() == (ws.root / source).resolve()
+
+
+def test_imagefolder_removes_staging_left_by_a_killed_export(ws_run, tmp_path):
+    ws, _ = ws_run
+    out = tmp_path / "export" / "out"
+    stale = tmp_path / "export" / "out.partial-k1lled_9"     # as tempfile.mkdtemp names it
+    (stale / "cluster_0").mkdir(parents=True)
+    (stale / "cluster_0" / "a.png").write_bytes(b"half-built")
+    mine = [tmp_path / "export" / n for n in ("out.partial-notmine", "outer.partial-abcd1234")]
+    for d in mine:
+        d.mkdir()
+    export_imagefolder(ws, out)
+    assert sorted(os.listdir(out.parent)) == sorted(["out", *[d.name for d in mine]])
+    # a hidden one inside OUT (from a symlinked or mounted OUT) goes as well
+    (out / ".partial-abcd_123").mkdir()
+    report = export_imagefolder(ws, out, overwrite=True)
+    assert report.files == 24 and not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_imagefolder_refuses_while_another_export_builds(ws_run, tmp_path):
+    ws, _ = ws_run
+    out = tmp_path / "out"
+    busy = tmp_path / "out.partial-abcd1234"
+    busy.mkdir()
+    fd = ex._lock_dir(busy, wait=True)   # as a running export holds its staging folder
+    try:
+        with pytest.raises(ValueError, match="another export into .* is running"):
+            export_imagefolder(ws, out)
+        assert busy.is_dir() and not out.exists()
+    finally:
+        os.close(fd)
+    export_imagefolder(ws, out)           # once it is released, the folder is stale
+    assert sorted(os.listdir(tmp_path)) == ["images", "out", "ws"]
