@@ -190,13 +190,17 @@ class FastOptions:
 
 
 # --------------------------------------------------------------------------- helpers
-def knn_graph(feats: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """Indices ``[N, k]`` of each row's k nearest rows by cosine similarity (itself excluded)."""
+def knn_graph(feats: torch.Tensor, k: int, max_elements: int = 1 << 26) -> torch.Tensor:
+    """Indices ``[N, k]`` of each row's k nearest rows by cosine similarity (itself excluded).
+
+    Rows are compared in chunks whose similarity block holds at most ``max_elements`` floats
+    (256 MB by default), so memory stays flat however many images there are."""
     n = feats.shape[0]
     k = min(k, n - 1)
     if k < 1:
         return torch.zeros((n, 0), dtype=torch.long, device=feats.device)
     x = torch.nn.functional.normalize(feats.float(), dim=1)
+    chunk = max(1, min(n, max_elements // n))
     out = []
     for s in range(0, n, chunk):
         sim = x[s:s + chunk] @ x.T

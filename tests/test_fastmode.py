@@ -186,6 +186,16 @@ def test_knn_graph_excludes_self():
     assert nn[:, 0].tolist() == [1, 0, 3, 2]
 
 
+def test_knn_graph_in_small_chunks_matches_the_full_matrix():
+    x = torch.randn(203, 16, generator=torch.Generator().manual_seed(0))
+    xn = x / x.norm(dim=1, keepdim=True)
+    sim = xn @ xn.T
+    sim.fill_diagonal_(-2.0)
+    expected = sim.topk(5, dim=1).indices
+    for max_elements in (203 * 7, 203, 1):          # 7 rows, one row, still one row a chunk
+        assert torch.equal(fastmode.knn_graph(x, 5, max_elements=max_elements), expected)
+
+
 def test_default_recipe_fits_cpu_budget():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert fastmode.default_recipe(10_000, gpu) == (8, 224)
