@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,12 +26,14 @@ def _cli(*args, env_extra=None):
 
 def test_train_predict_runs_cli(tmp_path):
     folder = make_folder(tmp_path / "imgs", n=16)
-    ws = tmp_path / "ws"
+    ws = tmp_path / "my ws"
     r = _cli("train", folder, "--workspace", ws, "--classes", "2", "--epochs", "1",
              "--batch-size", "8", "--device", "cpu", "--n-local", "0", "--workers", "0",
              "--augment", "device")
     assert r.returncode == 0, r.stderr
-    assert f"run 1 done in workspace {ws}" in r.stdout and "export" in r.stdout
+    assert f"run 1 done in workspace {ws}" in r.stdout
+    hint = next(line for line in r.stdout.splitlines() if line.startswith("next: "))
+    assert shlex.split(hint)[4:] == ["export", str(ws), "--csv", "labels.csv"]  # copy-pastable
     run_dir = Workspace.open(ws).run_dir(1)
     assert json.loads((run_dir / "config.json").read_text())["augment"] == "device"
     stats = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]

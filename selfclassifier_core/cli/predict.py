@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from shlex import quote
 
 from . import open_workspace
 
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
                                                out_workspace=args.out_workspace,
                                                batch_size=args.batch_size, device=args.device)
         print(f"{len(preds.image_ids)} images predicted: run {run_id} in workspace {new_ws.path}")
-        print(f"next: python -m selfclassifier_core export {new_ws.path} --csv labels.csv")
+        print(f"next: python -m selfclassifier_core export {quote(str(new_ws.path))} "
+              "--csv labels.csv")
         return 0
     run_id = ws.resolve_run(args.run).id
     preds = predict(ws, run_id, batch_size=args.batch_size, device=args.device)

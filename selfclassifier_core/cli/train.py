@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from shlex import quote
 
 from . import CliError
 
@@ -81,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
                   + ("; it reuses the cached features" if result.predictions_path else ""))
             return 1
         print(f"run {result.run_id} cancelled (checkpoint saved) in workspace {ws}")
-        print(f"continue: python -m selfclassifier_core train {args.folder} --workspace {ws} "
-              f"--resume --run-id {result.run_id}")
+        print(f"continue: python -m selfclassifier_core train {quote(str(args.folder))} "
+              f"--workspace {quote(str(ws))} --resume --run-id {result.run_id}")
         return 1
     print(f"run {result.run_id} done in workspace {ws}")
-    print(f"next: python -m selfclassifier_core export {ws} --csv labels.csv")
+    print(f"next: python -m selfclassifier_core export {quote(str(ws))} --csv labels.csv")
     return 0
