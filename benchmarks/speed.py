@@ -41,6 +41,9 @@ def _autocast(device: torch.device):
 
 
 def build(args, device: torch.device) -> SelfClassifier:
+    if args.batch < args.classes:
+        raise SystemExit(f"--batch {args.batch} is smaller than --classes {args.classes}: the "
+                         "loss needs at least one image per class in a batch")
     cfg = ModelConfig(backbone=args.backbone, image_size=args.global_size,
                       heads=[k for k in (args.classes, 2 * args.classes) if k <= args.batch])
     model = SelfClassifier(cfg).to(device)
