@@ -902,15 +902,19 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
             status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
             if continuing_done:
                 why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                _restore_finished_run(ws, before, f"continuing it {status} ({why})")
+                _restore_finished_run(ws, before, f"continuing it failed ({why})"
+                                      if status == "failed" else RESUME_CANCELLED)
             else:
                 ws.update_run(run_id, status=status, message=str(exc) or type(exc).__name__)
                 _write_final_progress(run_dir, status, str(exc))
         raise
     if continuing_done and result.status == "cancelled" and dist.is_main():
-        _restore_finished_run(ws, before, "continuing it was cancelled; --resume goes on from "
-                                          "its checkpoint")
+        _restore_finished_run(ws, before, RESUME_CANCELLED)
     return result
+
+
+RESUME_NOTE = "continuing it "
+RESUME_CANCELLED = RESUME_NOTE + "was cancelled; --resume goes on from its checkpoint"
 
 
 def _restore_finished_run(ws: Workspace, before: RunInfo, what: str) -> None:
@@ -918,7 +922,8 @@ def _restore_finished_run(ws: Workspace, before: RunInfo, what: str) -> None:
     run stays ``done`` with its config and its predictions (the checkpoint may hold later
     steps; the message says so)."""
     log.warning("run %d: %s; it stays done with its earlier predictions", before.id, what)
-    message = f"{before.message}; {what}" if before.message else what
+    earlier = (before.message or "").split(RESUME_NOTE)[0].rstrip("; ")  # not twice
+    message = f"{earlier}; {what}" if earlier else what
     ws.update_run(before.id, status="done", finished=before.finished, message=message,
                   config=before.config)
     atomic_write_json(before.dir / CONFIG_FILE, before.config)

@@ -203,6 +203,9 @@ def test_cancelled_continuation_leaves_a_finished_run_done(tmp_path):
     assert "cancelled" in run.message and run.config == before.config
     assert json.loads((first.run_dir / "progress.json").read_text())["status"] == "done"
     assert np.array_equal(load_predictions(first.run_dir).image_ids, preds.image_ids)
+    train(None, ws, resume=True, run_id=first.run_id, epochs=3, device="cpu",
+          should_stop=lambda: True)                  # cancelled again: said once, not twice
+    assert ws.get_run(first.run_id).message == run.message
     done = train(None, ws, resume=True, run_id=first.run_id, epochs=2, device="cpu")
     assert done.status == "done" and ws.get_run(first.run_id).message is None
     assert load_checkpoint(first.run_dir / "checkpoint.pt")["epoch"] == 2
