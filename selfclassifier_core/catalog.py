@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +31,7 @@ ProgressFn = Callable[[int, int], None]
 
 INLINE_MAX = 32          # decode in this process when there are at most this many files
 MAX_CHUNK = 64           # files per task sent to a worker process
+DECODE_TIMEOUT_S = 120   # a worker decoding one file for longer is ended, the file reported
 BATCH_ROWS = 500         # rows per database transaction ...
 BATCH_SECONDS = 1.0      # ... or fewer, if this much time has passed
 LIST_LIMIT = 20          # entries per list printed by ScanReport.summary()
@@ -186,8 +188,22 @@ def _decode_one(root: str, rel: str, max_pixels: int | None) -> tuple:
     return ("ok", info.width, info.height, info.mode, None)
 
 
-def _decode_chunk(root: str, max_pixels: int | None, rels: list[str]) -> list[tuple]:
-    return [_decode_one(root, rel, max_pixels) for rel in rels]
+def _decode_chunk(root: str, max_pixels: int | None, rels: list[str],
+                  timeout_s: float | None = None) -> list[tuple]:
+    """Decode ``rels``. With ``timeout_s`` (worker processes only: never in the caller's
+    process), each file arms SIGALRM with its default action, so a decoder stuck in C code ends
+    the worker like a crash and :func:`_decode_parallel` names and skips the file."""
+    if timeout_s is None or not hasattr(signal, "SIGALRM"):
+        return [_decode_one(root, rel, max_pixels) for rel in rels]
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    out = []
+    for rel in rels:
+        signal.alarm(max(1, int(timeout_s + 0.999)))
+        try:
+            out.append(_decode_one(root, rel, max_pixels))
+        finally:
+            signal.alarm(0)
+    return out
 
 
 def _default_workers() -> int:
@@ -211,19 +227,20 @@ def _decode_parallel(root: str, rels: list[str], workers: int,
                      max_pixels: int | None) -> Iterator[list[tuple]]:
     """Yield decode results chunk by chunk, in the order of ``rels``.
 
-    If a worker process dies (a decoder crash, the OOM killer), the remaining files are decoded
-    one per task in a single worker so that the file responsible can be named and skipped.
+    If a worker process dies (a decoder crash, one file taking over :data:`DECODE_TIMEOUT_S`,
+    the OOM killer), the remaining files are decoded one per task in a single worker so that the
+    file responsible can be named and skipped.
     """
     size = max(1, min(MAX_CHUNK, -(-len(rels) // (workers * 4))))
     chunks = [rels[i:i + size] for i in range(0, len(rels), size)]
-    fn = partial(_decode_chunk, root, max_pixels)
+    fn = partial(_decode_chunk, root, max_pixels, timeout_s=DECODE_TIMEOUT_S)
     done = 0
     try:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())
     except (OSError, NotImplementedError) as exc:  # no semaphores / process limits (sandboxes)
         log.warning("cannot start worker processes (%s); decoding in this process", exc)
         for chunk in chunks:
-            yield fn(chunk)
+            yield _decode_chunk(root, max_pixels, chunk)  # no alarm in this process
         return
     try:
         for result in pool.map(fn, chunks):
@@ -243,9 +260,10 @@ def _decode_parallel(root: str, rels: list[str], workers: int,
                 pending = pending[1:]
                 yield result
         except BrokenProcessPool:
-            log.warning("decoder crashed on %s", pending[0])
+            log.warning("decoder crashed or hung on %s", pending[0])
             pending = pending[1:]
-            yield [("unreadable", None, None, None, "the image decoder crashed on this file")]
+            yield [("unreadable", None, None, None, "the image decoder crashed on this file or "
+                    f"took over {DECODE_TIMEOUT_S:g} s")]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
