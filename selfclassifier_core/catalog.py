@@ -51,7 +51,8 @@ _VANISHED = "vanished"   # worker result: the file disappeared between the walk 
 class ScanReport:
     """What a scan found. Counts of images are totals for the folder after the scan
     (``usable``, ``unreadable``, ``missing``) or what this scan did (``new``, ``changed``,
-    ``unchanged``). ``new`` includes files that came back after being missing."""
+    ``unchanged``, ``retried``). ``new`` includes files that came back after being missing;
+    ``retried`` counts unchanged unreadable files decoded again (``retry_unreadable``)."""
 
     root: str
     workspace: str
@@ -62,6 +63,7 @@ class ScanReport:
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    retried: int = 0
     missing: int = 0
     unreadable_files: list[tuple[str, str]] = field(default_factory=list)
     skipped_links: list[tuple[str, str]] = field(default_factory=list)
@@ -91,7 +93,8 @@ class ScanReport:
             lines.append(f"  other skipped:   {len(self.skipped_paths):,}")
             lines += _listed(self.skipped_paths)
         lines.append(f"  since last scan: {self.new:,} new, {self.changed:,} changed, "
-                     f"{self.unchanged:,} unchanged, {self.missing:,} missing")
+                     f"{self.unchanged:,} unchanged, {self.missing:,} missing"
+                     + (f", {self.retried:,} unreadable retried" if self.retried else ""))
         lines.append(f"Workspace: {self.workspace}")
         return "\n".join(lines)
 
@@ -286,7 +289,8 @@ def _check_folder(folder: str | os.PathLike) -> Path:
 
 def scan(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | None = None,
          progress: ProgressFn | None = None, workers: int | None = None,
-         max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ScanReport:
+         max_pixels: int | None = DEFAULT_MAX_PIXELS, retry_unreadable: bool = False
+         ) -> ScanReport:
     """Catalog every image under ``folder`` into the workspace and return a :class:`ScanReport`.
 
     Args:
@@ -297,6 +301,8 @@ def scan(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | N
             number of files this scan decodes (new or changed ones).
         workers: decoding processes (default: the CPUs available); 1 decodes in this process.
         max_pixels: images whose header claims more pixels are recorded as unreadable.
+        retry_unreadable: also decode unchanged files that an earlier scan found unreadable
+            (one that failed on a slow share, say); otherwise only a change retries them.
 
     Raises:
         FileNotFoundError: ``folder`` does not exist.
@@ -334,7 +340,11 @@ def scan(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | N
                 report.new += 1
                 todo.append((rel, size, mtime))
             elif row["bytes"] == size and row["mtime_ns"] == mtime:
-                report.unchanged += 1
+                if retry_unreadable and row["status"] == "unreadable":
+                    report.retried += 1
+                    todo.append((rel, size, mtime))
+                else:
+                    report.unchanged += 1
             else:
                 report.changed += 1
                 todo.append((rel, size, mtime))

@@ -388,3 +388,31 @@ def test_killed_scan_leaves_a_usable_database(tmp_path):
     assert len(stored) == n_good + n_bad
     assert len({r["id"] for r in stored.values()}) == n_good + n_bad
     assert fingerprint(root) == before
+
+
+def test_retry_unreadable_decodes_unchanged_failures_again(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(root / f"img{i}.png")
+    real_probe = catalog.probe
+    flaky = {"fail": True}
+
+    def share_probe(path, **kw):  # img1 fails while the "share" is slow, then reads fine
+        if str(path).endswith("img1.png") and flaky["fail"]:
+            raise catalog.ImageLoadError(path, "read timed out")
+        return real_probe(path, **kw)
+
+    monkeypatch.setattr(catalog, "probe", share_probe)
+    ws = tmp_path / "ws"
+    assert scan(root, ws, workers=1).unreadable_files == [("img1.png", "read timed out")]
+    flaky["fail"] = False
+    again = scan(root, ws, workers=1)                  # unchanged: not decoded again
+    assert (again.usable, again.unchanged, again.retried) == (2, 3, 0)
+    from selfclassifier_core.cli import main
+
+    assert main(["scan", str(root), "--workspace", str(ws), "--workers", "1",
+                 "--retry-unreadable"]) == 0
+    out = capsys.readouterr().out
+    assert "usable images:   3" in out and "1 unreadable retried" in out
+    assert len(Workspace.open(ws).usable_images()) == 3

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "or $SELFCLASSIFIER_WORKSPACE)")
     parser.add_argument("--workers", metavar="N", type=_positive_int,
                         help="decoding processes (default: one per CPU)")
+    parser.add_argument("--retry-unreadable", action="store_true",
+                        help="also decode again the unchanged files an earlier scan found "
+                             "unreadable (by default only a change retries them)")
     parser.set_defaults(func=run)
 
 
@@ -48,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
     from ..catalog import scan
 
     report = scan(args.folder, workspace=args.workspace, progress=_progress_printer(),
-                  workers=args.workers)
+                  workers=args.workers, retry_unreadable=args.retry_unreadable)
     print(report.summary())
     return 0
