@@ -1,10 +1,12 @@
 """The image catalog: walk an image folder, decode every image once, record it in the workspace.
 
 :func:`scan` is incremental: a file whose size and mtime are unchanged since the last scan is not
-decoded again, new files are added, deleted ones are marked ``missing`` (their ids are never
-reused; a file that comes back gets its old id). Decoding runs in worker processes; results are
-written in short transactions, so a scan killed half-way leaves a database that opens and a scan
-that simply re-runs. The image folder itself is only ever read.
+decoded again (unreadable ones only with ``retry_unreadable``), new files are added, deleted ones
+are marked ``missing`` (their ids are never reused; a file that comes back gets its old id).
+Decoding runs in worker processes (a file that crashes or hangs the decoder ends its worker and is
+reported, never the scan); results are written in short transactions, so a scan killed half-way
+leaves a database that opens and a scan that simply re-runs. The image folder itself is only ever
+read.
 """
 from __future__ import annotations
 
