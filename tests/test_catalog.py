@@ -282,45 +282,40 @@ def test_fifo_with_image_extension_is_not_opened(tmp_path):
     assert report.usable == 1 and report.ignored == 1
 
 
-def test_decoder_crash_in_a_worker_names_the_file(tmp_path, monkeypatch):
+def _scan_twelve_in_forked_workers(tmp_path, monkeypatch, bad_name, misbehave):
+    """Scan 12 images with 2 forked workers whose decoder calls ``misbehave()`` on ``bad_name``
+    (the patched probe is inherited by the forked workers)."""
     root = tmp_path / "images"
     root.mkdir()
     for i in range(12):
         Image.new("RGB", (4, 4), (i, 0, 0)).save(root / f"img{i:02d}.png")
     real_probe = catalog.probe
 
-    def crashing_probe(path, **kw):
-        if str(path).endswith("img05.png"):
-            os._exit(1)  # like a segfault in a codec
+    def probe(path, **kw):
+        if str(path).endswith(bad_name):
+            misbehave()
         return real_probe(path, **kw)
 
     monkeypatch.setattr(catalog, "INLINE_MAX", 0)
-    monkeypatch.setattr(catalog, "probe", crashing_probe)  # inherited by forked workers
-    monkeypatch.setattr(catalog, "_mp_context", lambda: __import__("multiprocessing").get_context("fork"))
-    report = scan(root, tmp_path / "ws", workers=2)
+    monkeypatch.setattr(catalog, "probe", probe)
+    monkeypatch.setattr(catalog, "_mp_context",
+                        lambda: __import__("multiprocessing").get_context("fork"))
+    return scan(root, tmp_path / "ws", workers=2)
+
+
+def test_decoder_crash_in_a_worker_names_the_file(tmp_path, monkeypatch):
+    report = _scan_twelve_in_forked_workers(tmp_path, monkeypatch, "img05.png",
+                                            lambda: os._exit(1))  # like a segfault in a codec
     assert report.usable == 11 and report.unreadable == 1
     assert report.unreadable_files == [
         ("img05.png", "the image decoder crashed on this file or took over 120 s")]
 
 
 def test_decoder_that_hangs_in_a_worker_is_ended_and_the_file_named(tmp_path, monkeypatch):
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(12):
-        Image.new("RGB", (4, 4), (i, 0, 0)).save(root / f"img{i:02d}.png")
-    real_probe = catalog.probe
-
-    def hanging_probe(path, **kw):
-        if str(path).endswith("img07.png"):
-            time.sleep(600)  # like a codec stuck in a loop
-        return real_probe(path, **kw)
-
-    monkeypatch.setattr(catalog, "INLINE_MAX", 0)
     monkeypatch.setattr(catalog, "DECODE_TIMEOUT_S", 1)
-    monkeypatch.setattr(catalog, "probe", hanging_probe)  # inherited by forked workers
-    monkeypatch.setattr(catalog, "_mp_context", lambda: __import__("multiprocessing").get_context("fork"))
     t0 = time.monotonic()
-    report = scan(root, tmp_path / "ws", workers=2)
+    report = _scan_twelve_in_forked_workers(tmp_path, monkeypatch, "img07.png",
+                                            lambda: time.sleep(600))  # a codec stuck in a loop
     assert time.monotonic() - t0 < 60
     assert report.usable == 11
     assert report.unreadable_files == [
