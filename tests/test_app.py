@@ -6,6 +6,7 @@ Most tests run on a fixture workspace (a finished run with made-up predictions, 
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,36 @@ def test_unreadable_images_listed_with_reasons(fixture_app):
     table = at.dataframe[0].value
     assert list(table.columns) == ["file", "reason"]
     assert table["reason"].str.contains("cannot identify").all()
+
+
+def test_unreadable_files_read_again_on_request(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from selfclassifier_core.catalog import scan
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(folder / f"ok{i}.png")
+    flaky = folder / "flaky.png"
+    flaky.write_bytes(b"\0" * 4096)                   # unreadable at the first scan
+    scan(folder, tmp_path / "ws", workers=1)
+    st = os.stat(flaky)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(png, format="PNG")
+    flaky.write_bytes(png.getvalue().ljust(st.st_size, b"\0"))  # now readable: same size and
+    os.utime(flaky, ns=(st.st_atime_ns, st.st_mtime_ns))      # mtime, so a rescan skips it
+    at = start_app(monkeypatch, folder, tmp_path / "ws")
+
+    def metrics():
+        return {m.label: m.value for m in at.metric}
+
+    assert (metrics()["Usable images"], metrics()["Unreadable"]) == ("3", "1")
+    next(b for b in at.button if b.label == "Rescan folder").click().run()
+    assert metrics()["Unreadable"] == "1"
+    at.button(key="retry_unreadable").click().run()
+    assert_ok(at)
+    assert (metrics()["Usable images"], metrics()["Unreadable"]) == ("4", "0")
 
 
 def test_open_missing_folder_is_an_error_in_words(fixture_app, tmp_path):

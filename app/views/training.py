@@ -77,7 +77,7 @@ def _last_scan(ctx: state.Context) -> dict | None:
     return None
 
 
-def _scan(ctx: state.Context) -> None:
+def _scan(ctx: state.Context, retry_unreadable: bool = False) -> None:
     from selfclassifier_core.catalog import scan
 
     bar = st.progress(0.0, text="Reading the images…")
@@ -86,7 +86,7 @@ def _scan(ctx: state.Context) -> None:
         bar.progress(done / total if total else 1.0, text=f"Reading the images… {done:,}/{total:,}")
 
     try:
-        scan(ctx.folder, ctx.ws, progress=progress)
+        scan(ctx.folder, ctx.ws, progress=progress, retry_unreadable=retry_unreadable)
     except Exception as exc:  # noqa: BLE001 - shown in words
         state.show_error(exc, "The folder could not be scanned")
     finally:
@@ -122,6 +122,11 @@ def _scan_section(ctx: state.Context) -> None:
                          expanded=len(bad) <= 10):
             st.dataframe(pd.DataFrame(bad, columns=["file", "reason"]), hide_index=True,
                          width="stretch")
+            if st.button("Read these files again", key="retry_unreadable",
+                         help="A rescan reads only new and changed files; this also reads the "
+                              "unreadable ones again (after a slow network share, say)."):
+                _scan(ctx, retry_unreadable=True)
+                st.rerun()
     skipped = report.get("skipped_links", []) + report.get("skipped_paths", [])
     if skipped:
         with st.expander(f"Skipped paths ({len(skipped):,})"):
