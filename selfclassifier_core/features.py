@@ -74,13 +74,13 @@ class ViewRecipe:
             raise ValueError(f"n_views must be >= 1, got {self.n_views!r}")
         if int(self.image_size) < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size!r}")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
+        from .transforms import crop_scale
+
+        scale = crop_scale("crop_scale", self.crop_scale)
         rlo, rhi = self.crop_ratio
         if not 0 < rlo <= rhi:
             raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio!r}")
-        object.__setattr__(self, "crop_scale", (float(lo), float(hi)))
+        object.__setattr__(self, "crop_scale", scale)
         object.__setattr__(self, "crop_ratio", (float(rlo), float(rhi)))
 
     def to_dict(self) -> dict[str, Any]:
