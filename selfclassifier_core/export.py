@@ -29,6 +29,11 @@ from pathlib import Path
 from typing import Callable
 
 from .fsutil import atomic_open, atomic_write_bytes, atomic_write_json, is_within
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks on directories
+    fcntl = None
 from .labels import Labels
 from .workspace import Workspace, WorkspaceError
 
@@ -375,6 +380,11 @@ def _build_tree(tree: Path, root: Path, table, link: str, labels: Labels, taken_
     _usual_mode(tree / MAPPING_JSON)
 
 
+_STAGING_PREFIX = ".partial-"
+# a staging folder's name after OUT's: the prefix and the 8 characters tempfile.mkdtemp adds
+_STAGING_SUFFIX = re.compile(re.escape(_STAGING_PREFIX) + r"[A-Za-z0-9_]{8}")
+
+
 def _staging_dir(out: Path) -> tuple[Path, bool]:
     """A new empty folder to build the export in, and whether it lies inside ``out``.
 
@@ -383,25 +393,20 @@ def _staging_dir(out: Path) -> tuple[Path, bool]:
     whose parent is not writable (e.g. a mounted drive or a container volume).
     """
     if out.is_dir() and (out.is_symlink() or os.stat(out).st_dev != os.stat(out.parent).st_dev):
-        return _make_temp_dir(out, ".partial-"), True
+        return _make_temp_dir(out, _STAGING_PREFIX), True
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _make_temp_dir(out.parent, f"{out.name}.partial-"), False
+        return _make_temp_dir(out.parent, out.name + _STAGING_PREFIX), False
     except PermissionError:
         if not out.is_dir():
             raise
-        return _make_temp_dir(out, ".partial-"), True
-
-
-_STAGING_SUFFIX = re.compile(r"\.partial-[A-Za-z0-9_]{8}")  # what tempfile.mkdtemp adds
+        return _make_temp_dir(out, _STAGING_PREFIX), True
 
 
 def _lock_dir(path: Path, wait: bool) -> int | None:
     """An exclusive ``flock`` on directory ``path``: its file descriptor (close it to release),
     or None when another process holds the lock (``wait=False``) or the platform has no flock."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks on directories
+    if fcntl is None:
         return None
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -419,9 +424,7 @@ def _remove_stale_staging(out: Path) -> None:
     """Delete the temporary folders of exports into ``out`` that were stopped hard (``kill -9``,
     power loss): ``OUT.partial-*`` beside OUT and ``.partial-*`` inside it. A folder that a
     running export holds (its flock) is a clear error: one export into a folder at a time."""
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:
+    if fcntl is None:
         return  # no way to tell a stale folder from one in use: leave them
     found = []
     if out.parent.is_dir():
