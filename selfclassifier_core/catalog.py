@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -203,7 +204,7 @@ def _decode_chunk(root: str, max_pixels: int | None, rels: list[str],
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     out = []
     for rel in rels:
-        signal.alarm(max(1, int(timeout_s + 0.999)))
+        signal.alarm(max(1, math.ceil(timeout_s)))
         try:
             out.append(_decode_one(root, rel, max_pixels))
         finally:

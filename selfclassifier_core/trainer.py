@@ -63,6 +63,10 @@ RESUMABLE_MODES = ("scratch", "finetune")  # fast runs start again from their fe
 OPTIMIZERS = ("lars", "adamw")
 AUGMENTS = ("auto", "cpu", "device")
 CANCEL_FILE = "CANCEL"
+# what a finished run's message says (after any earlier message) when continuing it failed or
+# was cancelled; _restore_finished_run drops an earlier such note instead of repeating it
+RESUME_NOTE = "continuing it "
+RESUME_CANCELLED = RESUME_NOTE + "was cancelled; --resume goes on from its checkpoint"
 PROGRESS_FILE = "progress.json"
 STATS_FILE = "stats.jsonl"
 CONFIG_FILE = "config.json"
@@ -902,7 +906,7 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
             status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
             if continuing_done:
                 why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                _restore_finished_run(ws, before, f"continuing it failed ({why})"
+                _restore_finished_run(ws, before, RESUME_NOTE + f"failed ({why})"
                                       if status == "failed" else RESUME_CANCELLED)
             else:
                 ws.update_run(run_id, status=status, message=str(exc) or type(exc).__name__)
@@ -911,10 +915,6 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
     if continuing_done and result.status == "cancelled" and dist.is_main():
         _restore_finished_run(ws, before, RESUME_CANCELLED)
     return result
-
-
-RESUME_NOTE = "continuing it "
-RESUME_CANCELLED = RESUME_NOTE + "was cancelled; --resume goes on from its checkpoint"
 
 
 def _restore_finished_run(ws: Workspace, before: RunInfo, what: str) -> None:
