@@ -898,22 +898,20 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         atomic_write_json(run_dir / CONFIG_FILE, cfg.to_dict())
         ws.update_run(run_id, status="running", message=None, config=cfg.to_dict())
         (run_dir / CANCEL_FILE).unlink(missing_ok=True)
-    continuing_done = before is not None and before.status == "done"
+    finished = before if before is not None and before.status == "done" else None
     try:
-        result = _train_loop(ws, run_id, cfg, resume_state, progress, should_stop)
+        result = _train_loop(ws, run_id, cfg, resume_state, progress, should_stop, finished)
     except BaseException as exc:
         if dist.is_main():
             status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-            if continuing_done:
+            if finished is not None:
                 why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                _restore_finished_run(ws, before, RESUME_NOTE + f"failed ({why})"
+                _restore_finished_run(ws, finished, RESUME_NOTE + f"failed ({why})"
                                       if status == "failed" else RESUME_CANCELLED)
             else:
                 ws.update_run(run_id, status=status, message=str(exc) or type(exc).__name__)
                 _write_final_progress(run_dir, status, str(exc))
         raise
-    if continuing_done and result.status == "cancelled" and dist.is_main():
-        _restore_finished_run(ws, before, RESUME_CANCELLED)
     return result
 
 
@@ -950,7 +948,10 @@ def _write_final_progress(run_dir: Path, status: str, message: str | None = None
 
 def _train_loop(ws: Workspace, run_id: int, cfg: TrainConfig,
                 resume_state: dict[str, Any] | None, progress: ProgressFn | None,
-                should_stop: Callable[[], bool] | None) -> TrainResult:
+                should_stop: Callable[[], bool] | None,
+                finished: RunInfo | None = None) -> TrainResult:
+    """Train, then predict and mark the run done; a cancelled run is marked cancelled, or, when
+    it continued the ``finished`` run, left done as that run was."""
     run_dir = ws.run_dir(run_id)
     trainer = Trainer(ws, run_id, cfg, progress, should_stop)
     trainer.prepare(resume_state)
@@ -966,7 +967,9 @@ def _train_loop(ws: Workspace, run_id: int, cfg: TrainConfig,
     stats = trainer.fit(stopper)
     result = TrainResult(ws, run_id, run_dir, stats)
     if trainer.state.stop_reason == "cancelled":
-        if dist.is_main():
+        if dist.is_main() and finished is not None:
+            _restore_finished_run(ws, finished, RESUME_CANCELLED)
+        elif dist.is_main():
             msg = f"cancelled after {trainer.state.step} steps; continue with --resume"
             ws.update_run(run_id, status="cancelled", message=msg)
             _write_final_progress(run_dir, "cancelled", msg)
