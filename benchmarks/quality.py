@@ -222,10 +222,10 @@ def main(argv=None) -> int:
     if args.seeds > 1:
         print(f"\nover {args.seeds} training seeds: mean [min, max]")
         for vi, extra in enumerate(variants):
-            rows = [s for _, s, _, v in results if v == vi]
+            per_seed = [s for _, s, _, v in results if v == vi]
             print(f"variant {vi} {json.dumps(extra)}")
             for m in ("acc", "nmi", "ari"):
-                vals = np.asarray([r[m] for r in rows])
+                vals = np.asarray([r[m] for r in per_seed])
                 print(f"  {m.upper()} {vals.mean():.3f} [{vals.min():.3f}, {vals.max():.3f}]")
     return 0
 
