@@ -19,7 +19,7 @@ import streamlit as st  # noqa: E402
 
 from app import state  # noqa: E402
 from app.views import clusters, export, map_view, neighbours, training  # noqa: E402
-from selfclassifier_core import recent  # noqa: E402
+from selfclassifier_core.store import recent  # noqa: E402
 
 PAGES = {
     "Folder & training": training.render,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from selfclassifier_core import recent
-from selfclassifier_core.predictions import EMBEDDINGS_FILE, PREDICTIONS_FILE
-from selfclassifier_core.workspace import RunInfo, Workspace, WorkspaceError
+from selfclassifier_core.store import recent
+from selfclassifier_core.store.predictions import EMBEDDINGS_FILE, PREDICTIONS_FILE
+from selfclassifier_core.store.workspace import RunInfo, Workspace, WorkspaceError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -135,7 +135,7 @@ def _mtime(path: Path) -> float:
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _predictions(run_dir: str, mtime: float):
-    from selfclassifier_core.predictions import load_predictions
+    from selfclassifier_core.store.predictions import load_predictions
 
     return load_predictions(run_dir)
 
@@ -147,7 +147,7 @@ def predictions(run_dir: str):
 
 @st.cache_resource(show_spinner="Building the neighbour index…", max_entries=4)
 def _neighbor_index(ws_path: str, run_id: int, mtime: float):
-    from selfclassifier_core.neighbors import NeighborIndex
+    from selfclassifier_core.curation.neighbors import NeighborIndex
 
     return NeighborIndex.for_run(Workspace.open(ws_path), run_id)
 
@@ -158,7 +158,7 @@ def neighbor_index(ctx: Context):
 
 @st.cache_data(show_spinner="Computing the 2-D map (UMAP)…", max_entries=4)
 def _map_points(ws_path: str, run_id: int, mtime: float):
-    from selfclassifier_core.projection import run_map
+    from selfclassifier_core.curation.projection import run_map
 
     return run_map(Workspace.open(ws_path), run_id)
 
@@ -187,14 +187,14 @@ def _scan_marker(ws: Workspace) -> str:
 
 def thumbs(ctx: Context, image_ids) -> dict[int, str]:
     """Thumbnail file paths of a page of images (made once, cached in the workspace)."""
-    from selfclassifier_core.thumbnails import ensure_thumbnails
+    from selfclassifier_core.catalog.thumbnails import ensure_thumbnails
 
     return {i: str(p) for i, p in ensure_thumbnails(ctx.ws, list(image_ids), THUMB).items()}
 
 
 def labels(ctx: Context):
     """A fresh view of the person's edits for the current run and head (read from the DB)."""
-    from selfclassifier_core.labels import Labels
+    from selfclassifier_core.curation.labels import Labels
 
     return Labels(ctx.ws, ctx.run.id, ctx.head)
 
@@ -222,7 +222,7 @@ def _label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: 
                 scan: str) -> LabelView:
     import numpy as np
 
-    from selfclassifier_core.labels import Labels
+    from selfclassifier_core.curation.labels import Labels
 
     lab = Labels(Workspace.open(ws_path), run_id, head)
     table = lab.final_table()

@@ -25,8 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfclassifier_core.gpu_augment import GpuMultiCrop, to_uniform_batch  # noqa: E402
-from selfclassifier_core.transforms import MultiCropTransform  # noqa: E402
+from selfclassifier_core.engine.gpu_augment import GpuMultiCrop, to_uniform_batch  # noqa: E402
+from selfclassifier_core.engine.transforms import MultiCropTransform  # noqa: E402
 
 
 def make_images(n: int, width: int, height: int, seed: int = 0) -> list[Image.Image]:

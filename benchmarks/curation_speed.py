@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfclassifier_core.neighbors import NeighborIndex  # noqa: E402
-from selfclassifier_core.workspace import Workspace  # noqa: E402
+from selfclassifier_core.curation.neighbors import NeighborIndex  # noqa: E402
+from selfclassifier_core.store.workspace import Workspace  # noqa: E402
 
 
 def random_unit(n: int, dim: int = 128, seed: int = 0) -> np.ndarray:
@@ -59,7 +59,7 @@ def bench_faiss(sizes: list[int], ivf: bool) -> None:
 
 
 def bench_umap(n: int) -> None:
-    from selfclassifier_core.projection import umap_2d
+    from selfclassifier_core.curation.projection import umap_2d
 
     t0 = time.perf_counter()
     import umap  # noqa: F401
@@ -77,7 +77,7 @@ def bench_umap(n: int) -> None:
 def bench_thumbnails(tmp: Path, n_rows: int = 100_000, page: int = 100) -> None:
     from PIL import Image
 
-    from selfclassifier_core.thumbnails import ensure_thumbnails, thumbnail_bytes
+    from selfclassifier_core.catalog.thumbnails import ensure_thumbnails, thumbnail_bytes
 
     root = tmp / "images"
     root.mkdir()

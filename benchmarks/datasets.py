@@ -127,7 +127,7 @@ def emoji(out: str | os.PathLike, n: int | None = None, seed: int = 0, size: int
 
 def _pixels(out: str | os.PathLike, truth: dict[str, str], size: int | None = None) -> np.ndarray:
     """Raw pixels in [0, 1] (RGB on white, flattened) in the order of ``sorted(truth)``."""
-    from selfclassifier_core.imageio import load_rgb
+    from selfclassifier_core.catalog.imageio import load_rgb
 
     rows = []
     for rel in sorted(truth):

@@ -96,13 +96,14 @@ def train_run(folder: Path, ws_path: Path, args, extra: dict) -> tuple[int, floa
     import selfclassifier_core as sc
 
     t = time.perf_counter()
-    if importlib.util.find_spec("selfclassifier_core.trainer") is None:
+    if importlib.util.find_spec("selfclassifier_core.training.scratch") is None:
         # the trainer is not there yet: same thing by hand (scan, run row, fast mode)
-        from selfclassifier_core import catalog, fastmode
-        from selfclassifier_core.workspace import Workspace
+        from selfclassifier_core.catalog import scanner as catalog
+        from selfclassifier_core.training import fast as fastmode
+        from selfclassifier_core.store.workspace import Workspace
 
         if args.mode != "fast":
-            raise SystemExit("selfclassifier_core.trainer is missing; only --mode fast works")
+            raise SystemExit("selfclassifier_core.training.scratch is missing; only --mode fast works")
         log.warning("trainer.py missing: calling catalog.scan + fastmode.train_fast directly")
         ws = Workspace.for_folder(folder, ws_path)
         catalog.scan(folder, ws)
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     variants = [parse_sets(args.set)] + [
         {**parse_sets(args.set), **parse_sets(v.split(","))} for v in args.variant]
     import selfclassifier_core as sc
-    from selfclassifier_core.workspace import Workspace
+    from selfclassifier_core.store.workspace import Workspace
 
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
               f"{len(np.unique(preds.head(head).cluster))}/{head}")
 
         if args.mode == "fast" and vi == 0 and extra.get("seed", 0) == 0:
-            from selfclassifier_core.features import extract_features
+            from selfclassifier_core.training.features import extract_features
 
             ckpt_cfg = json.loads((run.dir / "config.json").read_text())
             cache = extract_features(ws, ckpt_cfg["backbone"], ckpt_cfg["pretrained"],

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfclassifier_core.catalog import _default_workers, scan  # noqa: E402
+from selfclassifier_core.catalog.scanner import _default_workers, scan  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: int) -> None:

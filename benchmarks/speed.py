@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfclassifier_core.loss import SelfClassifierLoss  # noqa: E402
-from selfclassifier_core.model import ModelConfig, SelfClassifier  # noqa: E402
-from selfclassifier_core.trainer import resolve_device  # noqa: E402
+from selfclassifier_core.engine.loss import SelfClassifierLoss  # noqa: E402
+from selfclassifier_core.engine.model import ModelConfig, SelfClassifier  # noqa: E402
+from selfclassifier_core.training.scratch import resolve_device  # noqa: E402
 
 AUGMENTS = ("cpu", "device")
 
@@ -104,8 +104,8 @@ def scanned_workspace(folder: str):
     """``folder`` scanned into a temporary workspace."""
     import tempfile
 
-    from selfclassifier_core.catalog import scan
-    from selfclassifier_core.workspace import Workspace
+    from selfclassifier_core.catalog.scanner import scan
+    from selfclassifier_core.store.workspace import Workspace
 
     ws = Workspace.for_folder(folder, Path(tempfile.mkdtemp()) / "ws")
     scan(folder, ws)
@@ -116,9 +116,9 @@ def loader_batches(args, device, ws, augment: str):
     """Batches of views from the real pipeline as the trainer makes them: PIL multi-crop in
     the loader workers (``cpu``), or uniform uint8 images from the workers augmented on
     ``device`` by GpuMultiCrop (``device``). Same crop scales as the trainer."""
-    from selfclassifier_core.data import MultiCropDataset, default_workers, make_loader, sample_seed
-    from selfclassifier_core.gpu_augment import GpuMultiCrop, UniformImage, source_size_for
-    from selfclassifier_core.transforms import GLOBAL_SCALE, LOCAL_SCALE, MultiCropTransform
+    from selfclassifier_core.catalog.datasets import MultiCropDataset, default_workers, make_loader, sample_seed
+    from selfclassifier_core.engine.gpu_augment import GpuMultiCrop, UniformImage, source_size_for
+    from selfclassifier_core.engine.transforms import GLOBAL_SCALE, LOCAL_SCALE, MultiCropTransform
 
     crops = dict(global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE)
     sizes = (args.global_size, args.local_size, args.n_local)

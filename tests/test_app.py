@@ -15,8 +15,10 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from selfclassifier_core import export, jobs, recent
-from selfclassifier_core.labels import Labels
+from selfclassifier_core.curation import export
+from selfclassifier_core.workflows import jobs
+from selfclassifier_core.store import recent
+from selfclassifier_core.curation.labels import Labels
 from workspace_fixtures import make_workspace_with_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +31,7 @@ TIMEOUT = 120
 @pytest.fixture(autouse=True)
 def _fast_map(monkeypatch):
     """UMAP itself is tested in the core; here a PCA stands in (no numba JIT in every test)."""
-    import selfclassifier_core.projection as projection
+    import selfclassifier_core.curation.projection as projection
 
     monkeypatch.setattr(projection, "umap_2d",
                         lambda emb, **kw: projection.pca_2d(np.asarray(emb, np.float32)))
@@ -107,7 +109,7 @@ def test_unreadable_images_listed_with_reasons(fixture_app):
 def test_unreadable_files_read_again_on_request(tmp_path, monkeypatch):
     from PIL import Image
 
-    from selfclassifier_core.catalog import scan
+    from selfclassifier_core.catalog.scanner import scan
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -178,7 +180,7 @@ def test_start_short_training_from_the_app(tmp_path, monkeypatch):
     at.number_input(key="opt_batch").set_value(16)
     next(b for b in at.button if b.label == "Start training").click().run()
     assert_ok(at)
-    from selfclassifier_core.workspace import Workspace
+    from selfclassifier_core.store.workspace import Workspace
     ws = Workspace.open(tmp_path / "ws")
     run = ws.list_runs()[-1]
     assert (run.dir / jobs.JOB_FILE).exists()
@@ -386,7 +388,7 @@ def test_neighbours_listed(fixture_app):
     values = [float(s.split()[1]) for s in sims]
     assert values == sorted(values, reverse=True)
     # the neighbours of image 4 are mostly of its own (fixture) cluster
-    from selfclassifier_core.neighbors import NeighborIndex
+    from selfclassifier_core.curation.neighbors import NeighborIndex
     expected = NeighborIndex.for_run(ws, run_id).search(4, 12)
     assert [at.button(key=f"nn_again_{i}") for i in expected["image_id"]]
     # near-duplicates view runs on the same index
@@ -398,7 +400,7 @@ def test_neighbours_upload_is_handled(fixture_app, monkeypatch):
     """An upload is searched in memory (embedding stubbed); nothing is written to the folder."""
     at, ws, run_id = fixture_app
     before = sorted(p.name for p in ws.root.rglob("*"))
-    from selfclassifier_core import neighbors
+    from selfclassifier_core.curation import neighbors
 
     def fake_search_file(self, data, k=10, **kw):
         assert isinstance(data, bytes) and data[:4] == b"\x89PNG"

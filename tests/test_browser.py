@@ -136,5 +136,5 @@ def test_rename_then_download_csv_in_a_real_browser(server, tmp_path):
     assert lines[0] == "path,label,cluster,confidence,margin,head,edited"
     assert len(lines) == 1 + 24
     renamed = [ln for ln in lines[1:] if NEW_NAME in ln]
-    from selfclassifier_core.labels import Labels
+    from selfclassifier_core.curation.labels import Labels
     assert len(renamed) == int((Labels(ws, run_id).final_table()["cluster"] == 1).sum()) > 0

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import selfclassifier_core.catalog as catalog
+import selfclassifier_core.catalog.scanner as catalog
 from image_cases import (
     HIDDEN, IGNORED, LINK_SKIPPED, OK, UNREADABLE, expected_counts, make_case_folder)
-from selfclassifier_core.catalog import ScanReport, scan
-from selfclassifier_core.workspace import Workspace, WorkspaceError
+from selfclassifier_core.catalog.scanner import ScanReport, scan
+from selfclassifier_core.store.workspace import Workspace, WorkspaceError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -326,7 +326,7 @@ def test_decoder_that_hangs_in_a_worker_is_ended_and_the_file_named(tmp_path, mo
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from selfclassifier_core import catalog
+    from selfclassifier_core.catalog import scanner as catalog
 
     folder, ws, marker = sys.argv[1:4]
     catalog.BATCH_ROWS = 40

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from selfclassifier_core.cli import main
-from selfclassifier_core.labels import Labels
+from selfclassifier_core.curation.labels import Labels
 from workspace_fixtures import add_run, make_workspace_with_run
 
 REPO = Path(__file__).resolve().parents[1]

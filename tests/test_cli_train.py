@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 
-from selfclassifier_core.backbones import build_backbone
+from selfclassifier_core.engine.backbones import build_backbone
 from selfclassifier_core.cli import build_parser, main
-from selfclassifier_core.workspace import Workspace
+from selfclassifier_core.store.workspace import Workspace
 from train_fixtures import make_folder
 
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from selfclassifier_core import checkpoint as ckpt
-from selfclassifier_core.data import (EvalDataset, MultiCropDataset, collate_skip_none,
+from selfclassifier_core.store import checkpoint as ckpt
+from selfclassifier_core.catalog.datasets import (EvalDataset, MultiCropDataset, collate_skip_none,
                                       make_loader)
-from selfclassifier_core.gpu_augment import UniformImage
-from selfclassifier_core.queue import NeighborQueue, queue_size_for
-from selfclassifier_core.trainer import Trainer
-from selfclassifier_core.transforms import MultiCropTransform, eval_transform
-from selfclassifier_core.workspace import Workspace
+from selfclassifier_core.engine.gpu_augment import UniformImage
+from selfclassifier_core.engine.queue import NeighborQueue, queue_size_for
+from selfclassifier_core.training.scratch import Trainer
+from selfclassifier_core.engine.transforms import MultiCropTransform, eval_transform
+from selfclassifier_core.store.workspace import Workspace
 
 
 def make_workspace(tmp_path, n=6, size=12):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from selfclassifier_core import dist
-from selfclassifier_core.loss import self_classifier_loss
+from selfclassifier_core.engine import dist
+from selfclassifier_core.engine.loss import self_classifier_loss
 
 WORLD = 2
 N_LOCAL = 4

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from selfclassifier_core import export as ex
-from selfclassifier_core.export import (build_csv_bytes, export_csv, export_imagefolder,
+from selfclassifier_core.curation import export as ex
+from selfclassifier_core.curation.export import (build_csv_bytes, export_csv, export_imagefolder,
                                         export_jsonl, export_parquet, safe_folder_name)
-from selfclassifier_core.labels import Labels
-from selfclassifier_core.predictions import load_predictions, save_predictions
+from selfclassifier_core.curation.labels import Labels
+from selfclassifier_core.store.predictions import load_predictions, save_predictions
 from workspace_fixtures import cluster_assignments, make_workspace_with_run
 
 CSV_COLUMNS = ["path", "label", "cluster", "confidence", "margin", "head", "edited"]

@@ -10,9 +10,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from selfclassifier_core import catalog, fastmode
-from selfclassifier_core.predictions import load_predictions
-from selfclassifier_core.workspace import Workspace
+from selfclassifier_core.catalog import scanner as catalog
+from selfclassifier_core.training import fast as fastmode
+from selfclassifier_core.store.predictions import load_predictions
+from selfclassifier_core.store.workspace import Workspace
 
 SIZE = 32
 
@@ -86,10 +87,10 @@ def test_fast_mode_predicts_every_image_and_separates_kinds(dark_bright):
 def test_checkpoint_rebuilds_model_that_embeds_like_the_predictions(dark_bright):
     """The checkpoint holds the whole model (pretrained backbone included): a model rebuilt from
     it embeds raw images like the saved predictions (which came from cached features)."""
-    from selfclassifier_core.checkpoint import load_checkpoint
-    from selfclassifier_core.imageio import load_rgb
-    from selfclassifier_core.model import build_from_checkpoint
-    from selfclassifier_core.transforms import eval_transform
+    from selfclassifier_core.store.checkpoint import load_checkpoint
+    from selfclassifier_core.catalog.imageio import load_rgb
+    from selfclassifier_core.engine.model import build_from_checkpoint
+    from selfclassifier_core.engine.transforms import eval_transform
 
     folder, ws, weights, _ = dark_bright
     opts = _options(weights, steps=20)
@@ -115,7 +116,7 @@ def test_checkpoint_rebuilds_model_that_embeds_like_the_predictions(dark_bright)
 
 
 def test_second_run_reuses_features(dark_bright, monkeypatch):
-    from selfclassifier_core import features
+    from selfclassifier_core.training import features
 
     _, ws, weights, _ = dark_bright
     opts = _options(weights, steps=5)

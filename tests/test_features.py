@@ -9,8 +9,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from selfclassifier_core import catalog, features
-from selfclassifier_core.workspace import Workspace
+from selfclassifier_core.catalog import scanner as catalog
+from selfclassifier_core.training import features
+from selfclassifier_core.store.workspace import Workspace
 
 SIZE = 32
 
@@ -49,8 +50,8 @@ def test_extract_shapes_and_view0_is_eval_transform(setup):
     assert cache.computed == 6 and seen[-1] == (6, 6)
     assert isinstance(np.load(cache.dir / "feats.npy", mmap_mode="r"), np.memmap)
     # view 0 = the backbone on the prediction transform of the full image
-    from selfclassifier_core.imageio import load_rgb
-    from selfclassifier_core.transforms import eval_transform
+    from selfclassifier_core.catalog.imageio import load_rgb
+    from selfclassifier_core.engine.transforms import eval_transform
 
     module, _, _ = features.build_extractor("resnet18", str(weights), SIZE)
     rel = dict(ws.usable_images())[int(cache.image_ids[2])]
@@ -123,7 +124,7 @@ def test_catalog_change_recomputes_only_new_and_changed(setup, monkeypatch):
 def test_unreadable_at_extraction_is_left_out(setup, caplog):
     folder, ws, weights = setup
     (folder / "img_3.png").write_bytes(b"broken now")
-    with caplog.at_level("WARNING", logger="selfclassifier_core.features"):
+    with caplog.at_level("WARNING", logger="selfclassifier_core.training.features"):
         cache = _extract(ws, weights)
     rels = dict(ws.usable_images())
     assert len(cache) == 5 and "img_3.png" not in {rels[int(i)] for i in cache.image_ids}

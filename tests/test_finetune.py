@@ -6,9 +6,9 @@ import pytest
 import torch
 import torchvision
 
-from selfclassifier_core import trainer as trainer_mod
-from selfclassifier_core.predictions import load_predictions
-from selfclassifier_core.trainer import train
+from selfclassifier_core.training import scratch as trainer_mod
+from selfclassifier_core.store.predictions import load_predictions
+from selfclassifier_core.training.scratch import train
 from train_fixtures import FAST, make_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from selfclassifier_core.fsutil import atomic_open, atomic_write_json, atomic_write_text, is_within
+from selfclassifier_core.store.fsutil import atomic_open, atomic_write_json, atomic_write_text, is_within
 
 
 def test_atomic_write_replaces_and_uses_umask(tmp_path):

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from selfclassifier_core.gpu_augment import (
+from selfclassifier_core.engine.gpu_augment import (
     CROP_TRIES, GpuMultiCrop, UniformImage, adjust_brightness, adjust_contrast, adjust_hue,
     adjust_saturation, gaussian_blur, roi_resized_crop, sample_boxes, solarize,
     source_size_for, to_uniform_batch, uniform_resize)
-from selfclassifier_core.transforms import MultiCropTransform
+from selfclassifier_core.engine.transforms import MultiCropTransform
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -332,8 +332,8 @@ def test_loader_integration_with_multicrop_dataset_and_neighbours(tmp_path):
     with nearest-neighbour positives feeding global view 1."""
     import numpy as np
 
-    from selfclassifier_core.data import MultiCropDataset, make_loader
-    from selfclassifier_core.workspace import Workspace
+    from selfclassifier_core.catalog.datasets import MultiCropDataset, make_loader
+    from selfclassifier_core.store.workspace import Workspace
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
 from image_cases import OK, UNREADABLE, bomb_png, make_case_folder
-from selfclassifier_core.imageio import (
+from selfclassifier_core.catalog.imageio import (
     IMAGE_EXTENSIONS, ImageInfo, ImageLoadError, is_image_name, load_rgb, probe)
 
 

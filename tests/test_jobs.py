@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfclassifier_core import jobs, recent
-from selfclassifier_core.workspace import Workspace, WorkspaceError
+from selfclassifier_core.workflows import jobs
+from selfclassifier_core.store import recent
+from selfclassifier_core.store.workspace import Workspace, WorkspaceError
 
 FAST = {"classes": 2, "epochs": 1, "batch_size": 16, "backbone": "resnet18", "device": "cpu"}
 
@@ -60,7 +61,7 @@ def test_background_training_reaches_done(tiny_folder, tmp_path):
     assert ws.get_run(run_id).status == "done"
     assert jobs.active_run(ws) is None
     # the neighbour index was built by the background process, ready for the app
-    from selfclassifier_core import neighbors
+    from selfclassifier_core.curation import neighbors
     assert (ws.run_dir(run_id) / neighbors.INDEX_FILE).exists()
     assert "prepared neighbors" in (ws.run_dir(run_id) / jobs.LOG_FILE).read_text()
 
@@ -113,7 +114,7 @@ def test_dead_process_of_another_server_is_reported(tmp_path, tiny_folder):
     ws = Workspace.for_folder(tiny_folder, tmp_path / "ws")
     run_id = ws.create_run("scratch", {})
     ws.update_run(run_id, status="running")
-    from selfclassifier_core.fsutil import atomic_write_json
+    from selfclassifier_core.store.fsutil import atomic_write_json
     atomic_write_json(ws.run_dir(run_id) / jobs.JOB_FILE, {"pid": 2 ** 22 - 3, "argv": []})
     st = jobs.job_status(ws, run_id)
     assert st.status == "failed" and not st.alive

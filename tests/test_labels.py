@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from selfclassifier_core.labels import Labels, carry_over, default_name
-from selfclassifier_core.predictions import load_predictions
+from selfclassifier_core.curation.labels import Labels, carry_over, default_name
+from selfclassifier_core.store.predictions import load_predictions
 from workspace_fixtures import add_run, cluster_assignments, make_workspace_with_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_unknown_head_and_run(ws_run):
     ws, _ = ws_run
     with pytest.raises(ValueError, match="5"):
         Labels(ws, head=5)
-    from selfclassifier_core.workspace import WorkspaceError
+    from selfclassifier_core.store.workspace import WorkspaceError
     with pytest.raises(WorkspaceError):
         Labels(ws, run_id=99)
 
@@ -354,8 +354,8 @@ def test_two_objects_interleaving_lose_nothing(ws_run):
 _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from selfclassifier_core.workspace import Workspace
-    from selfclassifier_core.labels import Labels
+    from selfclassifier_core.store.workspace import Workspace
+    from selfclassifier_core.curation.labels import Labels
     ws = Workspace.open(sys.argv[1])
     parity = int(sys.argv[2])
     lab = Labels(ws)
@@ -396,8 +396,8 @@ def test_two_processes_lose_nothing(tmp_path):
 # ---------------------------------------------------------------------- crash safety
 _CRASHER = textwrap.dedent("""
     import random, sys
-    from selfclassifier_core.workspace import Workspace
-    from selfclassifier_core.labels import Labels
+    from selfclassifier_core.store.workspace import Workspace
+    from selfclassifier_core.curation.labels import Labels
     ws = Workspace.open(sys.argv[1])
     lab = Labels(ws)
     print("ready", flush=True)
@@ -680,7 +680,7 @@ def test_delete_unknown_or_default_name_is_refused(ws_run):
 
 
 def test_export_after_delete(ws_run, tmp_path):
-    from selfclassifier_core import export
+    from selfclassifier_core.curation import export
 
     ws, run_id = ws_run
     lab = Labels(ws)
@@ -804,7 +804,7 @@ def test_carry_over_lists_overwritten_edits_and_undo_restores_them(tmp_path):
 
 
 def test_carry_over_report_without_and_with_many_overwrites():
-    from selfclassifier_core.labels import CarryOverReport
+    from selfclassifier_core.curation.labels import CarryOverReport
 
     report = CarryOverReport(1, 2, 3, 3, 10)
     assert "overwrote" not in str(report)

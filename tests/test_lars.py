@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from selfclassifier_core.lars import LARS
+from selfclassifier_core.engine.lars import LARS
 
 
 def _vec(*xs):

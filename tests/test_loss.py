@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from selfclassifier_core.loss import SelfClassifierLoss, self_classifier_loss
+from selfclassifier_core.engine.loss import SelfClassifierLoss, self_classifier_loss
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torchvision import models
 
-from selfclassifier_core.backbones import BACKBONES, build_backbone, min_input_size
-from selfclassifier_core.heads import ClassifierHeads, ProjectionMLP
-from selfclassifier_core.model import ModelConfig, ModelOutput, SelfClassifier, build_from_checkpoint
+from selfclassifier_core.engine.backbones import BACKBONES, build_backbone, min_input_size
+from selfclassifier_core.engine.heads import ClassifierHeads, ProjectionMLP
+from selfclassifier_core.engine.model import ModelConfig, ModelOutput, SelfClassifier, build_from_checkpoint
 
 TORCHVISION_BACKBONES = ["resnet18", "resnet34", "resnet50", "convnext_tiny", "efficientnet_b0",
                          "vit_b_16"]
@@ -57,7 +57,7 @@ def test_convnet_small_shapes_and_model(small_input, size):
 
 
 def test_convnet_small_rejects_bad_widths():
-    from selfclassifier_core.backbones import ConvNetSmall
+    from selfclassifier_core.engine.backbones import ConvNetSmall
 
     with pytest.raises(ValueError, match="widths"):
         ConvNetSmall(widths=(32, 0, 64))
@@ -238,7 +238,7 @@ def test_efficientnet_lite0_is_imported_only_when_asked(monkeypatch):
     import sys
 
     # make the optional module unimportable: other backbones still build, lite0 fails clearly
-    monkeypatch.setitem(sys.modules, "selfclassifier_core.backbones_lite", None)
+    monkeypatch.setitem(sys.modules, "selfclassifier_core.engine.backbones_lite", None)
     net, dim = build_backbone("resnet18", small_input=True, image_size=8)
     assert dim == 512
     assert "efficientnet_lite0" in BACKBONES
@@ -256,7 +256,7 @@ def test_efficientnet_lite0_builds_through_the_registry():
 
 
 def test_resize_pos_embedding_keeps_class_token_and_constant_fields():
-    from selfclassifier_core.backbones import resize_pos_embedding
+    from selfclassifier_core.engine.backbones import resize_pos_embedding
 
     cls = torch.randn(1, 1, 4)
     patches = torch.arange(4.0).reshape(1, 1, 4).expand(1, 9, 4)   # a 3x3 grid, constant per channel

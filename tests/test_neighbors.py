@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from workspace_fixtures import image_path, make_workspace_with_run
 
-from selfclassifier_core import neighbors
-from selfclassifier_core.neighbors import INDEX_FILE, NeighborIndex, faiss_threads
-from selfclassifier_core.predictions import load_predictions, save_predictions
+from selfclassifier_core.curation import neighbors
+from selfclassifier_core.curation.neighbors import INDEX_FILE, NeighborIndex, faiss_threads
+from selfclassifier_core.store.predictions import load_predictions, save_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -349,9 +349,9 @@ def test_cli_neighbors_of_a_file_outside_the_catalog(tmp_path, monkeypatch, caps
         calls.append((workspace.path, rid, [str(i) for i in items]))
         return emb[[99]].astype(np.float32), []           # looks exactly like id 100
 
-    fake = types.ModuleType("selfclassifier_core.predict")
+    fake = types.ModuleType("selfclassifier_core.inference.predict")
     fake.embed_files = embed_files
-    monkeypatch.setitem(sys.modules, "selfclassifier_core.predict", fake)
+    monkeypatch.setitem(sys.modules, "selfclassifier_core.inference.predict", fake)
     import selfclassifier_core
     monkeypatch.setattr(selfclassifier_core, "predict", fake, raising=False)
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfclassifier_core.predict import embed_files, head_prediction, load_model, predict
-from selfclassifier_core.predictions import load_predictions
-from selfclassifier_core.trainer import train
-from selfclassifier_core.workspace import Workspace, WorkspaceError
+from selfclassifier_core.inference.predict import embed_files, head_prediction, load_model, predict
+from selfclassifier_core.store.predictions import load_predictions
+from selfclassifier_core.training.scratch import train
+from selfclassifier_core.store.workspace import Workspace, WorkspaceError
 
 from train_fixtures import FAST, make_folder
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torchvision
 
-from selfclassifier_core import pretrained
-from selfclassifier_core.backbones import build_backbone
-from selfclassifier_core.pretrained import PretrainedError, load_backbone_weights
+from selfclassifier_core.engine import pretrained
+from selfclassifier_core.engine.backbones import build_backbone
+from selfclassifier_core.engine.pretrained import PretrainedError, load_backbone_weights
 
 
 def _source_resnet18(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ def test_nested_checkpoint_with_backbone_prefix(tmp_path):
 
 
 def test_whole_selfclassifier_checkpoint(tmp_path):
-    from selfclassifier_core.model import ModelConfig, SelfClassifier
+    from selfclassifier_core.engine.model import ModelConfig, SelfClassifier
 
     torch.manual_seed(3)
     src = SelfClassifier(ModelConfig(backbone="resnet18", image_size=64, small_input=False,
@@ -123,7 +123,7 @@ def test_few_missing_reported(tmp_path, caplog):
     del sd["layer4.1.bn2.weight"]
     path = tmp_path / "almost.pth"
     torch.save(sd, path)
-    with caplog.at_level("WARNING", logger="selfclassifier_core.pretrained"):
+    with caplog.at_level("WARNING", logger="selfclassifier_core.engine.pretrained"):
         report = load_backbone_weights(_fresh(), "resnet18", path)
     assert report.missing == ["layer4.1.bn2.weight"]
     assert "layer4.1.bn2.weight" in caplog.text
@@ -202,7 +202,7 @@ def test_cached_torchvision_weights_load_offline(tmp_path, monkeypatch):
 
 
 def test_efficientnet_lite0_shipped_weights():
-    from selfclassifier_core import backbones_lite
+    from selfclassifier_core.engine import backbones_lite
 
     module, dim = build_backbone("efficientnet_lite0", small_input=False, image_size=32)
     assert dim == 1280

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from workspace_fixtures import make_workspace_with_run
 
-from selfclassifier_core import projection
-from selfclassifier_core.predictions import load_predictions, save_predictions
-from selfclassifier_core.projection import MAP_FILE, run_map, umap_2d
+from selfclassifier_core.curation import projection
+from selfclassifier_core.store.predictions import load_predictions, save_predictions
+from selfclassifier_core.curation.projection import MAP_FILE, run_map, umap_2d
 
 
 def blobs(n_per: int = 20, k: int = 3, dim: int = 16, seed: int = 0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfclassifier_core.schedules import cosine_with_warmup, set_lr
+from selfclassifier_core.engine.schedules import cosine_with_warmup, set_lr
 
 
 def test_endpoints_and_known_points():

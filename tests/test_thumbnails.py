@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from workspace_fixtures import image_path, make_workspace_with_run
 
-from selfclassifier_core import thumbnails
-from selfclassifier_core.thumbnails import (ensure_thumbnails, placeholder_path, thumbnail,
+from selfclassifier_core.catalog import thumbnails
+from selfclassifier_core.catalog.thumbnails import (ensure_thumbnails, placeholder_path, thumbnail,
                                             thumbnail_bytes, thumbnail_path)
 
 

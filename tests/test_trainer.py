@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from selfclassifier_core import trainer as trainer_mod
-from selfclassifier_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from selfclassifier_core.model import ModelConfig, SelfClassifier
-from selfclassifier_core.predictions import load_predictions
-from selfclassifier_core.trainer import TrainingError, resolve_config, train
-from selfclassifier_core.workspace import Workspace
+from selfclassifier_core.training import scratch as trainer_mod
+from selfclassifier_core.store.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from selfclassifier_core.engine.model import ModelConfig, SelfClassifier
+from selfclassifier_core.store.predictions import load_predictions
+from selfclassifier_core.training.scratch import TrainingError, resolve_config, train
+from selfclassifier_core.store.workspace import Workspace
 from train_fixtures import FAST, assert_same_weights, make_folder, train_one_epoch_then_cancel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,7 +92,7 @@ def test_end_to_end_predictions_stats_and_csv(tmp_path):
     assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["train_config"]["classes"] == 2
     assert {"python", "numpy", "torch", "cuda"} <= set(ckpt["rng"])
 
-    from selfclassifier_core.export import export_csv
+    from selfclassifier_core.curation.export import export_csv
 
     out = tmp_path / "labels.csv"
     export_csv(ws, out)
@@ -279,8 +279,8 @@ def test_separates_dark_from_bright(tmp_path):
 
 
 def test_finetune_gives_backbone_lower_lr():
-    from selfclassifier_core.schedules import set_lr
-    from selfclassifier_core.trainer import build_model, build_optimizer
+    from selfclassifier_core.engine.schedules import set_lr
+    from selfclassifier_core.training.scratch import build_model, build_optimizer
 
     cfg = resolve_config(40, [(16, 16)] * 40, torch.device("cpu"), classes=2, mode="finetune",
                          pretrained="x.pt", proj_hidden_dim=16)

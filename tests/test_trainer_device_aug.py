@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from selfclassifier_core import gpu_augment
-from selfclassifier_core import trainer as trainer_mod
-from selfclassifier_core.checkpoint import load_checkpoint
-from selfclassifier_core.data import MultiCropDataset, _load
-from selfclassifier_core.predictions import load_predictions
-from selfclassifier_core.trainer import resolve_augment, resolve_config, train
-from selfclassifier_core.transforms import GLOBAL_SCALE, LOCAL_SCALE
+from selfclassifier_core.engine import gpu_augment
+from selfclassifier_core.training import scratch as trainer_mod
+from selfclassifier_core.store.checkpoint import load_checkpoint
+from selfclassifier_core.catalog.datasets import MultiCropDataset, _load
+from selfclassifier_core.store.predictions import load_predictions
+from selfclassifier_core.training.scratch import resolve_augment, resolve_config, train
+from selfclassifier_core.engine.transforms import GLOBAL_SCALE, LOCAL_SCALE
 from train_fixtures import FAST, assert_same_weights, make_folder, train_one_epoch_then_cancel
 
 DEVICE_AUG = dict(FAST, augment="device")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfclassifier_core.transforms import (IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform,
+from selfclassifier_core.engine.transforms import (IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform,
                                             crop_sizes_for, eval_transform)
 
 

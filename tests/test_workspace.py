@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from selfclassifier_core.workspace import (
+from selfclassifier_core.store.workspace import (
     DB_NAME, SCHEMA_VERSION, Workspace, WorkspaceError, default_workspace_for)
 
 
@@ -167,7 +167,7 @@ def test_failed_transaction_rolls_back(tmp_path):
 
 
 def test_catalog_queries_follow_the_scan(folder, tmp_path):
-    from selfclassifier_core.catalog import scan
+    from selfclassifier_core.catalog.scanner import scan
 
     ws_path = tmp_path / "ws"
     scan(folder, ws_path, workers=1)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selfclassifier_core.checkpoint import load_checkpoint
-from selfclassifier_core.trainer import TrainResult, train
+from selfclassifier_core.store.checkpoint import load_checkpoint
+from selfclassifier_core.training.scratch import TrainResult, train
 
 # small and fast: 8-px crops, two global views only, narrow projection
 FAST = dict(n_local=0, global_size=8, proj_hidden_dim=64, workers=0, device="cpu")

@@ -32,8 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from selfclassifier_core.predictions import HeadPrediction, Predictions, save_predictions
-from selfclassifier_core.workspace import Workspace
+from selfclassifier_core.store.predictions import HeadPrediction, Predictions, save_predictions
+from selfclassifier_core.store.workspace import Workspace
 
 EMBED_DIM = 16
 

@@ -2,7 +2,7 @@
 
 A card is a *label*: one cluster of the chosen head, several clusters merged under one name, or
 a label the person created by moving images. Every edit goes straight to the workspace database
-through :class:`selfclassifier_core.labels.Labels`; the screen re-reads it afterwards.
+through :class:`selfclassifier_core.curation.labels.Labels`; the screen re-reads it afterwards.
 """
 from __future__ import annotations
 

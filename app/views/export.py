@@ -11,7 +11,7 @@ PREVIEW_ROWS = 1000
 
 
 def render(ctx: state.Context) -> None:
-    from selfclassifier_core import export
+    from selfclassifier_core.curation import export
 
     st.header("Export")
     if ctx.run is None:

@@ -106,14 +106,14 @@ def _results(ctx: state.Context, result, paths) -> None:
 
 @st.cache_data(show_spinner="Looking for near-duplicates…", max_entries=8)
 def _dup_groups(ws_path: str, run_id: int, mtime: float, threshold: float) -> list[list[int]]:
-    from selfclassifier_core.neighbors import NeighborIndex
-    from selfclassifier_core.workspace import Workspace
+    from selfclassifier_core.curation.neighbors import NeighborIndex
+    from selfclassifier_core.store.workspace import Workspace
 
     return NeighborIndex.for_run(Workspace.open(ws_path), run_id).duplicates(threshold)
 
 
 def _duplicates(ctx: state.Context) -> None:
-    from selfclassifier_core.predictions import EMBEDDINGS_FILE
+    from selfclassifier_core.store.predictions import EMBEDDINGS_FILE
 
     threshold = st.slider("Similarity threshold", 0.80, 1.00, 0.98, 0.005, key="dup_threshold",
                           help="Cosine similarity of the run's embeddings; 1.0 is identical.")

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from selfclassifier_core import jobs
+from selfclassifier_core.workflows import jobs
 
 MODES = {
     "fast": "Fast — frozen pretrained backbone (about a minute)",
@@ -33,8 +33,8 @@ def default_settings(n_images: int) -> dict:
     """The fastest route to useful clusters: fast mode when offline weights exist.
 
     Views, image size and the number of steps are the core's defaults
-    (:func:`selfclassifier_core.fastmode.default_recipe` embeds icons at 128 px on a CPU;
-    :func:`~selfclassifier_core.fastmode.default_steps` sizes training to the folder), so the
+    (:func:`selfclassifier_core.training.fast.default_recipe` embeds icons at 128 px on a CPU;
+    :func:`~selfclassifier_core.training.fast.default_steps` sizes training to the folder), so the
     app and the command line train the same way.
     """
     fast = offline_pretrained()
@@ -78,7 +78,7 @@ def _last_scan(ctx: state.Context) -> dict | None:
 
 
 def _scan(ctx: state.Context, retry_unreadable: bool = False) -> None:
-    from selfclassifier_core.catalog import scan
+    from selfclassifier_core.catalog.scanner import scan
 
     bar = st.progress(0.0, text="Reading the images…")
 
@@ -205,8 +205,8 @@ def _watched_run(ctx: state.Context) -> int | None:
     wanted = st.session_state.get("watch_run")
     if wanted is not None and any(r.id == wanted for r in runs):
         return wanted
-    trained = [r for r in runs if (r.dir / jobs.JOB_FILE).exists()]
-    return trained[-1].id if trained else None
+    started = jobs.started_runs(ctx.ws)
+    return started[-1] if started else None
 
 
 def _progress_section(ctx: state.Context, run_id: int) -> None:

@@ -23,7 +23,7 @@ def open_workspace(path: str):
     """The workspace at ``path``, or the default workspace of the image folder ``path``."""
     from pathlib import Path
 
-    from ..workspace import DB_NAME, Workspace, default_workspace_for
+    from ..store.workspace import DB_NAME, Workspace, default_workspace_for
 
     p = Path(path).expanduser()
     if (p / DB_NAME).exists():
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..workspace import WorkspaceError
+    from ..store.workspace import WorkspaceError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..neighbors import NeighborIndex
+    from ..curation.neighbors import NeighborIndex
     from .neighbors import catalog_paths
 
     if not -1.0 <= args.threshold <= 1.0:

@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import export
+    from ..curation import export
     from . import CliError
 
     if not (args.csv or args.imagefolder or args.parquet or args.jsonl):

@@ -110,7 +110,7 @@ def _done(hid) -> int:
 
 
 def run(args) -> int:
-    from ..labels import Labels, carry_over
+    from ..curation.labels import Labels, carry_over
 
     ws = open_workspace(args.workspace)
     if args.action == "carry":

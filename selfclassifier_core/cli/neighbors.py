@@ -59,7 +59,7 @@ def resolve_image(ws, conn: sqlite3.Connection, image: str) -> tuple[int | None,
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..neighbors import NeighborIndex
+    from ..curation.neighbors import NeighborIndex
 
     if args.k < 1:
         raise CliError(f"-k must be at least 1, got {args.k}")

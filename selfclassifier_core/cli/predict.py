@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..predict import predict, predict_folder
+    from ..inference.predict import predict, predict_folder
 
     ws = open_workspace(args.workspace)
     if args.folder:

@@ -48,7 +48,7 @@ def _progress_printer():
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..catalog import scan
+    from ..catalog.scanner import scan
 
     report = scan(args.folder, workspace=args.workspace, progress=_progress_printer(),
                   workers=args.workers, retry_unreadable=args.retry_unreadable)

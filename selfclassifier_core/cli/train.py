@@ -47,8 +47,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import dist
-    from ..trainer import TrainingError, train
+    from ..engine import dist
+    from ..training.scratch import TrainingError, train
 
     stop = threading.Event()
     previous = None

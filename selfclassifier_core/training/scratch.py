@@ -42,19 +42,19 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from . import dist
-from .checkpoint import (CHECKPOINT_FILE, CheckpointError, load_checkpoint, rng_states,
+from ..engine import dist
+from ..store.checkpoint import (CHECKPOINT_FILE, CheckpointError, load_checkpoint, rng_states,
                          save_checkpoint, set_rng_states)
-from .data import MultiCropDataset, default_workers, make_loader, sample_seed
-from .fsutil import atomic_write_json
-from .loss import SelfClassifierLoss
-from .queue import NeighborQueue, queue_size_for
-from .transforms import (GLOBAL_SCALE, LOCAL_SCALE, TINY_GLOBAL_SCALE, TINY_LOCAL_SCALE,
+from ..catalog.datasets import MultiCropDataset, default_workers, make_loader, sample_seed
+from ..store.fsutil import atomic_write_json
+from ..engine.loss import SelfClassifierLoss
+from ..engine.queue import NeighborQueue, queue_size_for
+from ..engine.transforms import (GLOBAL_SCALE, LOCAL_SCALE, TINY_GLOBAL_SCALE, TINY_LOCAL_SCALE,
                          MultiCropTransform, crop_scale, crop_sizes_for)
-from .workspace import RunInfo, Workspace, WorkspaceError
+from ..store.workspace import RunInfo, Workspace, WorkspaceError
 
 if TYPE_CHECKING:
-    from .pretrained import LoadReport
+    from ..engine.pretrained import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def _known(options: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- building blocks
 def build_model(cfg: TrainConfig):
-    from .model import ModelConfig, SelfClassifier
+    from ..engine.model import ModelConfig, SelfClassifier
 
     torch.manual_seed(cfg.seed)
     mcfg = ModelConfig(backbone=cfg.backbone, image_size=cfg.global_size,
@@ -359,11 +359,11 @@ def load_finetune_weights(model: nn.Module, cfg: TrainConfig) -> "LoadReport":
     layers the stem replaces (a ResNet's 3×3 ``conv1``) keep their initialisation, and the
     report names them, instead of the whole load failing on the stem's shape.
     """
-    from .pretrained import load_backbone_weights
+    from ..engine.pretrained import load_backbone_weights
 
     if not cfg.small_input:
         return load_backbone_weights(model.backbone, cfg.backbone, cfg.pretrained)
-    from .backbones import build_backbone
+    from ..engine.backbones import build_backbone
 
     with torch.random.fork_rng(devices=[]):  # the reference's init must not shift the RNG
         reference, _ = build_backbone(cfg.backbone, small_input=False, image_size=cfg.global_size)
@@ -405,7 +405,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         param_groups.append(g)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    from .lars import LARS
+    from ..engine.lars import LARS
 
     return LARS(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
@@ -416,7 +416,7 @@ _GRID = 1_000_000  # the run's progress fraction in millionths, as a step for th
 def lr_at(cfg: TrainConfig, progress: float) -> float:
     """Cosine schedule with linear warm-up at the fraction ``progress`` ∈ [0, 1] of the run
     (of its epochs, or of its minutes when budgeted by time)."""
-    from .schedules import cosine_with_warmup
+    from ..engine.schedules import cosine_with_warmup
 
     return cosine_with_warmup(int(round(min(1.0, progress) * _GRID)), _GRID,
                               int(round(cfg.warmup_fraction * _GRID)), cfg.lr,
@@ -425,7 +425,7 @@ def lr_at(cfg: TrainConfig, progress: float) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's lr = ``lr × group['lr_scale']`` (lower backbone rate when fine-tuning)."""
-    from .schedules import set_lr as _set_lr
+    from ..engine.schedules import set_lr as _set_lr
 
     _set_lr(optimizer, lr)
 
@@ -532,7 +532,7 @@ class Trainer:
         crops = dict(global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale))
         self.gpu_aug = None
         if self.augment == "device":
-            from .gpu_augment import GpuMultiCrop, UniformImage, source_size_for
+            from ..engine.gpu_augment import GpuMultiCrop, UniformImage, source_size_for
 
             self.gpu_aug = GpuMultiCrop(cfg.global_size, cfg.local_size, cfg.n_local,
                                         **crops).to(self.device)
@@ -851,7 +851,7 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
     dist.init_from_env()
     ws = _open_workspace(folder, workspace)
     if folder is not None and not resume and dist.is_main():
-        from .catalog import scan
+        from ..catalog.scanner import scan
 
         report = scan(folder, ws)
         log.info("%s", report.summary())
@@ -976,12 +976,12 @@ def _train_loop(ws: Workspace, run_id: int, cfg: TrainConfig,
         result.status = "cancelled"
         return result
     if dist.is_main():
-        from .predict import predict
+        from ..inference.predict import predict
 
         _write_final_progress(run_dir, "predicting")
         predict(ws, run_id, model=trainer.model, device=trainer.device,
                 batch_size=max(64, cfg.batch_size), image_size=cfg.global_size)
-        from .predictions import PREDICTIONS_FILE
+        from ..store.predictions import PREDICTIONS_FILE
 
         result.predictions_path = run_dir / PREDICTIONS_FILE
         msg = "stopped at the time budget" if trainer.state.stop_reason == "time" else None
@@ -995,8 +995,8 @@ def _train_fast(ws: Workspace, options: dict[str, Any], progress: ProgressFn | N
                 should_stop: Callable[[], bool] | None) -> TrainResult:
     """Fast mode (frozen pretrained backbone): :func:`.fastmode.train_fast` does the work and
     sets the run's status; this records the run and collects the result."""
-    from . import fastmode
-    from .predictions import PREDICTIONS_FILE
+    from . import fast as fastmode
+    from ..store.predictions import PREDICTIONS_FILE
 
     if dist.world_size() > 1:
         raise ValueError("fast mode runs in one process; start it without torchrun")

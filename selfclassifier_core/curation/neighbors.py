@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .fsutil import atomic_write_bytes, atomic_write_json, atomic_open
+from ..store.fsutil import atomic_write_bytes, atomic_write_json, atomic_open
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from .workspace import Workspace
+    from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class NeighborIndex:
         A saved index is used only if it was built from the same embeddings file (same size and
         mtime) with the same ``ivf_threshold`` decision; otherwise it is rebuilt.
         """
-        from .predictions import load_run_embeddings
+        from ..store.predictions import load_run_embeddings
 
         run, preds, emb_identity = load_run_embeddings(workspace, run_id)
         n = len(preds.image_ids)
@@ -364,7 +364,7 @@ class NeighborIndex:
         """Neighbours of an image that need not be in the catalog (a path or raw bytes).
 
         ``embed_fn(items) -> float32 [n, D]`` embeds it; by default the run's model does, via
-        :func:`selfclassifier_core.predict.embed_files` (needs an index from :meth:`for_run`).
+        :func:`selfclassifier_core.inference.predict.embed_files` (needs an index from :meth:`for_run`).
         """
         import pandas as pd
 
@@ -372,7 +372,7 @@ class NeighborIndex:
             if self.workspace is None or self.run_id is None:
                 raise ValueError("search_file needs embed_fn for an index that was not made "
                                  "with NeighborIndex.for_run(workspace, run_id)")
-            from .predict import embed_files
+            from ..inference.predict import embed_files
 
             ws, run_id = self.workspace, self.run_id
 

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from .fsutil import atomic_open, is_within
+from ..store.fsutil import atomic_open, is_within
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
 
     from PIL import Image
 
-    from .workspace import Workspace
+    from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from .features import FeatureCache, extract_features, resolve_device
-from .fsutil import atomic_open, atomic_write_json
-from .predictions import HeadPrediction, Predictions, save_predictions
-from .workspace import Workspace
+from ..store.fsutil import atomic_open, atomic_write_json
+from ..store.predictions import HeadPrediction, Predictions, save_predictions
+from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def default_heads(classes: int | None, n_images: int) -> list[int]:
     """``[K, 2K, 4K]`` for ``classes=K`` (finer heads only when the folder has at least twice as
     many images); without ``classes``, K = ``trainer.default_classes(n)`` (about sqrt(n/2))."""
     if classes is None:
-        from .trainer import default_classes
+        from .scratch import default_classes
 
         classes = min(default_classes(n_images), n_images)
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
@@ -210,7 +210,7 @@ def knn_graph(feats: torch.Tensor, k: int, max_elements: int = 1 << 26) -> torch
 
 
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
-    from .schedules import cosine_with_warmup
+    from ..engine.schedules import cosine_with_warmup
 
     # LambdaLR calls with the number of steps taken; warm-up starts above 0 so step 1 learns
     return lambda step: max(cosine_with_warmup(min(step + 1, total), total, warmup), 0.0)
@@ -218,7 +218,7 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
 
 def _make_optimizer(params, opts: FastOptions, lr: float) -> torch.optim.Optimizer:
     if opts.optimizer == "lars":
-        from .lars import LARS
+        from ..engine.lars import LARS
 
         return LARS(params, lr=lr, weight_decay=opts.weight_decay, momentum=0.9)
     return torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
@@ -300,9 +300,9 @@ def train_fast(workspace: Workspace, run_id: int, options: Mapping[str, Any] | N
 
 
 def _train_fast(ws: Workspace, run_id: int, opts: FastOptions, progress, should_stop) -> None:
-    from .loss import SelfClassifierLoss
-    from .model import ModelConfig, SelfClassifier
-    from .pretrained import load_backbone_weights
+    from ..engine.loss import SelfClassifierLoss
+    from ..engine.model import ModelConfig, SelfClassifier
+    from ..engine.pretrained import load_backbone_weights
 
     t_start = time.perf_counter()
     run_dir = ws.run_dir(run_id)

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from .workspace import Workspace
+from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ class MultiCropDataset(Dataset):
 
     Args:
         workspace: the workspace whose catalog lists the images.
-        transform: a :class:`~selfclassifier_core.transforms.MultiCropTransform` (views), or a
-            :class:`~selfclassifier_core.gpu_augment.UniformImage` (the image, views made later
+        transform: a :class:`~selfclassifier_core.engine.transforms.MultiCropTransform` (views), or a
+            :class:`~selfclassifier_core.engine.gpu_augment.UniformImage` (the image, views made later
             on the device).
         items: ``(id, relative path)`` pairs; default ``workspace.usable_images()``.
         seed: base seed of the per-sample augmentation generator.

@@ -48,8 +48,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .predictions import load_predictions
-from .workspace import Workspace, WorkspaceError
+from ..store.predictions import load_predictions
+from ..store.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger(__name__)
 

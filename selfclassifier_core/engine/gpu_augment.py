@@ -1,6 +1,6 @@
 """Batched multi-crop augmentation on the training device (GPU or CPU).
 
-The PIL pipeline of :class:`~selfclassifier_core.transforms.MultiCropTransform` augments one
+The PIL pipeline of :class:`~selfclassifier_core.engine.transforms.MultiCropTransform` augments one
 image at a time in DataLoader workers; on a GPU machine it delivers about half of what a
 resnet50 consumes. Here the workers only decode and resize each image to a fixed square
 (:class:`UniformImage`, :func:`to_uniform_batch`); :class:`GpuMultiCrop` then makes all views of
@@ -91,7 +91,7 @@ def to_uniform_batch(pil_images: Sequence[Image.Image], size: int) -> torch.Tens
 
 
 class UniformImage:
-    """A per-image transform for :class:`~selfclassifier_core.data.MultiCropDataset` that defers
+    """A per-image transform for :class:`~selfclassifier_core.catalog.datasets.MultiCropDataset` that defers
     the augmentation to :class:`GpuMultiCrop`.
 
     ``__call__`` returns ``[image]``, one uint8 ``[3, size, size]`` tensor. In an epoch with
@@ -285,7 +285,7 @@ class GpuMultiCrop(nn.Module):
     """2 global + ``n_local`` local augmented views of a whole batch, on the batch's device.
 
     Same augmentations and probabilities as
-    :class:`~selfclassifier_core.transforms.MultiCropTransform` (DINO's: global view 1 blur
+    :class:`~selfclassifier_core.engine.transforms.MultiCropTransform` (DINO's: global view 1 blur
     p=1; global view 2 blur p=0.1, solarize p=0.2; locals blur p=0.5). No parameters;
     ``forward`` works on any device whatever the module's.
 

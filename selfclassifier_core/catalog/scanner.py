@@ -24,9 +24,9 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .fsutil import is_within
+from ..store.fsutil import is_within
 from .imageio import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, probe
-from .workspace import Workspace
+from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

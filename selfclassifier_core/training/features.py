@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .fsutil import atomic_write_json
-from .workspace import Workspace
+from ..store.fsutil import atomic_write_json
+from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ViewRecipe:
             raise ValueError(f"n_views must be >= 1, got {self.n_views!r}")
         if int(self.image_size) < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size!r}")
-        from .transforms import crop_scale
+        from ..engine.transforms import crop_scale
 
         scale = crop_scale("crop_scale", self.crop_scale)
         rlo, rhi = self.crop_ratio
@@ -182,7 +182,7 @@ def compute_view(img, image_id: int, view: int, recipe: ViewRecipe, eval_tf=None
     """View ``view`` of one RGB PIL image as a normalised tensor ``[3, S, S]``."""
     from torchvision.transforms import functional as TF
 
-    from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+    from ..engine.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
     if view == 0:
         return (eval_tf or eval_transform(recipe.image_size))(img)
@@ -207,8 +207,8 @@ class _ViewsDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from .imageio import load_rgb
-        from .transforms import eval_transform
+        from ..catalog.imageio import load_rgb
+        from ..engine.transforms import eval_transform
 
         if self._eval_tf is None:
             self._eval_tf = eval_transform(self.recipe.image_size)
@@ -233,8 +233,8 @@ def _collate(batch):
 def build_extractor(backbone: str, pretrained: str | os.PathLike, image_size: int,
                     small_input: bool = False) -> tuple[torch.nn.Module, int, str]:
     """The frozen pretrained backbone: ``(module in eval mode, feature dim, weights identity)``."""
-    from .backbones import build_backbone
-    from .pretrained import load_backbone_weights
+    from ..engine.backbones import build_backbone
+    from ..engine.pretrained import load_backbone_weights
 
     module, dim = build_backbone(backbone, small_input, image_size)
     report = load_backbone_weights(module, backbone, pretrained)
@@ -316,7 +316,7 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
     Returns:
         The :class:`FeatureCache` (``computed`` = images embedded by this call).
     """
-    from .pretrained import weights_identity
+    from ..engine.pretrained import weights_identity
 
     recipe = ViewRecipe(n_views=int(views), image_size=int(image_size), crop_scale=crop_scale,
                         seed=int(seed))

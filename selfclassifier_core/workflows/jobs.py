@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_json
-from .workspace import Workspace, WorkspaceError
+from ..store.fsutil import atomic_write_json
+from ..store.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _as_workspace(workspace: Workspace | str | os.PathLike) -> Workspace:
 
 def build_command(workspace: Workspace, run_id: int, resume: bool = False) -> list[str]:
     """The command of the background process that trains run ``run_id`` (see :func:`_child`)."""
-    cmd = [sys.executable, "-m", "selfclassifier_core.jobs", str(workspace.path.resolve()),
+    cmd = [sys.executable, "-m", "selfclassifier_core.workflows.jobs", str(workspace.path.resolve()),
            str(int(run_id))]
     return cmd + (["--resume"] if resume else [])
 
@@ -259,6 +259,12 @@ def active_run(workspace: Workspace | str | os.PathLike) -> int | None:
     return None
 
 
+def started_runs(workspace: Workspace | str | os.PathLike) -> list[int]:
+    """Ids of the runs started as background jobs (oldest first), whatever their status."""
+    ws = _as_workspace(workspace)
+    return [r.id for r in ws.list_runs() if (r.dir / JOB_FILE).exists()]
+
+
 def wait(workspace: Workspace | str | os.PathLike, run_id: int, timeout: float = 600,
          poll: float = 0.5) -> JobStatus:
     """Block until the run's process has ended (or ``timeout`` seconds); return its status."""
@@ -385,11 +391,11 @@ class _ReservedRunWorkspace(Workspace):
 
 
 def _child(argv: list[str] | None = None) -> int:
-    """``python -m selfclassifier_core.jobs WORKSPACE RUN_ID [--resume]``: train one run."""
+    """``python -m selfclassifier_core.workflows.jobs WORKSPACE RUN_ID [--resume]``: train one run."""
     import argparse
     import threading
 
-    parser = argparse.ArgumentParser(prog="python -m selfclassifier_core.jobs")
+    parser = argparse.ArgumentParser(prog="python -m selfclassifier_core.workflows.jobs")
     parser.add_argument("workspace")
     parser.add_argument("run_id", type=int)
     parser.add_argument("--resume", action="store_true")
@@ -402,7 +408,7 @@ def _child(argv: list[str] | None = None) -> int:
     spec = _read_json(ws.run_dir(args.run_id) / JOB_FILE)
     options = dict(spec.get("options") or {})
     print(f"equivalent command: {spec.get('cli', '?')}", flush=True)
-    from .trainer import train
+    from ..training.scratch import train
 
     try:
         if args.resume:
@@ -437,11 +443,11 @@ def _prepare_views(ws: Workspace, run_id: int, steps: list[str]) -> None:
         t0 = time.perf_counter()
         try:
             if step == "neighbors":
-                from .neighbors import NeighborIndex
+                from ..curation.neighbors import NeighborIndex
 
                 NeighborIndex.for_run(ws, run_id)
             elif step == "map":
-                from .projection import run_map
+                from ..curation.projection import run_map
 
                 run_map(ws, run_id)
         except Exception as exc:  # noqa: BLE001 - the app computes it on demand instead

@@ -1,7 +1,7 @@
 """Predictions of a trained run: per-image embedding and, for every head, cluster/probability/margin.
 
 - :func:`predict` runs a run's model on every usable catalog image and stores the result with
-  :func:`~selfclassifier_core.predictions.save_predictions` in the run directory.
+  :func:`~selfclassifier_core.store.predictions.save_predictions` in the run directory.
 - Predicting a *new* folder with a trained run (``predict(ws, folder=NEW)`` or
   ``predict WS --folder NEW [--out-workspace WS2]``): NEW is scanned into its own workspace,
   a run is created there that holds a copy of the trained checkpoint (its config records the
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CHECKPOINT_FILE, load_checkpoint
-from .data import EvalDataset, default_workers, make_loader
-from .fsutil import atomic_open
-from .predictions import HeadPrediction, Predictions, save_predictions
-from .transforms import eval_transform
-from .workspace import Workspace
+from ..store.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ..catalog.datasets import EvalDataset, default_workers, make_loader
+from ..store.fsutil import atomic_open
+from ..store.predictions import HeadPrediction, Predictions, save_predictions
+from ..engine.transforms import eval_transform
+from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _workspace(workspace: Workspace | str | os.PathLike) -> Workspace:
 
 
 def _device(device: str | torch.device) -> torch.device:
-    from .trainer import resolve_device
+    from ..training.scratch import resolve_device
 
     return resolve_device(device) if not isinstance(device, torch.device) else device
 
@@ -54,7 +54,7 @@ def load_model(workspace: Workspace | str | os.PathLike, run_id: int | None = No
     Returns:
         ``(model, info)`` with info ``{"run_id", "image_size", "row_tau", "heads"}``.
     """
-    from .model import build_from_checkpoint
+    from ..engine.model import build_from_checkpoint
 
     ws = _workspace(workspace)
     run = ws.resolve_run(run_id)
@@ -191,7 +191,7 @@ def predict_folder(workspace: Workspace | str | os.PathLike, folder: str | os.Pa
     a run is created there holding a copy of the trained checkpoint, and predictions are
     written to it. Returns ``(new workspace, new run id, predictions)``.
     """
-    from .catalog import scan
+    from ..catalog.scanner import scan
 
     src = _workspace(workspace)
     run = src.resolve_run(run_id)

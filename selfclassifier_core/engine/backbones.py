@@ -2,7 +2,7 @@
 
 Every builder keeps torchvision's parameter names: the classifier is replaced by
 ``nn.Identity`` instead of wrapping the network, so a torchvision state dict loads straight in
-(:func:`selfclassifier_core.pretrained.load_backbone_weights` does, strictly). What each backbone does with small images (``small_input``,
+(:func:`selfclassifier_core.engine.pretrained.load_backbone_weights` does, strictly). What each backbone does with small images (``small_input``,
 chosen by the model config for ``image_size <= 64``):
 
 * ``resnet18/34/50``: CIFAR-style stem -- ``conv1`` becomes a 3x3 stride-1 conv and the max-pool
@@ -16,7 +16,7 @@ chosen by the model config for ``image_size <= 64``):
   any size >= 16 px are accepted, the position embeddings are interpolated (bicubic, as in DINO)
   to the input's patch grid, so multi-crop views of several sizes share one network. There is
   no small-input change: a 32-px image is a 2x2 patch grid.
-* ``efficientnet_lite0``: built by ``selfclassifier_core.backbones_lite`` (imported only when
+* ``efficientnet_lite0``: built by ``selfclassifier_core.engine.backbones_lite`` (imported only when
   asked for).
 * ``convnet_small``: not from torchvision -- a small VGG-style network for tiny images on a CPU
   (a 32-channel 3x3 stem, then two stages of two 3x3 conv-BN-ReLU layers at 64 and 128
@@ -125,7 +125,7 @@ def _vit_b_16(small_input: bool, image_size: int) -> tuple[nn.Module, int]:
 
 def _efficientnet_lite0(small_input: bool, image_size: int) -> tuple[nn.Module, int]:
     try:
-        lite = importlib.import_module("selfclassifier_core.backbones_lite")
+        lite = importlib.import_module("selfclassifier_core.engine.backbones_lite")
     except ImportError as exc:
         raise ValueError(
             f"backbone 'efficientnet_lite0' is not available: {exc}"

@@ -4,7 +4,7 @@ Columns (CSV, Parquet, JSON lines): ``path`` (relative to the scanned folder, PO
 (final, after the person's edits), ``cluster`` (the image's cluster after edits; empty/null for
 an image given a label that no cluster carries), ``confidence``, ``margin`` (the model's),
 ``head`` (class count), ``edited`` (true if the person changed this image individually), and
-``excluded`` only when excluded images are included. See :mod:`selfclassifier_core.labels`.
+``excluded`` only when excluded images are included. See :mod:`selfclassifier_core.curation.labels`.
 
 The CSV is UTF-8 without a byte-order mark, booleans written ``true``/``false``. Text cells a
 spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .fsutil import atomic_open, atomic_write_bytes, atomic_write_json, is_within
+from ..store.fsutil import atomic_open, atomic_write_bytes, atomic_write_json, is_within
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks on directories
     fcntl = None
 from .labels import Labels
-from .workspace import Workspace, WorkspaceError
+from ..store.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger(__name__)
 

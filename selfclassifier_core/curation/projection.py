@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .fsutil import atomic_open, atomic_write_json
+from ..store.fsutil import atomic_open, atomic_write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from .workspace import Workspace
+    from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def run_map(workspace: "Workspace", run_id: int | None = None, progress: Progres
     """
     import pandas as pd
 
-    from .predictions import load_run_embeddings
+    from ..store.predictions import load_run_embeddings
 
     run, preds, emb_identity = load_run_embeddings(workspace, run_id)
     n = len(preds.image_ids)
