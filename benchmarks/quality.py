@@ -14,7 +14,7 @@ very same cached backbone features -- all measured in the same run, plus the tim
 ``--seeds N`` trains every variant N times (training seeds 0..N-1; in fast mode the cached
 features are the same for all) and prints each run, then the mean, min and max.
 
-``--set key=value`` passes extra fast-mode options (see ``fastmode.FastOptions``); several
+``--set key=value`` passes extra fast-mode options (see ``training.config.FastConfig``); several
 ``--set`` groups separated by ``--variant`` are trained one after another on the same cache.
 """
 from __future__ import annotations
@@ -96,22 +96,6 @@ def train_run(folder: Path, ws_path: Path, args, extra: dict) -> tuple[int, floa
     import selfclassifier_core as sc
 
     t = time.perf_counter()
-    if importlib.util.find_spec("selfclassifier_core.training.scratch") is None:
-        # the trainer is not there yet: same thing by hand (scan, run row, fast mode)
-        from selfclassifier_core.catalog import scanner as catalog
-        from selfclassifier_core.training import fast as fastmode
-        from selfclassifier_core.store.workspace import Workspace
-
-        if args.mode != "fast":
-            raise SystemExit("selfclassifier_core.training.scratch is missing; only --mode fast works")
-        log.warning("trainer.py missing: calling catalog.scan + fastmode.train_fast directly")
-        ws = Workspace.for_folder(folder, ws_path)
-        catalog.scan(folder, ws)
-        opts = {"classes": args.classes, "backbone": args.backbone, "minutes": args.minutes,
-                "device": args.device, "pretrained": args.pretrained, **extra}
-        run_id = ws.create_run("fast", opts)
-        fastmode.train_fast(ws, run_id, opts)
-        return run_id, time.perf_counter() - t
     kwargs = dict(workspace=ws_path, mode=args.mode, classes=args.classes,
                   backbone=args.backbone, minutes=args.minutes, device=args.device)
     if args.mode != "scratch":

@@ -20,7 +20,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfclassifier_core.catalog.scanner import _default_workers, scan  # noqa: E402
+from selfclassifier_core.catalog.scanner import scan  # noqa: E402
+from selfclassifier_core.engine.device import default_workers  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: int) -> None:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes")
     args = parser.parse_args(argv)
-    workers = args.workers or _default_workers()
+    workers = args.workers or default_workers(0, purpose="decode")
 
     with tempfile.TemporaryDirectory(prefix="scan-bench-") as tmp:
         folder, ws = Path(tmp) / "images", Path(tmp) / "ws"

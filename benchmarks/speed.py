@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfclassifier_core.engine.loss import SelfClassifierLoss  # noqa: E402
 from selfclassifier_core.engine.model import ModelConfig, SelfClassifier  # noqa: E402
-from selfclassifier_core.training.scratch import resolve_device  # noqa: E402
+from selfclassifier_core.engine.device import resolve_device  # noqa: E402
 
 AUGMENTS = ("cpu", "device")
 
@@ -116,7 +116,8 @@ def loader_batches(args, device, ws, augment: str):
     """Batches of views from the real pipeline as the trainer makes them: PIL multi-crop in
     the loader workers (``cpu``), or uniform uint8 images from the workers augmented on
     ``device`` by GpuMultiCrop (``device``). Same crop scales as the trainer."""
-    from selfclassifier_core.catalog.datasets import MultiCropDataset, default_workers, make_loader, sample_seed
+    from selfclassifier_core.catalog.datasets import MultiCropDataset, make_loader, sample_seed
+    from selfclassifier_core.engine.device import default_workers
     from selfclassifier_core.engine.gpu_augment import GpuMultiCrop, UniformImage, source_size_for
     from selfclassifier_core.engine.transforms import GLOBAL_SCALE, LOCAL_SCALE, MultiCropTransform
 

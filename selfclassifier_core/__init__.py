@@ -23,7 +23,7 @@ _API = {
     "load_rgb": ("catalog.imageio", "load_rgb"),
     "probe": ("catalog.imageio", "probe"),
     "ImageLoadError": ("catalog.imageio", "ImageLoadError"),
-    "train": ("training.scratch", "train"),
+    "train": ("workflows.pipeline", "train"),
     "predict": ("inference.predict", "predict"),
     "load_predictions": ("store.predictions", "load_predictions"),
     "export_csv": ("curation.export", "export_csv"),

@@ -12,8 +12,15 @@ from PIL import Image
 
 from selfclassifier_core.catalog import scanner as catalog
 from selfclassifier_core.training import fast as fastmode
+from selfclassifier_core.training import recipes
+from selfclassifier_core.workflows.pipeline import train
 from selfclassifier_core.store.predictions import load_predictions
 from selfclassifier_core.store.workspace import Workspace
+
+
+def train_fast(ws, run_id, options, progress=None, should_stop=None):
+    """Train the fast-mode run ``run_id`` created earlier, as the background jobs do."""
+    return train(None, ws, run_id=run_id, progress=progress, should_stop=should_stop, **options)
 
 SIZE = 32
 
@@ -52,7 +59,7 @@ def test_fast_mode_predicts_every_image_and_separates_kinds(dark_bright):
     opts = _options(weights)
     run_id = ws.create_run("fast", opts)
     seen = []
-    fastmode.train_fast(ws, run_id, opts, progress=seen.append)
+    train_fast(ws, run_id, opts, progress=seen.append)
 
     run = ws.get_run(run_id)
     assert run.status == "done" and run.heads == [2, 4, 8] and run.main_head == 2
@@ -95,7 +102,7 @@ def test_checkpoint_rebuilds_model_that_embeds_like_the_predictions(dark_bright)
     folder, ws, weights, _ = dark_bright
     opts = _options(weights, steps=20)
     run_id = ws.create_run("fast", opts)
-    fastmode.train_fast(ws, run_id, opts)
+    train_fast(ws, run_id, opts)
     ckpt = load_checkpoint(ws.run_dir(run_id) / "checkpoint.pt")
     assert ckpt["format_version"] == 1 and ckpt["mode"] == "fast"
     assert ckpt["views"]["n_views"] == 3 and ckpt["feature_cache"]
@@ -120,14 +127,14 @@ def test_second_run_reuses_features(dark_bright, monkeypatch):
 
     _, ws, weights, _ = dark_bright
     opts = _options(weights, steps=5)
-    fastmode.train_fast(ws, ws.create_run("fast", opts), opts)
+    train_fast(ws, ws.create_run("fast", opts), opts)
 
     def boom(*a, **k):
         raise AssertionError("features recomputed")
 
     monkeypatch.setattr(features, "build_extractor", boom)
     run2 = ws.create_run("fast", opts)
-    fastmode.train_fast(ws, run2, {**opts, "classes": 3})
+    train_fast(ws, run2, {**opts, "classes": 3})
     assert ws.get_run(run2).status == "done" and ws.get_run(run2).heads == [3, 6, 12]
 
 
@@ -141,7 +148,7 @@ def test_cancel_keeps_a_usable_state(dark_bright):
         calls["n"] += 1
         return calls["n"] > 8  # a few polls during extraction, then during training
 
-    fastmode.train_fast(ws, run_id, opts, should_stop=stop_after_features)
+    train_fast(ws, run_id, opts, should_stop=stop_after_features)
     run = ws.get_run(run_id)
     assert run.status == "cancelled" and "step" in run.message
     preds = load_predictions(run.dir)
@@ -153,7 +160,7 @@ def test_cancel_file_during_extraction(dark_bright):
     opts = _options(weights)
     run_id = ws.create_run("fast", opts)
     (ws.run_dir(run_id) / "CANCEL").write_text("")
-    fastmode.train_fast(ws, run_id, opts)
+    train_fast(ws, run_id, opts)
     run = ws.get_run(run_id)
     assert run.status == "cancelled" and not (run.dir / "predictions.npz").exists()
 
@@ -163,22 +170,22 @@ def test_bad_options_fail_the_run_with_message(dark_bright):
     opts = _options(weights, optimizer="sgd")
     run_id = ws.create_run("fast", opts)
     with pytest.raises(ValueError, match="optimizer"):
-        fastmode.train_fast(ws, run_id, opts)
+        train_fast(ws, run_id, opts)
     run = ws.get_run(run_id)
     assert run.status == "failed" and "sgd" in run.message
     opts = _options(weights, heads=[40])
     run_id = ws.create_run("fast", opts)
     with pytest.raises(ValueError, match="40 classes"):
-        fastmode.train_fast(ws, run_id, opts)
+        train_fast(ws, run_id, opts)
     assert ws.get_run(run_id).status == "failed"
 
 
 def test_default_heads():
-    assert fastmode.default_heads(10, 2000) == [10, 20, 40]
-    assert fastmode.default_heads(10, 50) == [10, 20]
-    assert fastmode.default_heads(None, 2000) == [32, 64, 128]
+    assert recipes.head_sizes(10, 2000) == [10, 20, 40]
+    assert recipes.head_sizes(10, 50) == [10, 20]
+    assert recipes.head_sizes(None, 2000) == [32, 64, 128]
     with pytest.raises(ValueError, match="classes"):
-        fastmode.default_heads(1, 100)
+        recipes.head_sizes(1, 100)
 
 
 def test_knn_graph_excludes_self():
@@ -199,29 +206,29 @@ def test_knn_graph_in_small_chunks_matches_the_full_matrix():
 
 def test_default_recipe_fits_cpu_budget():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert fastmode.default_recipe(10_000, gpu) == (8, 224)
-    views, size = fastmode.default_recipe(200, cpu)     # a small folder: full resolution
-    assert size == 224 and 200 * views / fastmode.CPU_IMAGES_PER_S[224] <= \
-        fastmode.CPU_EXTRACT_BUDGET_S
-    views, size = fastmode.default_recipe(2000, cpu)
+    assert recipes.default_recipe(10_000, gpu) == (8, 224)
+    views, size = recipes.default_recipe(200, cpu)     # a small folder: full resolution
+    assert size == 224 and 200 * views / recipes.CPU_IMAGES_PER_S[224] <= \
+        recipes.CPU_EXTRACT_BUDGET_S
+    views, size = recipes.default_recipe(2000, cpu)
     assert 2 <= views <= 4 and 96 <= size < 224
-    assert 2000 * views / fastmode.CPU_IMAGES_PER_S[size] <= fastmode.CPU_EXTRACT_BUDGET_S
-    assert fastmode.default_recipe(1_000_000, cpu) == (2, 96)
+    assert 2000 * views / recipes.CPU_IMAGES_PER_S[size] <= recipes.CPU_EXTRACT_BUDGET_S
+    assert recipes.default_recipe(1_000_000, cpu) == (2, 96)
 
 
 def test_default_recipe_small_images_not_upscaled_on_cpu():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    big = fastmode.default_recipe(300, cpu, median_side=800)
-    small = fastmode.default_recipe(300, cpu, median_side=64)
-    assert big[1] > fastmode.SMALL_IMAGE_VIEW and small[1] <= fastmode.SMALL_IMAGE_VIEW
+    big = recipes.default_recipe(300, cpu, median_side=800)
+    small = recipes.default_recipe(300, cpu, median_side=64)
+    assert big[1] > recipes.SMALL_IMAGE_VIEW and small[1] <= recipes.SMALL_IMAGE_VIEW
     assert small[0] >= big[0]                         # the time saved goes into views
-    assert fastmode.default_recipe(300, gpu, median_side=64) == (8, 224)
+    assert recipes.default_recipe(300, gpu, median_side=64) == (8, 224)
 
 
 def test_default_steps_follow_folder_size():
-    assert fastmode.default_steps(306, 256) == 100     # small folder: the floor
-    assert fastmode.default_steps(2000, 256) == 700    # 100 passes of 7 steps
-    assert fastmode.default_steps(10_000_000, 1024) == 3000
+    assert recipes.default_steps(306, 256) == 100     # small folder: the floor
+    assert recipes.default_steps(2000, 256) == 700    # 100 passes of 7 steps
+    assert recipes.default_steps(10_000_000, 1024) == 3000
 
 
 def test_median_side_from_catalog(tmp_path):
@@ -230,9 +237,9 @@ def test_median_side_from_catalog(tmp_path):
     for i, (w, h) in enumerate([(10, 40), (30, 20), (50, 50)]):
         Image.new("RGB", (w, h), (i * 50, 0, 0)).save(folder / f"{i}.png")
     ws = Workspace.for_folder(folder, tmp_path / "ws")
-    assert fastmode.median_side(ws) is None            # nothing scanned yet
+    assert recipes.median_side(ws) is None            # nothing scanned yet
     catalog.scan(folder, ws)
-    assert fastmode.median_side(ws) == 40.0
+    assert recipes.median_side(ws) == 40.0
 
 
 def test_training_seed_reuses_cached_views_feature_seed_does_not(dark_bright):
@@ -241,7 +248,7 @@ def test_training_seed_reuses_cached_views_feature_seed_does_not(dark_bright):
     for extra in ({"seed": 0}, {"seed": 1}, {"seed": 1, "feature_seed": 7}):
         opts = _options(weights, steps=5, **extra)
         run_id = ws.create_run("fast", opts)
-        fastmode.train_fast(ws, run_id, opts)
+        train_fast(ws, run_id, opts)
         cfg = json.loads((ws.run_dir(run_id) / "config.json").read_text())
         keys.append(cfg["feature_cache"])
         embeddings.append(load_predictions(ws.run_dir(run_id)).embeddings)

@@ -8,7 +8,7 @@ import torchvision
 
 from selfclassifier_core.training import scratch as trainer_mod
 from selfclassifier_core.store.predictions import load_predictions
-from selfclassifier_core.training.scratch import train
+from selfclassifier_core.workflows.pipeline import train
 from train_fixtures import FAST, make_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -121,8 +121,8 @@ def test_dead_process_of_another_server_is_reported(tmp_path, tiny_folder):
 
 
 def test_unknown_option_and_missing_folder_rejected(tmp_path, tiny_folder):
-    with pytest.raises(ValueError, match="lr"):
-        jobs.start_training(tiny_folder, tmp_path / "ws", {"lr": 1})
+    with pytest.raises(ValueError, match="colour"):
+        jobs.start_training(tiny_folder, tmp_path / "ws", {"colour": 1})
     with pytest.raises(ValueError, match="fast mode only"):
         jobs.start_training(tiny_folder, tmp_path / "ws", {"mode": "scratch", "image_size": 96})
     with pytest.raises(ValueError, match="after-training"):

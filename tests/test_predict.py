@@ -7,7 +7,7 @@ from PIL import Image
 
 from selfclassifier_core.inference.predict import embed_files, head_prediction, load_model, predict
 from selfclassifier_core.store.predictions import load_predictions
-from selfclassifier_core.training.scratch import train
+from selfclassifier_core.workflows.pipeline import train
 from selfclassifier_core.store.workspace import Workspace, WorkspaceError
 
 from train_fixtures import FAST, make_folder

@@ -11,7 +11,8 @@ from selfclassifier_core.training import scratch as trainer_mod
 from selfclassifier_core.store.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from selfclassifier_core.engine.model import ModelConfig, SelfClassifier
 from selfclassifier_core.store.predictions import load_predictions
-from selfclassifier_core.training.scratch import TrainingError, resolve_config, train
+from selfclassifier_core.training.recipes import resolve_config
+from selfclassifier_core.workflows.pipeline import TrainingError, train
 from selfclassifier_core.store.workspace import Workspace
 from train_fixtures import FAST, assert_same_weights, make_folder, train_one_epoch_then_cancel
 

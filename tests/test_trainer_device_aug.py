@@ -12,7 +12,8 @@ from selfclassifier_core.training import scratch as trainer_mod
 from selfclassifier_core.store.checkpoint import load_checkpoint
 from selfclassifier_core.catalog.datasets import MultiCropDataset, _load
 from selfclassifier_core.store.predictions import load_predictions
-from selfclassifier_core.training.scratch import resolve_augment, resolve_config, train
+from selfclassifier_core.training.recipes import resolve_augment, resolve_config
+from selfclassifier_core.workflows.pipeline import train
 from selfclassifier_core.engine.transforms import GLOBAL_SCALE, LOCAL_SCALE
 from train_fixtures import FAST, assert_same_weights, make_folder, train_one_epoch_then_cancel
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from selfclassifier_core.store.checkpoint import load_checkpoint
-from selfclassifier_core.training.scratch import TrainResult, train
+from selfclassifier_core.workflows.pipeline import TrainResult, train
 
 # small and fast: 8-px crops, two global views only, narrow projection
 FAST = dict(n_local=0, global_size=8, proj_hidden_dim=64, workers=0, device="cpu")
@@ -52,7 +52,7 @@ def train_one_epoch_then_cancel(folder: Path, workspace: Path, **options: Any) -
     done_epochs = []
 
     def progress(info):
-        if info["step"] == info["steps"]:
+        if info.get("epoch_step") == info.get("epoch_steps"):
             done_epochs.append(info["epoch"])
 
     return train(folder, workspace, progress=progress,

@@ -160,15 +160,6 @@ def collate_skip_none(batch: list[Any]) -> Any:
     return default_collate(kept)
 
 
-def default_workers(n_images: int, device: str | torch.device = "cpu") -> int:
-    """DataLoader workers: none for tiny folders (start-up costs more than it saves), else up
-    to the CPU count (minus one for the training process), at most 16."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if n_images < 512 or not cpus or cpus < 2:
-        return 0
-    return max(1, min(16, cpus - 1))
-
-
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                 workers: int, sampler=None, generator: torch.Generator | None = None,
                 pin_memory: bool = False) -> DataLoader:

@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from ..engine.device import default_workers
 from ..store.fsutil import is_within
 from .imageio import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, probe
 from ..store.workspace import Workspace
@@ -212,14 +213,6 @@ def _decode_chunk(root: str, max_pixels: int | None, rels: list[str],
     return out
 
 
-def _default_workers() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(n, 32))
-
-
 def _mp_context():
     """``fork`` is unsafe once threads run (the Streamlit server): use a fork server then."""
     import multiprocessing as mp
@@ -360,7 +353,7 @@ def scan(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | N
         log.debug("scan %s: %d images found, %d to decode, %d gone", root, len(walk.files),
                  len(todo), len(gone))
 
-        _decode_into(conn, ws, str(root), todo, known, workers or _default_workers(),
+        _decode_into(conn, ws, str(root), todo, known, workers or default_workers(len(todo), purpose="decode"),
                      max_pixels, progress)
 
         counts = dict(conn.execute("SELECT status, COUNT(*) FROM images GROUP BY status")

@@ -25,26 +25,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.device import autocast, default_workers, resolve_device
 from ..store.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from ..catalog.datasets import EvalDataset, default_workers, make_loader
+from ..catalog.datasets import EvalDataset, make_loader
+from ..catalog.scanner import scan
 from ..store.fsutil import atomic_open
 from ..store.predictions import HeadPrediction, Predictions, save_predictions
 from ..engine.transforms import eval_transform
-from ..store.workspace import Workspace
+from ..store.workspace import Workspace, as_workspace
+from ..training.config import DEFAULT_ROW_TAU, config_from_dict
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROW_TAU = 0.1
-
-
-def _workspace(workspace: Workspace | str | os.PathLike) -> Workspace:
-    return workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
 
 
 def _device(device: str | torch.device) -> torch.device:
-    from ..training.scratch import resolve_device
-
-    return resolve_device(device) if not isinstance(device, torch.device) else device
+    return resolve_device(device)
 
 
 def load_model(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
@@ -56,7 +52,7 @@ def load_model(workspace: Workspace | str | os.PathLike, run_id: int | None = No
     """
     from ..engine.model import build_from_checkpoint
 
-    ws = _workspace(workspace)
+    ws = as_workspace(workspace)
     run = ws.resolve_run(run_id)
     state = load_checkpoint(run.dir / CHECKPOINT_FILE)
     model = build_from_checkpoint(state).to(_device(device)).eval()
@@ -64,10 +60,17 @@ def load_model(workspace: Workspace | str | os.PathLike, run_id: int | None = No
 
 
 def _model_info(state: dict[str, Any], run_id: int) -> dict[str, Any]:
-    tc = state.get("train_config") or {}
+    """What prediction needs from a checkpoint: the run's config, read through its mode's
+    class (the image side prediction sees, the row temperature) and the model's heads."""
     mc = state["model_config"]
-    return {"run_id": run_id, "image_size": int(tc.get("global_size") or mc.get("image_size", 224)),
-            "row_tau": float(tc.get("row_tau") or DEFAULT_ROW_TAU), "heads": list(mc["heads"])}
+    tc = state.get("train_config")
+    if tc:
+        cfg = config_from_dict(tc)
+        size, row_tau = cfg.eval_size, cfg.row_tau
+    else:  # a bare model checkpoint
+        size, row_tau = int(mc.get("image_size", 224)), DEFAULT_ROW_TAU
+    return {"run_id": run_id, "image_size": int(size), "row_tau": float(row_tau),
+            "heads": list(mc["heads"])}
 
 
 @torch.no_grad()
@@ -79,7 +82,7 @@ def _infer(model: nn.Module, dataset: EvalDataset, device: torch.device, batch_s
     model.eval()
     cuda = device.type == "cuda"
     loader = make_loader(dataset, batch_size, shuffle=False, drop_last=False,
-                         workers=default_workers(len(dataset)) if workers is None else workers,
+                         workers=default_workers(len(dataset), device) if workers is None else workers,
                          pin_memory=cuda)
     positions, embeddings = [], []
     probs: list[list[np.ndarray]] | None = None
@@ -89,8 +92,7 @@ def _infer(model: nn.Module, dataset: EvalDataset, device: torch.device, batch_s
         if batch is not None:
             x, pos = batch
             x = x.to(device, non_blocking=True)
-            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else _null()
-            with ctx:
+            with autocast(device):
                 out = model(x)
             positions.append(pos.numpy())
             embeddings.append(out.embedding.float().cpu().numpy())
@@ -107,12 +109,6 @@ def _infer(model: nn.Module, dataset: EvalDataset, device: torch.device, batch_s
                 [np.zeros((0, k), np.float32) for k in heads])
     return (np.concatenate(positions).astype(np.int64), np.concatenate(embeddings),
             [np.concatenate(a) for a in probs])  # type: ignore[union-attr]
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def head_prediction(classes: int, probs: np.ndarray) -> HeadPrediction:
@@ -153,7 +149,7 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
         return predict_folder(workspace, folder, run_id, out_workspace=out_workspace,
                               batch_size=batch_size, device=device, progress=progress,
                               workers=workers)[2]
-    ws = _workspace(workspace)
+    ws = as_workspace(workspace)
     dev = _device(device)
     if model is None:
         model, info = load_model(ws, run_id, dev)
@@ -191,9 +187,7 @@ def predict_folder(workspace: Workspace | str | os.PathLike, folder: str | os.Pa
     a run is created there holding a copy of the trained checkpoint, and predictions are
     written to it. Returns ``(new workspace, new run id, predictions)``.
     """
-    from ..catalog.scanner import scan
-
-    src = _workspace(workspace)
+    src = as_workspace(workspace)
     run = src.resolve_run(run_id)
     ckpt = run.dir / CHECKPOINT_FILE
     if not ckpt.exists():

@@ -111,6 +111,12 @@ def default_workspace_for(folder: str | os.PathLike) -> Path:
     return default_home() / "workspaces" / f"{name[:40]}-{digest}"
 
 
+def as_workspace(workspace: "Workspace | str | os.PathLike") -> "Workspace":
+    """A :class:`Workspace` from itself or its directory: every public function that works on
+    a workspace accepts both."""
+    return workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
+
+
 class Workspace:
     """A workspace directory and its SQLite database.
 
@@ -303,6 +309,13 @@ class Workspace:
         with self._conn() as conn:
             return [(r[0], r[1]) for r in conn.execute(
                 "SELECT id, path FROM images WHERE status='ok' ORDER BY id")]
+
+    def image_sides(self) -> list[int]:
+        """The longest side (px) of every usable image whose size is known."""
+        with self._conn() as conn:
+            return [r[0] for r in conn.execute(
+                "SELECT MAX(width, height) FROM images WHERE status='ok' AND width IS NOT NULL "
+                "AND height IS NOT NULL")]
 
     def abspath(self, relpath: str) -> Path:
         root = self.root

@@ -1,7 +1,291 @@
-"""Training configuration: the modes and their choice lists (one config dataclass per mode)."""
+"""One config dataclass per training mode, each validated in one place.
+
+- :class:`TrainConfig`: ``scratch`` (the paper, everything from random weights) and
+  ``finetune`` (end to end from pretrained backbone weights, the backbone at a lower rate).
+- :class:`FastConfig`: ``fast`` (Self-Classifier heads on a frozen backbone's cached features).
+
+A field left ``None`` means "the recipe decides" (:mod:`.recipes` fills it from the folder and
+the device). ``validate()`` checks what needs no folder, so a typo fails before a scan;
+the recipes add the checks that need the folder (more classes than images, ...). Both raise
+``ValueError`` naming the option as the command line spells it.
+
+The command line, the app's background jobs and the checkpoint all go through these classes:
+``train``'s flags are made from the fields that carry a ``help`` (:func:`cli_fields`); the
+checkpoint stores ``config.to_dict()`` and prediction reads it back with :func:`config_from_dict`.
+"""
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from ..engine.device import DEVICES
 
 MODES = ("scratch", "fast", "finetune")
 RESUMABLE_MODES = ("scratch", "finetune")  # fast runs start again from their feature cache
 OPTIMIZERS = ("lars", "adamw")
 AUGMENTS = ("auto", "cpu", "device")
+DEFAULT_ROW_TAU = 0.1
+
+# spellings of earlier versions, read from old checkpoints and config files
+_RENAMED = {"warmup_frac": "warmup_fraction"}
+
+
+def _opt(help: str, *, choices: tuple[str, ...] | None = None, flag: bool = True) -> dict:
+    """Field metadata: the help text of the option (and its choices), shown by the CLI."""
+    return {"help": help, "choices": choices, "flag": flag}
+
+
+def flag_name(name: str) -> str:
+    """The command-line spelling of a field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{flag_name(name)} must be a positive integer, got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{flag_name(name)} must be > 0, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise ValueError(f"{flag_name(name)} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass
+class _Common:
+    """Options every mode has."""
+
+    mode: ClassVar[str]
+
+    classes: int | None = field(default=None, metadata=_opt(
+        "classes of the main head (≥ 2); finer heads 2K and 4K are added when they fit"))
+    heads: list[int] | None = None
+    backbone: str | None = field(default=None, metadata=_opt(
+        "resnet18, resnet34, resnet50, vit_b_16, convnext_tiny, efficientnet_b0, "
+        "efficientnet_lite0, ..."))
+    pretrained: str | None = field(default=None, metadata=_opt(
+        "torchvision weights name (e.g. DEFAULT) or a local weights file"))
+    epochs: int | None = field(default=None, metadata=_opt("number of epochs"))
+    minutes: float | None = field(default=None, metadata=_opt(
+        "time budget; stops cleanly, then predicts"))
+    batch_size: int | None = field(default=None, metadata=_opt("global batch (≥ classes)"))
+    device: str = field(default="auto", metadata=_opt(
+        "auto: CUDA, then Apple MPS, then CPU", choices=DEVICES))
+    optimizer: str | None = field(default=None, metadata=_opt(
+        "optimizer (default: the mode's recipe)", choices=OPTIMIZERS))
+    lr: float | None = field(default=None, metadata=_opt(
+        "peak learning rate (default scales with the batch)"))
+    weight_decay: float | None = None
+    warmup_fraction: float = 0.05
+    row_tau: float = DEFAULT_ROW_TAU
+    col_tau: float = 0.05
+    proj_hidden_dim: int | None = None
+    seed: int = field(default=0, metadata=_opt(
+        "seeds initialisation, sampling and augmentation"))
+    workers: int | None = field(default=None, metadata=_opt(
+        "data loader processes (default: engine.device.default_workers)"))
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "_Common":
+        """Check every value that needs no folder; raises ``ValueError`` naming the option."""
+        if self.classes is not None and (not isinstance(self.classes, int)
+                                         or isinstance(self.classes, bool) or self.classes < 2):
+            raise ValueError(f"--classes must be an integer ≥ 2, got {self.classes!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                            or self.batch_size < 2):
+            raise ValueError(f"--batch-size must be an integer ≥ 2, got {self.batch_size!r}")
+        if self.classes is not None and self.batch_size is not None \
+                and self.batch_size < self.classes:
+            raise ValueError(f"--batch-size {self.batch_size} is smaller than --classes "
+                             f"{self.classes}; the uniform class prior needs batch ≥ classes "
+                             f"(use --batch-size {self.classes} or more, or fewer classes)")
+        if self.heads is not None:
+            if not self.heads or any(not isinstance(k, int) or k < 2 for k in self.heads):
+                raise ValueError(f"heads must be class counts ≥ 2, got {self.heads!r}")
+        _positive_int("epochs", self.epochs)
+        _positive("minutes", self.minutes)
+        _positive("lr", self.lr)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        dev = str(self.device)
+        if dev not in DEVICES and not dev.startswith("cuda:"):
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction!r}")
+        if not (self.row_tau > 0 and self.col_tau > 0):
+            raise ValueError(f"row_tau and col_tau must be > 0, got {self.row_tau}, {self.col_tau}")
+        _positive_int("proj_hidden_dim", self.proj_hidden_dim)
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ValueError(f"--workers must be an integer ≥ 0, got {self.workers!r}")
+        return self
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, **dataclasses.asdict(self)}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]):
+        """A config from keyword options (None values mean "the recipe decides"); unknown
+        names are an error that lists the valid ones. Validated."""
+        known = set(cls.field_names())
+        options = {_RENAMED.get(k, k): v for k, v in options.items()
+                   if k != "mode" or "mode" in known}
+        unknown = sorted(k for k, v in options.items() if k not in known and v is not None)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**{k: v for k, v in options.items() if v is not None}).validate()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Read back what :meth:`to_dict` wrote (old spellings accepted; unknown keys, such
+        as the resolved extras of old fast-mode files, ignored)."""
+        data = {_RENAMED.get(k, k): v for k, v in data.items()}
+        known = set(cls.field_names())
+        values = {k: v for k, v in data.items() if k in known}
+        for name in ("global_scale", "local_scale"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+
+@dataclass
+class TrainConfig(_Common):
+    """Options of a ``scratch`` or ``finetune`` run (saved in the checkpoint and config.json)."""
+
+    mode: str = field(default="scratch", metadata=_opt(
+        "default: fast with --pretrained, else scratch", choices=MODES))  # type: ignore[assignment]
+    momentum: float = 0.9
+    final_lr_fraction: float = 0.01
+    clip_grad: float = 3.0
+    global_size: int | None = None
+    local_size: int | None = None
+    n_local: int | None = field(default=None, metadata=_opt("local crops per image"))
+    global_scale: tuple[float, float] | None = None
+    local_scale: tuple[float, float] | None = None
+    small_input: bool = False
+    nn_positives: bool | None = field(default=None, metadata=_opt(
+        "use a nearest neighbour's image as the positive of view 1 (paper v2)"))
+    queue_size: int = 65536
+    backbone_lr_scale: float | None = None
+    augment: str | None = field(default=None, metadata=_opt(
+        "where the multi-crop views are made: cpu (PIL in the loader workers), device "
+        "(batched on the training device), auto (default: device on CUDA, else cpu)",
+        choices=AUGMENTS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        super().validate()
+        _choice("mode", self.mode, RESUMABLE_MODES)
+        if self.mode == "finetune" and not self.pretrained:
+            raise ValueError("mode 'finetune' needs --pretrained NAME|PATH")
+        _choice("augment", self.augment, AUGMENTS)
+        for name in ("global_size", "local_size"):
+            _positive_int(name, getattr(self, name))
+        if self.n_local is not None and (not isinstance(self.n_local, int) or self.n_local < 0):
+            raise ValueError(f"--n-local must be an integer ≥ 0, got {self.n_local!r}")
+        if self.global_scale is not None or self.local_scale is not None:
+            from ..engine.transforms import crop_scale
+
+            for name in ("global_scale", "local_scale"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, crop_scale(name, getattr(self, name)))
+        return self
+
+    @property
+    def eval_size(self) -> int:
+        """Side of the images prediction sees."""
+        return int(self.global_size or 224)
+
+
+@dataclass
+class FastConfig(_Common):
+    """Options of a ``fast`` run.
+
+    ``steps`` (or ``epochs`` of ``ceil(N / batch_size)`` steps) bounds the training; ``minutes``
+    bounds the whole run (feature extraction included) and stops training early when reached.
+    """
+
+    mode: ClassVar[str] = "fast"
+
+    pretrained: str | None = field(default="DEFAULT", metadata=_opt(
+        "torchvision weights name (e.g. DEFAULT) or a local weights file"))
+    views: int | None = field(default=None, metadata=_opt(
+        "cached views per image (default: the recipe for the device)"))
+    image_size: int | None = field(default=None, metadata=_opt(
+        "side of each cached view in px (default: the recipe)"))
+    steps: int | None = field(default=None, metadata=_opt("training steps"))
+    n_train_views: int = 2
+    nn_k: int = 20                       # 0 disables nearest-neighbour positives
+    nn_prob: float = 0.8
+    proj_layers: int = 2
+    proj_bn: bool = True
+    feature_seed: int = 0                # the cached views' crops (part of the cache key)
+    feature_batch_size: int | None = None
+    # resolved by the recipe and recorded, so the checkpoint says what was run
+    feature_cache: str | None = None
+    n_images: int | None = None
+
+    def validate(self) -> "FastConfig":
+        super().validate()
+        for name in ("views", "steps", "feature_batch_size", "image_size"):
+            _positive_int(name, getattr(self, name))
+        if self.n_train_views < 2:
+            raise ValueError(f"n_train_views must be >= 2, got {self.n_train_views!r}")
+        if not 0 <= self.nn_prob <= 1:
+            raise ValueError(f"nn_prob must lie in [0, 1], got {self.nn_prob!r}")
+        if self.nn_k < 0:
+            raise ValueError(f"nn_k must be >= 0, got {self.nn_k!r}")
+        return self
+
+    @property
+    def eval_size(self) -> int:
+        return int(self.image_size or 224)
+
+
+AnyConfig = Union[TrainConfig, FastConfig]
+
+
+def config_class(mode: str) -> type[TrainConfig] | type[FastConfig]:
+    _choice("mode", mode, MODES)
+    return FastConfig if mode == "fast" else TrainConfig
+
+
+def make_config(mode: str, options: dict[str, Any]) -> AnyConfig:
+    """The validated config of a new run of ``mode`` from keyword options."""
+    return config_class(mode).from_options({**options, "mode": mode})
+
+
+def config_from_dict(data: dict[str, Any]) -> AnyConfig:
+    """The config a checkpoint or ``config.json`` holds, through its mode's class."""
+    mode = data.get("mode") or "scratch"
+    if mode == "fast":
+        data = dict(data)
+        if data.get("image_size") is None and data.get("global_size"):  # before FastConfig
+            data["image_size"] = data["global_size"]
+        return FastConfig.from_dict(data)
+    return TrainConfig.from_dict(data)
+
+
+def cli_fields() -> list[tuple[str, Any, dict[str, Any], tuple[str, ...]]]:
+    """``(name, type, metadata, modes)`` of every option that has a command-line flag, in the
+    order of the fields, once each (an option of several modes lists them all)."""
+    out: dict[str, tuple[str, Any, dict[str, Any], list[str]]] = {}
+    for cls, modes in ((TrainConfig, ("scratch", "finetune")), (FastConfig, ("fast",))):
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("flag"):
+                continue
+            if f.name in out:
+                out[f.name][3].extend(modes)
+            else:
+                out[f.name] = (f.name, f.type, dict(f.metadata), list(modes))
+    return [(n, t, m, tuple(ms)) for n, t, m, ms in out.values()]

@@ -37,12 +37,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..engine.device import autocast, default_workers, resolve_device
 from ..store.fsutil import atomic_write_json
 from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ViewRecipe", "FeatureCache", "extract_features", "feature_key", "resolve_device",
+__all__ = ["ViewRecipe", "FeatureCache", "extract_features", "feature_key",
            "build_extractor", "compute_view"]
 
 FORMAT_VERSION = 1
@@ -122,22 +123,6 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return int(self.image_ids.shape[0])
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → CUDA, then Apple MPS, then CPU; anything else as given (checked)."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def feature_key(backbone: str, weights_id: str, recipe: ViewRecipe, small_input: bool) -> str:
@@ -244,23 +229,12 @@ def build_extractor(backbone: str, pretrained: str | os.PathLike, image_size: in
 
 def _embed(module: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return module(x).float()
-    return module(x).float()
+    with autocast(device):
+        return module(x).float()
 
 
 def _default_batch(device: torch.device, n_views: int) -> int:
     return max(1, (512 if device.type == "cuda" else 64) // n_views)
-
-
-def _default_workers(n: int, device: torch.device) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = cpus or 1
-    if n < 256 or cpus < 2:
-        return 0
-    # on CPU the backbone needs the cores too
-    return min(12, cpus - 1) if device.type == "cuda" else max(1, min(4, cpus // 2))
 
 
 def _load_cache(d: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -373,7 +347,7 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
         bs = int(batch_size or _default_batch(dev, recipe.n_views))
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        nw = _default_workers(len(todo), dev) if workers is None else int(workers)
+        nw = default_workers(len(todo), dev) if workers is None else int(workers)
         loader = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=nw,
                             collate_fn=_collate, pin_memory=dev.type == "cuda",
                             persistent_workers=False)

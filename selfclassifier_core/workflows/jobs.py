@@ -1,7 +1,8 @@
 """Background training jobs: start, watch, cancel and resume ``train`` in a detached process.
 
-The app never trains inside its own process: :func:`start_training` launches
-``python -m selfclassifier_core train FOLDER --workspace WS --run-id N ...`` in a new session
+The app never trains inside its own process: :func:`start_training` creates the run, then
+launches ``python -m selfclassifier_core.workflows.jobs WS N`` (which calls
+:func:`.pipeline.train` on that run with the options stored in ``job.json``) in a new session
 (so a browser reload, a Streamlit rerun or even a server restart does not stop it) with its
 output in ``runs/<id>/train.log`` and its process id in ``runs/<id>/job.json``. Everything the
 app shows about a job is read back from disk by :func:`job_status`: the run row in the
@@ -11,41 +12,26 @@ process is still alive. A run the database calls running whose process has died 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+from shlex import quote
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..store.fsutil import atomic_write_json
-from ..store.workspace import Workspace, WorkspaceError
+from ..store.runfiles import (CANCEL_FILE, JOB_FILE, LOG_FILE, read_json, read_progress,
+                              read_stats, request_cancel)
+from ..store.workspace import Workspace, WorkspaceError, as_workspace
+from ..training.config import cli_fields, flag_name, make_config
+from .pipeline import train
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "job.json"
-LOG_FILE = "train.log"
-PROGRESS_FILE = "progress.json"
-STATS_FILE = "stats.jsonl"
-CANCEL_FILE = "CANCEL"
-
-# options of start_training -> command-line flag of `train`
-_FLAGS = {
-    "mode": "--mode",
-    "classes": "--classes",
-    "backbone": "--backbone",
-    "epochs": "--epochs",
-    "minutes": "--minutes",
-    "batch_size": "--batch-size",
-    "device": "--device",
-    "pretrained": "--pretrained",
-}
-# fast-mode options with no command-line flag (passed to ``trainer.train`` as options)
-_FAST_ONLY = ("views", "image_size")
 _FINAL = ("done", "failed", "cancelled")
 AFTER_TRAINING = ("neighbors", "map")
 
@@ -76,10 +62,6 @@ class JobStatus:
         return self.status in ("failed", "cancelled") and not self.alive
 
 
-def _as_workspace(workspace: Workspace | str | os.PathLike) -> Workspace:
-    return workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
-
-
 def build_command(workspace: Workspace, run_id: int, resume: bool = False) -> list[str]:
     """The command of the background process that trains run ``run_id`` (see :func:`_child`)."""
     cmd = [sys.executable, "-m", "selfclassifier_core.workflows.jobs", str(workspace.path.resolve()),
@@ -89,34 +71,40 @@ def build_command(workspace: Workspace, run_id: int, resume: bool = False) -> li
 
 def cli_equivalent(folder: str | os.PathLike, workspace: Workspace, options: dict[str, Any],
                    run_id: int | None = None, resume: bool = False) -> str:
-    """The ``train`` command line doing the same (shown to the person, written to the log)."""
-    cmd = ["python", "-m", "selfclassifier_core", "train", str(folder),
-           "--workspace", str(workspace.path)]
-    for key, flag in _FLAGS.items():
-        value = options.get(key)
-        if value is not None and value != "":
-            cmd += [flag, str(value)]
+    """The ``train`` command line doing the same (shown to the person, written to the log);
+    every option is spelled as the config field's flag."""
+    cmd = ["python", "-m", "selfclassifier_core", "train", quote(str(folder)),
+           "--workspace", quote(str(workspace.path))]
+    for key, value in options.items():
+        if value is None or value == "" or value is False:
+            continue
+        cmd += [flag_name(key)] if value is True else [flag_name(key), quote(str(value))]
     if resume:
-        cmd += ["--resume", "--run-id", str(run_id)]
+        cmd += ["--resume", "--run", str(run_id)]
     return " ".join(cmd)
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(_FLAGS) - set(_FAST_ONLY)
+    """The options without empty values, checked as ``train`` will check them."""
+    options = {k: v for k, v in options.items() if v is not None and v != ""}
+    mode = options.get("mode") or ("fast" if options.get("pretrained") else "scratch")
+    fields = {name: modes for name, _, _, modes in cli_fields()}
+    unknown = sorted(set(options) - set(fields) - {"mode"})
     if unknown:
-        raise ValueError(f"unknown training option(s) {sorted(unknown)}; "
-                         f"valid: {sorted(_FLAGS) + list(_FAST_ONLY)}")
-    fast_only = [k for k in _FAST_ONLY if options.get(k) is not None]
-    if fast_only and options.get("mode", "fast" if options.get("pretrained") else None) != "fast":
-        raise ValueError(f"option(s) {fast_only} apply to fast mode only")
-    return {k: v for k, v in options.items() if v is not None and v != ""}
+        raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
+    for name in options:
+        if name != "mode" and mode not in fields[name]:
+            raise ValueError(f"option {name!r} applies to {' and '.join(fields[name])} mode "
+                             "only")
+    make_config(mode, {k: v for k, v in options.items() if k != "mode"})
+    return options
 
 
 def _launch(ws: Workspace, run_id: int, cmd: list[str], spec: dict[str, Any] | None = None) -> int:
     run_dir = ws.run_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding the package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     with open(run_dir / LOG_FILE, "ab") as logfh:
         logfh.write(f"\n$ {' '.join(cmd)}\n".encode())
@@ -126,7 +114,7 @@ def _launch(ws: Workspace, run_id: int, cmd: list[str], spec: dict[str, Any] | N
                                 cwd=str(run_dir), close_fds=True)
     _CHILDREN[proc.pid] = proc
     atomic_write_json(run_dir / JOB_FILE, dict(
-        spec or _read_json(run_dir / JOB_FILE), pid=proc.pid, started=time.time(), argv=cmd,
+        spec or read_json(run_dir / JOB_FILE), pid=proc.pid, started=time.time(), argv=cmd,
         proc_start=_proc_start_time(proc.pid), host=os.uname().nodename))
     log.info("started training run %s (pid %s)", run_id, proc.pid)
     return proc.pid
@@ -174,7 +162,7 @@ def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.Pa
 
 def resume(workspace: Workspace | str | os.PathLike, run_id: int) -> int:
     """Continue a cancelled or failed run from its last checkpoint in a new background process."""
-    ws = _as_workspace(workspace)
+    ws = as_workspace(workspace)
     st = job_status(ws, run_id)
     if st.alive:
         raise WorkspaceError(f"run {run_id} is still running")
@@ -199,11 +187,10 @@ def cancel(workspace: Workspace | str | os.PathLike, run_id: int, force: bool = 
     at once (SIGKILL), for a job that does not respond. A run whose process is already gone is
     marked cancelled straight away.
     """
-    ws = _as_workspace(workspace)
+    ws = as_workspace(workspace)
     run_dir = ws.run_dir(run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CANCEL_FILE).write_text(f"{time.time()}\n")
-    job = _read_json(run_dir / JOB_FILE)
+    request_cancel(run_dir)
+    job = read_json(run_dir / JOB_FILE)
     pid = job.get("pid")
     if pid and _alive(pid, job.get("proc_start")):
         try:
@@ -220,9 +207,9 @@ def cancel(workspace: Workspace | str | os.PathLike, run_id: int, force: bool = 
 def job_status(workspace: Workspace | str | os.PathLike, run_id: int,
                log_lines: int = 20) -> JobStatus:
     """Everything about run ``run_id`` from disk; repairs the status of a run whose process died."""
-    ws = _as_workspace(workspace)
+    ws = as_workspace(workspace)
     run_dir = ws.run_dir(run_id)
-    job = _read_json(run_dir / JOB_FILE)
+    job = read_json(run_dir / JOB_FILE)
     pid = job.get("pid")
     alive = bool(pid) and _alive(pid, job.get("proc_start"))
     run = ws.get_run(run_id)  # read after the liveness check: a dead process wrote its last word
@@ -245,14 +232,14 @@ def job_status(workspace: Workspace | str | os.PathLike, run_id: int,
     elif status == "created" and alive:
         status = "running"
     return JobStatus(run_id=int(run_id), status=status, alive=alive,
-                     progress=_read_json(run_dir / PROGRESS_FILE),
+                     progress=read_progress(run_dir),
                      stats=read_stats(run_dir), message=message, log_tail=tail, pid=pid,
                      cancel_requested=(run_dir / CANCEL_FILE).exists())
 
 
 def active_run(workspace: Workspace | str | os.PathLike) -> int | None:
     """The id of the newest run that is training right now, if any."""
-    ws = _as_workspace(workspace)
+    ws = as_workspace(workspace)
     for run in reversed(ws.list_runs()):
         if run.status in ("created", "running") and job_status(ws, run.id).alive:
             return run.id
@@ -261,14 +248,14 @@ def active_run(workspace: Workspace | str | os.PathLike) -> int | None:
 
 def started_runs(workspace: Workspace | str | os.PathLike) -> list[int]:
     """Ids of the runs started as background jobs (oldest first), whatever their status."""
-    ws = _as_workspace(workspace)
+    ws = as_workspace(workspace)
     return [r.id for r in ws.list_runs() if (r.dir / JOB_FILE).exists()]
 
 
 def wait(workspace: Workspace | str | os.PathLike, run_id: int, timeout: float = 600,
          poll: float = 0.5) -> JobStatus:
     """Block until the run's process has ended (or ``timeout`` seconds); return its status."""
-    ws = _as_workspace(workspace)
+    ws = as_workspace(workspace)
     deadline = time.monotonic() + timeout
     while True:
         st = job_status(ws, run_id)
@@ -279,31 +266,7 @@ def wait(workspace: Workspace | str | os.PathLike, run_id: int, timeout: float =
         time.sleep(poll)
 
 
-def read_stats(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-epoch statistics lines of a run (a torn last line is skipped)."""
-    path = Path(run_dir) / STATS_FILE
-    out = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    except FileNotFoundError:
-        pass
-    return out
-
-
 # --------------------------------------------------------------------------- helpers
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-        return value if isinstance(value, dict) else {}
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-
-
 def _proc_start_time(pid: int) -> str | None:
     """Start time of a process (Linux /proc), to tell a reused pid from our job."""
     try:
@@ -364,32 +327,6 @@ def _last_error_line(tail: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- the background process
-class _ReservedRunWorkspace(Workspace):
-    """A workspace that hands the trainer the run row :func:`start_training` already made.
-
-    The app needs the run id the moment it starts a job (to show its progress), while the
-    trainer creates its run only after scanning the folder; this bridges the two.
-    """
-
-    def __init__(self, path: Path, run_id: int):
-        super().__init__(path)
-        self._reserved: int | None = int(run_id)
-
-    def create_run(self, mode: str, config: dict[str, Any], heads: list[int] | None = None,
-                   main_head: int | None = None) -> int:
-        if self._reserved is None:
-            return super().create_run(mode, config, heads, main_head)
-        run_id, self._reserved = self._reserved, None
-        fields: dict[str, Any] = {"mode": mode, "config": config}
-        if heads is not None:
-            fields["heads"] = list(heads)
-        if main_head is not None:
-            fields["main_head"] = int(main_head)
-        self.update_run(run_id, **fields)
-        self.run_dir(run_id).mkdir(parents=True, exist_ok=True)
-        return run_id
-
-
 def _child(argv: list[str] | None = None) -> int:
     """``python -m selfclassifier_core.workflows.jobs WORKSPACE RUN_ID [--resume]``: train one run."""
     import argparse
@@ -404,20 +341,18 @@ def _child(argv: list[str] | None = None) -> int:
                         "%(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    ws = _ReservedRunWorkspace(Path(args.workspace), args.run_id)
-    spec = _read_json(ws.run_dir(args.run_id) / JOB_FILE)
+    ws = Workspace.open(args.workspace)
+    spec = read_json(ws.run_dir(args.run_id) / JOB_FILE)
     options = dict(spec.get("options") or {})
     print(f"equivalent command: {spec.get('cli', '?')}", flush=True)
-    from ..training.scratch import train
-
     try:
         if args.resume:
-            ws._reserved = None
             opts = {k: v for k, v in options.items() if k in ("device",)}
             result = train(None, ws, resume=True, run_id=args.run_id, should_stop=stop.is_set,
                            **opts)
         else:
-            result = train(spec.get("folder"), ws, should_stop=stop.is_set, **options)
+            result = train(spec.get("folder"), ws, run_id=args.run_id, should_stop=stop.is_set,
+                           **options)
     except BaseException as exc:  # noqa: BLE001 - recorded in words for the app, then re-raised
         message = str(exc) or type(exc).__name__
         status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"

@@ -1,0 +1,203 @@
+"""The files of one run (``<workspace>/runs/<id>/``) and the one writer of them.
+
+Every mode's loop and the run pipeline write through a :class:`RunRecorder`; the app, the CLI
+and the background jobs read through :func:`read_progress` and :func:`read_stats`. The file
+names are spelled here only.
+
+``progress.json`` has one schema for every mode (missing keys are unknown, not zero):
+
+    status        created | running | predicting | done | failed | cancelled
+    mode          scratch | finetune | fast
+    phase         features | training | predicting | done (what the run is doing now)
+    fraction      0..1 of the whole training budget (epochs, steps or minutes)
+    epoch         the epoch in progress, 1-based (at the end: epochs trained)
+    epochs        epochs planned (None when budgeted by minutes)
+    step          optimizer steps taken in the run
+    steps         optimizer steps planned (None when budgeted by minutes)
+    epoch_step    steps taken in the current epoch;  epoch_steps: steps per epoch
+    done / total  images processed in a non-training phase (features)
+    loss, lr, images_per_s, eta_s, classes_in_use {K: n}, message, updated (unix time)
+
+``stats.jsonl`` gets one JSON line per epoch (fast mode: per logging interval) with at least
+``epoch``, ``step``, ``steps`` (steps in this row), ``loss``, ``lr``, ``images_per_s``,
+``seconds`` and ``classes_in_use``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .fsutil import atomic_write_json
+from .workspace import RunInfo, Workspace
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+STATS_FILE = "stats.jsonl"
+PROGRESS_FILE = "progress.json"
+CANCEL_FILE = "CANCEL"
+JOB_FILE = "job.json"
+LOG_FILE = "train.log"
+PROGRESS_EVERY_S = 2.0
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from ``path``; ``{}`` when it is missing, torn or not an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        return value if isinstance(value, dict) else {}
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def read_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's live ``progress.json`` (``{}`` before the first write)."""
+    return read_json(Path(run_dir) / PROGRESS_FILE)
+
+
+def read_stats(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The statistics lines of a run (a torn last line is skipped)."""
+    out = []
+    try:
+        with open(Path(run_dir) / STATS_FILE, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return out
+
+
+class RunRecorder:
+    """Writes one run's record: its row in the database and the files in its directory.
+
+    Args:
+        workspace: the workspace.
+        run_id: the run (already created).
+        mode: the run's mode (written into every progress record).
+        progress: optional callback, called with every progress record.
+        main: False on every distributed rank but 0: nothing is written, nothing reported.
+    """
+
+    def __init__(self, workspace: Workspace, run_id: int, mode: str,
+                 progress: ProgressFn | None = None, main: bool = True):
+        self.ws, self.run_id, self.mode = workspace, int(run_id), mode
+        self.dir = workspace.run_dir(run_id)
+        self.callback = progress
+        self.main = main
+        self._last_write = 0.0
+        self._last: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- start and end
+    def start(self, config: dict[str, Any], heads: list[int] | None = None,
+              resume: bool = False) -> None:
+        """The run begins (or, with ``resume``, continues): its config is recorded. A CANCEL
+        written before a new run started still cancels it; a resumed run's old one is removed."""
+        if not self.main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.write_config(config)
+        fields: dict[str, Any] = {"status": "running", "message": None, "config": config}
+        if heads:
+            fields.update(heads=list(heads), main_head=int(heads[0]))
+        self.ws.update_run(self.run_id, **fields)
+        if resume:
+            (self.dir / CANCEL_FILE).unlink(missing_ok=True)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        if self.main:
+            atomic_write_json(self.dir / CONFIG_FILE, config)
+
+    def set_heads(self, heads: list[int]) -> None:
+        if self.main:
+            self.ws.update_run(self.run_id, heads=list(heads), main_head=int(heads[0]))
+
+    def finish(self, status: str, message: str | None = None, **info: Any) -> None:
+        """Record the final status in the database and in ``progress.json``."""
+        if not self.main:
+            return
+        self.ws.update_run(self.run_id, status=status, message=message)
+        self.final_progress(status, message, **info)
+
+    def final_progress(self, status: str, message: str | None = None, **info: Any) -> None:
+        """The last progress record: what the run reached, with its final status."""
+        if not self.main:
+            return
+        record = {**read_progress(self.dir), **self._last, **info, "status": status,
+                  "mode": self.mode, "message": message, "updated": time.time()}
+        if status in ("done", "cancelled", "failed"):
+            record["phase"] = "done" if status == "done" else record.get("phase")
+            record["eta_s"] = 0.0 if status == "done" else None
+        self._write(record)
+        if self.callback is not None:
+            self.callback(record)
+
+    def restore(self, before: RunInfo, message: str) -> None:
+        """Put back a finished run as it was (``done``, its config) with a new ``message``."""
+        if not self.main:
+            return
+        self.ws.update_run(before.id, status="done", finished=before.finished, message=message,
+                           config=before.config)
+        self.write_config(before.config)
+        self.final_progress("done", message)
+
+    # ---------------------------------------------------------------- during the run
+    def progress(self, info: dict[str, Any], force: bool = False) -> None:
+        """Report live progress: the callback every time, ``progress.json`` every 2 s (or
+        when ``force``). Keys as in this module's docstring."""
+        if not self.main:
+            return
+        record = {"status": "running", **info, "mode": self.mode, "updated": time.time()}
+        if "classes_in_use" in record:  # JSON object keys are strings
+            record["classes_in_use"] = {str(k): v for k, v in record["classes_in_use"].items()}
+        self._last = {k: v for k, v in record.items() if k not in ("status", "message")}
+        if self.callback is not None:
+            self.callback(record)
+        now = time.monotonic()
+        if force or now - self._last_write >= PROGRESS_EVERY_S:
+            self._last_write = now
+            self._write(record)
+
+    def append_stats(self, row: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        if "classes_in_use" in row:
+            row = {**row, "classes_in_use": {str(k): v for k, v in row["classes_in_use"].items()}}
+        with open(self.dir / STATS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write the run's ``checkpoint.pt`` atomically (rank 0 only)."""
+        if not self.main:
+            return
+        from .checkpoint import CHECKPOINT_FILE, save_checkpoint  # torch: only for a run that saves
+
+        save_checkpoint(self.dir / CHECKPOINT_FILE, state)
+
+    def cancel_requested(self) -> bool:
+        """True once someone asked the run to stop (a ``CANCEL`` file in its directory)."""
+        return (self.dir / CANCEL_FILE).exists()
+
+    def stats(self) -> list[dict[str, Any]]:
+        return read_stats(self.dir)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        try:
+            atomic_write_json(self.dir / PROGRESS_FILE, record)
+        except OSError as exc:  # progress is advisory; never fail a run on it
+            log.debug("cannot write %s: %s", PROGRESS_FILE, exc)
+
+
+def request_cancel(run_dir: str | os.PathLike) -> None:
+    """Ask the run in ``run_dir`` to stop at its next step (read by :meth:`cancel_requested`)."""
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CANCEL_FILE).write_text(f"{time.time()}\n")

@@ -1,0 +1,299 @@
+"""The run pipeline: scan -> create the run -> the mode's loop -> predict -> status.
+
+:func:`train` is the one entry for every mode (the CLI's ``train``, the Python API's
+``sc.train`` and the background jobs all call it). It reads top to bottom as the recipe:
+
+1. the options become the mode's validated config (:mod:`selfclassifier_core.training.config`),
+   before anything is scanned, so a typo fails at once;
+2. the folder is scanned (incrementally; rank 0 only under torchrun);
+3. the run is created, or a run created earlier is used (``run_id`` of a run still ``created``:
+   the background jobs create theirs first so the app can show it at once), or, with
+   ``resume``, a scratch/finetune run continues from its checkpoint;
+4. the mode's loop trains (:mod:`selfclassifier_core.training.scratch`, ``.fast``), writing
+   through one :class:`~selfclassifier_core.store.runfiles.RunRecorder`;
+5. every usable image is predicted (:mod:`selfclassifier_core.inference.predict`; fast mode
+   predicts from its cached features) and the run's status is recorded.
+
+A failure marks the run ``failed`` with the reason (a finished run whose continuation fails or
+is cancelled stays ``done`` with its predictions) and is raised again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..catalog.scanner import scan
+from ..engine import dist
+from ..engine.device import resolve_device
+from ..inference.predict import predict
+from ..store.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from ..store.predictions import PREDICTIONS_FILE, save_predictions
+from ..store.runfiles import ProgressFn, RunRecorder
+from ..store.workspace import RunInfo, Workspace, as_workspace
+from ..training.config import MODES, RESUMABLE_MODES, TrainConfig, make_config
+from ..training.fast import fit_fast
+from ..training.recipes import resolve_augment, resolve_config
+from ..training.scratch import Trainer, TrainingError, Stopper
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "TrainingError", "as_workspace", "train"]
+
+# what a finished run's message says (after any earlier message) when continuing it failed or
+# was cancelled; an earlier such note is replaced, not repeated
+RESUME_NOTE = "continuing it "
+RESUME_CANCELLED = RESUME_NOTE + "was cancelled; --resume goes on from its checkpoint"
+
+
+@dataclass
+class TrainResult:
+    workspace: Workspace
+    run_id: int
+    run_dir: Path
+    stats: list[dict[str, Any]] = field(default_factory=list)
+    predictions_path: Path | None = None
+    status: str = "done"
+
+
+def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.PathLike | None = None,
+          *, mode: str | None = None, resume: bool = False, run_id: int | None = None,
+          progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
+          **options: Any) -> TrainResult:
+    """Learn classes on ``folder`` and predict every usable image.
+
+    Args:
+        folder: the image folder (scanned incrementally first; None to use the workspace's
+            catalog as it is, e.g. with ``resume``).
+        workspace: a :class:`Workspace` or its directory (default: the folder's workspace).
+        mode: ``scratch`` | ``finetune`` | ``fast`` (default ``fast`` with ``pretrained``,
+            else ``scratch``; for a run created earlier, its mode).
+        resume: continue run ``run_id`` (default: the newest scratch or finetune run with a
+            checkpoint) from its checkpoint; ``epochs``/``minutes`` then set the new total.
+        run_id: with ``resume``, the run to continue; without, a run created earlier (status
+            ``created``) to train.
+        progress: called with every progress record (schema in
+            :mod:`selfclassifier_core.store.runfiles`); ``progress.json`` gets it every 2 s.
+        should_stop: polled every step; True cancels after a clean checkpoint.
+        **options: fields of the mode's config (:class:`~.training.config.TrainConfig`,
+            :class:`~.training.config.FastConfig`): classes, backbone, epochs, minutes,
+            batch_size, device, pretrained, lr, optimizer, seed, ...
+
+    Returns:
+        A :class:`TrainResult`; ``status`` is ``done`` or ``cancelled``.
+
+    Raises:
+        ValueError: a bad option (named in the message).
+        TrainingError: the loss became NaN/inf (the message names the step).
+    """
+    dist.init_from_env()
+    if resume:
+        if mode == "fast":
+            raise ValueError("--resume applies to scratch and finetune runs; fast mode re-runs "
+                             "in seconds from its feature cache")
+        return _resume(_open_workspace(folder, workspace), run_id, progress, should_stop,
+                       options)
+    handed: RunInfo | None = None
+    if run_id is None:  # checked before anything touches the disk
+        mode = mode or ("fast" if options.get("pretrained") else "scratch")
+        config = make_config(mode, options)
+        ws = _open_workspace(folder, workspace)
+    else:
+        ws = _open_workspace(folder, workspace)
+        handed = ws.get_run(run_id)
+        if handed.status != "created":
+            raise ValueError(f"run {run_id} is {handed.status}; only a run that has not started "
+                             "can be trained into (--resume continues a scratch or finetune run)")
+        mode = mode or handed.mode
+        try:
+            config = make_config(mode, options)
+        except ValueError as exc:
+            _fail(ws, handed.id, mode, exc)
+            raise
+    if folder is not None and dist.is_main():
+        log.info("%s", scan(folder, ws).summary())
+    dist.barrier()
+    if mode == "fast":
+        if dist.world_size() > 1:
+            raise ValueError("fast mode runs in one process; start it without torchrun")
+        run_id = handed.id if handed is not None else ws.create_run("fast", config.to_dict())
+        return _guarded(ws, run_id, mode, None, lambda rec: _run_fast(
+            ws, run_id, config, rec, should_stop), progress)
+    device = resolve_device(config.device)
+    try:
+        table = ws.image_table()
+        sizes = list(zip(table["width"].tolist(), table["height"].tolist()))
+        cfg = resolve_config(len(table), sizes, device, world=dist.world_size(), config=config)
+    except ValueError as exc:
+        if handed is not None:
+            _fail(ws, handed.id, mode, exc)
+        raise
+    if handed is not None:
+        run_id = handed.id
+    elif dist.is_main():
+        run_id = ws.create_run(mode, cfg.to_dict(), heads=cfg.heads, main_head=cfg.classes)
+    run_id = _broadcast_int(run_id)
+    return _guarded(ws, run_id, mode, None, lambda rec: _run_scratch(
+        ws, run_id, cfg, None, rec, should_stop), progress, cfg)
+
+
+# --------------------------------------------------------------------------- the modes
+def _run_fast(ws: Workspace, run_id: int, config, recorder: RunRecorder,
+              should_stop: Callable[[], bool] | None) -> TrainResult:
+    recorder.start(config.to_dict())
+    fit = fit_fast(ws, run_id, config, recorder, should_stop)
+    if fit.predictions is not None:
+        save_predictions(recorder.dir, fit.predictions)
+    recorder.finish(fit.status, fit.message, **fit.final)
+    preds = recorder.dir / PREDICTIONS_FILE
+    return TrainResult(ws, run_id, recorder.dir, recorder.stats(),
+                       preds if preds.exists() else None,
+                       "cancelled" if fit.status == "cancelled" else "done")
+
+
+def _run_scratch(ws: Workspace, run_id: int, cfg: TrainConfig,
+                 resume_state: dict[str, Any] | None, recorder: RunRecorder,
+                 should_stop: Callable[[], bool] | None,
+                 finished: RunInfo | None = None) -> TrainResult:
+    """Train, then predict and mark the run done; a cancelled run is marked cancelled, or, when
+    it continued the ``finished`` run, left done as that run was."""
+    recorder.start(cfg.to_dict(), heads=cfg.heads, resume=resume_state is not None)
+    trainer = Trainer(ws, run_id, cfg, recorder, should_stop)
+    trainer.prepare(resume_state)
+    deadline = None
+    if cfg.minutes is not None:
+        deadline = time.monotonic() + max(0.0, cfg.minutes * 60 - trainer.state.elapsed_s)
+    if dist.is_main():
+        log.info("run %d: %s, heads %s, batch %d, crops %d/%d ×%d local (augment: %s), "
+                 "%s on %s", run_id, cfg.backbone, cfg.heads, cfg.batch_size, cfg.global_size,
+                 cfg.local_size, cfg.n_local, trainer.augment,
+                 f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.minutes} min", cfg.device)
+    stats = trainer.fit(Stopper(recorder, should_stop, deadline))
+    result = TrainResult(ws, run_id, recorder.dir, stats)
+    if trainer.state.stop_reason == "cancelled":
+        if finished is not None:
+            recorder.restore(finished, _resume_message(finished, RESUME_CANCELLED))
+        else:
+            recorder.finish("cancelled", f"cancelled after {trainer.state.step} steps; "
+                            "continue with --resume")
+        result.status = "cancelled"
+        return result
+    if dist.is_main():
+        recorder.final_progress("predicting")
+        predict(ws, run_id, model=trainer.model, device=trainer.device,
+                batch_size=max(64, cfg.batch_size), image_size=cfg.global_size)
+        result.predictions_path = recorder.dir / PREDICTIONS_FILE
+        recorder.finish("done", "stopped at the time budget"
+                        if trainer.state.stop_reason == "time" else None)
+    dist.barrier()
+    return result
+
+
+def _resume(ws: Workspace, run_id: int | None, progress: ProgressFn | None,
+            should_stop: Callable[[], bool] | None, options: dict[str, Any]) -> TrainResult:
+    """Continue a scratch or finetune run from its checkpoint (the same config; the budget,
+    device, workers and augmentation may change)."""
+    before = _find_resume_run(ws, run_id)
+    state = load_checkpoint(before.dir / CHECKPOINT_FILE)
+    saved = state["train_config"]
+    cfg = TrainConfig.from_dict(saved)
+    if cfg.mode not in RESUMABLE_MODES:
+        raise ValueError(f"--resume: the checkpoint of run {before.id} is from a {cfg.mode}-mode "
+                         "run, which is not resumed; start it again: its features are cached")
+    dev = resolve_device(options.get("device") or "auto")
+    if options.get("epochs") is not None or options.get("minutes") is not None:
+        cfg.epochs, cfg.minutes = options.get("epochs"), options.get("minutes")
+    cfg.device = str(dev)
+    if options.get("workers") is not None:
+        cfg.workers = options["workers"]
+    if "augment" not in saved:
+        cfg.augment = "cpu"  # runs from before the option had PIL views
+    if options.get("augment") is not None:  # changes the views: no longer exact
+        cfg.augment = resolve_augment(options["augment"], dev)
+    finished = before if before.status == "done" else None
+    return _guarded(ws, before.id, cfg.mode, finished, lambda rec: _run_scratch(
+        ws, before.id, cfg, state, rec, should_stop, finished), progress, cfg)
+
+
+def _guarded(ws: Workspace, run_id: int, mode: str, finished: RunInfo | None,
+             body: Callable[[RunRecorder], TrainResult], progress: ProgressFn | None,
+             cfg: Any = None) -> TrainResult:
+    """Run ``body`` with the run's recorder; on an exception record it (or restore the finished
+    run it continued) and raise it again."""
+    recorder = RunRecorder(ws, run_id, mode, progress, main=dist.is_main())
+    try:
+        return body(recorder)
+    except BaseException as exc:
+        if dist.is_main():
+            cancelled = isinstance(exc, KeyboardInterrupt)
+            if finished is not None:
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                recorder.restore(finished, _resume_message(
+                    finished, RESUME_CANCELLED if cancelled else RESUME_NOTE + f"failed ({why})"))
+            else:
+                _fail(ws, run_id, mode, exc, recorder)
+        raise
+
+
+def _fail(ws: Workspace, run_id: int, mode: str, exc: BaseException,
+          recorder: RunRecorder | None = None) -> None:
+    status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    log.error("run %s %s: %s", run_id, status, message)
+    (recorder or RunRecorder(ws, run_id, mode)).finish(status, message)
+
+
+def _resume_message(before: RunInfo, what: str) -> str:
+    """The finished run's message with the note about its continuation (an earlier note is
+    replaced, not repeated)."""
+    log.warning("run %d: %s; it stays done with its earlier predictions", before.id, what)
+    earlier = (before.message or "").split(RESUME_NOTE)[0].rstrip("; ")
+    return f"{earlier}; {what}" if earlier else what
+
+
+# --------------------------------------------------------------------------- helpers
+def _open_workspace(folder: str | os.PathLike | None,
+                    workspace: Workspace | str | os.PathLike | None) -> Workspace:
+    if isinstance(workspace, Workspace):
+        return workspace
+    if folder is None:
+        if workspace is None:
+            raise ValueError("give an image folder or a workspace")
+        return Workspace.open(workspace)
+    return Workspace.for_folder(folder, workspace)
+
+
+def _find_resume_run(ws: Workspace, run_id: int | None) -> RunInfo:
+    """The run ``--resume`` continues: ``run_id``, else the newest scratch or finetune run with a
+    checkpoint. Fast runs are never resumed. Raises before anything is changed."""
+    if run_id is not None:
+        run = ws.get_run(run_id)
+        if run.mode not in RESUMABLE_MODES:
+            raise ValueError(f"--resume: run {run.id} is a {run.mode}-mode run; {run.mode} mode is "
+                             "not resumed, start it again: its features are cached")
+    else:
+        saved = [r for r in ws.list_runs() if (r.dir / CHECKPOINT_FILE).exists()]
+        runs = [r for r in saved if r.mode in RESUMABLE_MODES]
+        if not runs:
+            hint = ("; fast-mode runs are not resumed, start one again: its features are cached"
+                    if saved else "")
+            raise CheckpointError(f"--resume: no run with a checkpoint in workspace {ws.path}"
+                                  f"{hint}")
+        run = runs[-1]
+    if not (run.dir / CHECKPOINT_FILE).exists():
+        raise CheckpointError(f"--resume: run {run.id} has no checkpoint ({run.dir / CHECKPOINT_FILE}"
+                              " missing); start a new run without --resume")
+    return run
+
+
+def _broadcast_int(value: int | None) -> int:
+    if not dist.is_dist():
+        return int(value)  # type: ignore[arg-type]
+    t = torch.tensor([int(value) if value is not None else -1])
+    torch.distributed.broadcast(t, src=0)
+    return int(t)
