@@ -37,7 +37,7 @@ def _fast_map(monkeypatch):
                         lambda emb, **kw: projection.pca_2d(np.asarray(emb, np.float32)))
 
 
-def start_app(monkeypatch, folder=None, workspace=None) -> AppTest:
+def start_app(monkeypatch, folder=None, workspace=None, query=None) -> AppTest:
     argv = [APP]
     if folder is not None:
         argv += ["--folder", str(folder)]
@@ -45,6 +45,7 @@ def start_app(monkeypatch, folder=None, workspace=None) -> AppTest:
         argv += ["--workspace", str(workspace)]
     monkeypatch.setattr(sys, "argv", argv)
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update(query or {})
     at.run()
     assert_ok(at)
     return at
@@ -55,10 +56,43 @@ def assert_ok(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+# the screens by title, with their page files (relative to app/main.py)
+PAGE_FILES = {"Folder & training": "screens/folder_training.py", "Clusters": "screens/clusters.py",
+              "Map": "screens/map.py", "Neighbours": "screens/neighbours.py",
+              "Export": "screens/export.py"}
+
+
 def goto(at: AppTest, page: str) -> AppTest:
-    at.sidebar.radio(key="page").set_value(page).run()
+    """Open a screen by its title, as a click in the page menu does."""
+    at.switch_page(PAGE_FILES[page]).run()
     assert_ok(at)
     return at
+
+
+def headers(at: AppTest) -> list[str]:
+    return [h.value for h in at.header]
+
+
+# --------------------------------------------------------------------------- navigation
+def test_every_screen_has_its_page(fixture_app):
+    at, ws, run_id = fixture_app
+    assert headers(at) == ["Folder & training"]        # the default page
+    for title in PAGE_FILES:
+        goto(at, title)
+        assert headers(at) == [title]
+        assert at.sidebar.button(key="undo")           # the sidebar frames every page
+
+
+def test_old_page_links_land_on_their_screen(tmp_path, monkeypatch):
+    """``/?page=clusters`` (the links of the radio menu before st.navigation) still work."""
+    ws, run_id = make_workspace_with_run(tmp_path, n_images=12, heads=(3,))
+    for title in PAGE_FILES:
+        slug = title.split()[0].lower()                # folder, clusters, map, ...
+        at = start_app(monkeypatch, ws.root, ws.path, query={"page": slug})
+        assert headers(at) == [title], slug
+        assert "page" not in at.query_params
+    at = start_app(monkeypatch, ws.root, ws.path, query={"page": "nonsense"})
+    assert headers(at) == ["Folder & training"] and "page" not in at.query_params
 
 
 @pytest.fixture
@@ -95,6 +129,20 @@ def test_opens_the_demo_by_default(monkeypatch):
     for page in ("Clusters", "Map", "Neighbours", "Export"):
         goto(at, page)
         assert any("run" in i.value for i in at.info), page
+
+
+def test_training_choices_come_from_the_core(fixture_app):
+    from selfclassifier_core.engine.backbones import BACKBONES
+    from selfclassifier_core.engine.device import DEVICES
+    from selfclassifier_core.training.config import MODES
+
+    at, ws, run_id = fixture_app
+    modes = at.selectbox(key="opt_mode").options       # shown in words, one per core mode
+    assert len(modes) == len(MODES) and modes[0].startswith("Fast")
+    backbones = at.selectbox(key="opt_backbone").options
+    assert backbones[0] == "automatic" and backbones[1] == "resnet18"
+    assert sorted(backbones[1:]) == sorted(BACKBONES)
+    assert at.selectbox(key="opt_device").options == list(DEVICES)   # mps included
 
 
 def test_unreadable_images_listed_with_reasons(fixture_app):
@@ -142,6 +190,19 @@ def test_open_missing_folder_is_an_error_in_words(fixture_app, tmp_path):
     at.sidebar.button[0].click().run()  # the form's "Open folder"
     assert any("not a folder that exists" in e.value for e in at.sidebar.error)
     assert not at.exception
+
+
+def test_workspace_that_cannot_be_opened_is_an_error_in_words(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    not_a_dir = tmp_path / "ws-file"
+    not_a_dir.write_text("a file where the workspace should be")
+    monkeypatch.setattr(sys, "argv", [APP, "--folder", str(folder), "--workspace", str(not_a_dir)])
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert any("Cannot open" in e.value and "not a directory" in e.value for e in at.error)
+    assert any(b.label == "Back to the demo images" for b in at.button)
+    assert not at.header                                # no screen without a workspace
 
 
 def test_open_another_folder_and_recent(fixture_app, tmp_path, monkeypatch):
@@ -248,7 +309,7 @@ def grid_order(items: list, columns: int) -> list:
 
 def _image_boxes(at: AppTest):
     """The image checkboxes of the open group, in page order."""
-    from app.views.clusters import GRID_COLUMNS
+    from app.screens.clusters import GRID_COLUMNS
 
     return grid_order([c for c in at.checkbox if c.key and c.key.startswith("img|")],
                       GRID_COLUMNS)
@@ -381,7 +442,7 @@ def test_neighbours_listed(fixture_app):
     at.button(key="nn_pick_4").click().run()
     assert_ok(at)
     assert any("nearest neighbours" in m.value for m in at.markdown)
-    from app.views.neighbours import RESULT_COLUMNS
+    from app.screens.neighbours import RESULT_COLUMNS
     sims = grid_order([c.value for c in at.caption if c.value.startswith("similarity")],
                       RESULT_COLUMNS)
     assert len(sims) == 12

@@ -209,6 +209,60 @@ def test_move_to_label_new_and_existing(ws_run):
     assert lab.final_table().loc[3, "edited"] == np.False_
 
 
+def test_move_to_label_of_one_cluster_follows_its_renames(ws_run):
+    ws, _ = ws_run
+    lab = Labels(ws)
+    lab.rename(1, "Cats")
+    imgs = ids_in(ws, lab.run_id, 3, 0)[:2]
+    lab.move_to_label(imgs, " Cats ")      # carried by cluster 1 only: moved to that cluster
+    df = lab.final_table()
+    assert df.loc[imgs, "cluster"].tolist() == [1, 1]
+    assert df.loc[imgs, "label"].tolist() == ["Cats", "Cats"] and df.loc[imgs, "edited"].all()
+    lab.rename(1, "Felines")               # a cluster move follows the cluster's later names
+    assert lab.final_table().loc[imgs, "label"].tolist() == ["Felines", "Felines"]
+    assert "Cats" not in lab.label_names()
+    [entry] = [e for e in lab.history() if e.args.get("image_ids") == imgs]
+    assert entry.op == "move" and (entry.args["cluster"], entry.args["label"]) == (1, None)
+    lab.move_to_label(imgs, "cluster_0")   # back to their own cluster's name: no edit left
+    df = lab.final_table()
+    assert df.loc[imgs, "label"].tolist() == ["cluster_0"] * 2 and not df.loc[imgs, "edited"].any()
+
+
+def test_move_to_label_shared_created_or_new_name_gives_the_name(ws_run):
+    ws, _ = ws_run
+    lab = Labels(ws)
+    lab.merge([0, 2], name="animals")      # one name, two clusters: the name is given
+    lab.create_label("Empty one")
+    img = ids_in(ws, lab.run_id, 3, 1)
+    lab.move_to_label(img[:1], "animals")
+    lab.move_to_label(img[1:2], "Empty one")
+    lab.move_to_label(img[2:3], "Zebras")  # a new label
+    df = lab.final_table()
+    assert df.loc[img[:3], "label"].tolist() == ["animals", "Empty one", "Zebras"]
+    assert df.loc[img[0], "cluster"] == 0  # the lowest cluster carrying the name
+    assert df["cluster"].isna()[img[1]] and df["cluster"].isna()[img[2]]
+    lab.rename(2, "birds")                 # a given name sticks to the name, not a cluster
+    assert lab.final_table().loc[img[0], "label"] == "animals"
+    # undo takes each back, newest first; redo applies it again
+    lab.undo()                             # the rename
+    lab.undo()
+    assert "Zebras" not in lab.label_names()
+    assert lab.final_table().loc[img[2], "label"] == "cluster_1"
+    lab.redo()
+    assert lab.final_table().loc[img[2], "label"] == "Zebras"
+
+
+def test_move_to_label_refuses_bad_input_and_writes_nothing(ws_run):
+    lab = Labels(ws_run[0])
+    with pytest.raises(ValueError, match="empty"):
+        lab.move_to_label([1], "   ")
+    with pytest.raises(ValueError, match="unknown image id"):
+        lab.move_to_label([1, 999], "Cats")
+    with pytest.raises(ValueError, match="no image ids"):
+        lab.move_to_label([], "Cats")
+    assert lab.history() == [] and not lab.final_table()["edited"].any()
+
+
 def test_create_label_and_rename_label(ws_run):
     lab = Labels(ws_run[0])
     lab.create_label("Empty one")

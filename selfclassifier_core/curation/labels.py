@@ -13,7 +13,8 @@ A label is its name: clusters that share a name are one label in every export. T
 ids are kept, so a merge can be undone, or split again by renaming one of the clusters.
 :meth:`Labels.cluster_summary` reports clusters that share a name. :meth:`Labels.delete_label`
 removes a name everywhere: clusters carrying it get their default names back, images given it
-fall back to their cluster.
+fall back to their cluster. :meth:`Labels.move_to_label` moves images to a label by its name (to
+its cluster when a single cluster carries it, so they follow later renames).
 
 Every operation is one ``BEGIN IMMEDIATE`` transaction that reads the current state, writes the
 change and appends a history row holding, for every key it touched, the value before and after.
@@ -448,15 +449,38 @@ class Labels:
         ids = self._check_images(image_ids)
         c = self._check_cluster(cluster) if cluster is not None else None
         lab = normalize_name(label) if label is not None else None
-        predicted = self._predicted_of(ids)
         with self.workspace.transaction() as conn:
-            current = self._overrides(conn, ids)
-            ops = _Ops()
-            for i, p in zip(ids.tolist(), predicted.tolist()):
-                tc = None if (c is None or c == p) else c
-                self._set_override(ops, i, current.get(i), tc, lab, 0)
-            args = {"image_ids": ids.tolist(), "cluster": c, "label": lab}
-            return self._commit(conn, "move", args, ops)
+            return self._move(conn, ids, c, lab)
+
+    def move_to_label(self, image_ids: Iterable[int], name: str) -> int | None:
+        """Move images to the label called ``name``, an existing one or a new one.
+
+        When exactly one cluster carries the name, the images are moved to that cluster, so
+        they keep following it when it is renamed later; otherwise (a name of several merged
+        clusters, of a created label, of images only, or a new name) they are given the name.
+        The name is looked up in the same transaction that writes the move, so an edit made
+        meanwhile by someone else is taken into account. Undo takes it back like
+        :meth:`move`. Returns the history id (None if nothing changed).
+        """
+        ids = self._check_images(image_ids)
+        name = normalize_name(name)
+        with self.workspace.transaction() as conn:
+            names = self._names(conn)
+            carriers = [c for c in range(self.head) if names.get(c, self._defaults[c]) == name]
+            if len(carriers) == 1:
+                return self._move(conn, ids, carriers[0], None)
+            return self._move(conn, ids, None, name)
+
+    def _move(self, conn, ids: np.ndarray, c: int | None, lab: str | None) -> int | None:
+        """Write a move of checked ``ids`` to cluster ``c`` or label ``lab`` (in a transaction)."""
+        predicted = self._predicted_of(ids)
+        current = self._overrides(conn, ids)
+        ops = _Ops()
+        for i, p in zip(ids.tolist(), predicted.tolist()):
+            tc = None if (c is None or c == p) else c
+            self._set_override(ops, i, current.get(i), tc, lab, 0)
+        args = {"image_ids": ids.tolist(), "cluster": c, "label": lab}
+        return self._commit(conn, "move", args, ops)
 
     def create_label(self, name: str) -> int | None:
         """Make a new, empty label (ValueError if a cluster or label already has the name)."""

@@ -7,7 +7,8 @@ from pathlib import PurePosixPath
 
 import streamlit as st
 
-from app import state
+from app import caches, session, ui
+from app.session import Context
 
 PICK_COLUMNS = 8
 PICK_PAGE = 32
@@ -15,7 +16,7 @@ RESULT_COLUMNS = 6
 MAX_GROUPS = 30
 
 
-def render(ctx: state.Context) -> None:
+def render(ctx: Context) -> None:
     st.header("Neighbours")
     if ctx.run is None:
         st.info("Neighbours appear after a training run has finished.")
@@ -32,9 +33,9 @@ def _pick(image_id: int) -> None:
     st.session_state.pop("nn_upload_used", None)
 
 
-def _similar(ctx: state.Context) -> None:
-    paths = state.image_paths(ctx.ws)
-    index = state.neighbor_index(ctx)
+def _similar(ctx: Context) -> None:
+    paths = caches.image_paths(ctx)
+    index = caches.neighbor_index(ctx)
     k = st.slider("How many neighbours", 1, 50, 12, key="nn_k")
     left, right = st.columns([1, 1])
     with left:
@@ -49,13 +50,13 @@ def _similar(ctx: state.Context) -> None:
         page = st.number_input(f"Page (of {pages}) · {len(ids):,} images", 1, pages, 1,
                                key="nn_page") if pages > 1 else 1
         page_ids = [int(i) for i in ids[(page - 1) * PICK_PAGE: page * PICK_PAGE]]
-        thumbs = state.thumbs(ctx, page_ids)
+        thumbs = caches.thumbs(ctx, page_ids)
         cols = st.columns(PICK_COLUMNS)
         for j, i in enumerate(page_ids):
             with cols[j % PICK_COLUMNS]:
                 st.image(thumbs[i], width="stretch")
                 st.button("Pick", key=f"nn_pick_{i}", on_click=_pick, args=(i,),
-                          help=state.esc(paths.get(i, "")), width="stretch")
+                          help=ui.esc(paths.get(i, "")), width="stretch")
     with right:
         st.markdown("**…or upload one**")
         upload = st.file_uploader("Image file (kept in memory, never saved)",
@@ -70,7 +71,7 @@ def _similar(ctx: state.Context) -> None:
             with st.spinner("Embedding the uploaded image with the run's model…"):
                 result = index.search_file(upload.getvalue(), k)
         except Exception as exc:  # noqa: BLE001 - in words
-            state.show_error(exc, "The uploaded image could not be searched")
+            ui.show_error(exc, "The uploaded image could not be searched")
             return
         _results(ctx, result, paths)
         return
@@ -80,48 +81,37 @@ def _similar(ctx: state.Context) -> None:
         return
     st.divider()
     q1, q2 = st.columns([1, 5])
-    q1.image(state.thumbs(ctx, [qid])[qid], width=128)
-    table = state.label_view(ctx).table
-    q2.markdown(f"**Query:** {state.esc(paths.get(qid, qid))}  \n"
-                f"label {state.esc(table.at[qid, 'label']) if qid in table.index else '—'}")
+    q1.image(caches.thumbs(ctx, [qid])[qid], width=128)
+    table = caches.label_view(ctx).table
+    q2.markdown(f"**Query:** {ui.esc(paths.get(qid, qid))}  \n"
+                f"label {ui.esc(table.at[qid, 'label']) if qid in table.index else '—'}")
     result = index.search(int(qid), k)
     _results(ctx, result, paths)
 
 
-def _results(ctx: state.Context, result, paths) -> None:
-    table = state.label_view(ctx).table
+def _results(ctx: Context, result, paths) -> None:
+    table = caches.label_view(ctx).table
     ids = [int(i) for i in result["image_id"]]
     sims = result["similarity"].to_numpy()
     st.markdown(f"**{len(ids)} nearest neighbours**")
-    thumbs = state.thumbs(ctx, ids)
+    thumbs = caches.thumbs(ctx, ids)
     cols = st.columns(RESULT_COLUMNS)
     for j, i in enumerate(ids):
         with cols[j % RESULT_COLUMNS]:
             st.image(thumbs[i], width="stretch")
             label = table.at[i, "label"] if i in table.index else "—"
-            st.caption(f"similarity {sims[j]:.3f}  \n{state.esc(label)}  \n"
-                       f"{state.esc(PurePosixPath(str(paths.get(i, i))).name[:24])}")
+            st.caption(f"similarity {sims[j]:.3f}  \n{ui.esc(label)}  \n"
+                       f"{ui.esc(PurePosixPath(str(paths.get(i, i))).name[:24])}")
             st.button("Neighbours of this", key=f"nn_again_{i}", on_click=_pick, args=(i,))
 
 
-@st.cache_data(show_spinner="Looking for near-duplicates…", max_entries=8)
-def _dup_groups(ws_path: str, run_id: int, mtime: float, threshold: float) -> list[list[int]]:
-    from selfclassifier_core.curation.neighbors import NeighborIndex
-    from selfclassifier_core.store.workspace import Workspace
-
-    return NeighborIndex.for_run(Workspace.open(ws_path), run_id).duplicates(threshold)
-
-
-def _duplicates(ctx: state.Context) -> None:
-    from selfclassifier_core.store.predictions import EMBEDDINGS_FILE
-
+def _duplicates(ctx: Context) -> None:
     threshold = st.slider("Similarity threshold", 0.80, 1.00, 0.98, 0.005, key="dup_threshold",
                           help="Cosine similarity of the run's embeddings; 1.0 is identical.")
     if not st.toggle("Find near-duplicates", key="dup_on"):
         st.caption("Turn on to search the whole folder (a k-nearest-neighbour pass).")
         return
-    mtime = (ctx.run.dir / EMBEDDINGS_FILE).stat().st_mtime_ns
-    groups = _dup_groups(str(ctx.ws.path), ctx.run.id, mtime, float(threshold))
+    groups = caches.duplicate_groups(ctx, threshold)
     if not groups:
         st.success("No near-duplicates at this threshold.")
         return
@@ -129,16 +119,20 @@ def _duplicates(ctx: state.Context) -> None:
     st.markdown(f"**{len(groups):,} groups**, {extra:,} images beyond the first of each group.")
     if st.button(f"Exclude all but the first of every group ({extra:,} images)",
                  key="dup_exclude"):
-        state.labels(ctx).exclude([i for g in groups for i in g[1:]])
-        state.flash(f"Excluded {extra} near-duplicate image(s).")
+        ctx.labels().exclude([i for g in groups for i in g[1:]])
+        ui.flash(f"Excluded {extra} near-duplicate image(s).")
         st.rerun()
-    paths = state.image_paths(ctx.ws)
+    paths = caches.image_paths(ctx)
     shown = groups[:MAX_GROUPS]
-    thumbs = state.thumbs(ctx, [i for g in shown for i in g[:8]])
+    thumbs = caches.thumbs(ctx, [i for g in shown for i in g[:8]])
     for g in shown:
         with st.container(border=True):
             st.caption(f"{len(g)} images: " + ", ".join(
-                state.esc(PurePosixPath(str(paths.get(i, i))).name) for i in g[:8]))
+                ui.esc(PurePosixPath(str(paths.get(i, i))).name) for i in g[:8]))
             st.image([thumbs[i] for i in g[:8]], width=72)
     if len(groups) > MAX_GROUPS:
         st.caption(f"… and {len(groups) - MAX_GROUPS:,} more groups.")
+
+
+if __name__ == "__main__":  # run as a page by st.navigation (app/main.py)
+    render(session.current())

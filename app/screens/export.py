@@ -5,19 +5,20 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import state
+from app import session, ui
+from app.session import Context
 
 PREVIEW_ROWS = 1000
 
 
-def render(ctx: state.Context) -> None:
+def render(ctx: Context) -> None:
     from selfclassifier_core.curation import export
 
     st.header("Export")
     if ctx.run is None:
         st.info("Export becomes possible after a training run has finished.")
         return
-    lab = state.labels(ctx)
+    lab = ctx.labels()
     include = st.toggle("Include excluded images (with excluded=true)", key="exp_excluded")
     table = export.export_table(ctx.ws, ctx.run.id, ctx.head, include_excluded=include,
                                 labels=lab)
@@ -65,9 +66,13 @@ def render(ctx: state.Context) -> None:
                                                    text=f"Writing… {d:,}/{t:,}"))
         except Exception as exc:  # noqa: BLE001 - in words
             bar.empty()
-            state.show_error(exc, "The folders could not be written")
+            ui.show_error(exc, "The folders could not be written")
             return
         bar.empty()
-        st.success(f"Wrote {state.esc(report)}")
+        st.success(f"Wrote {ui.esc(report)}")
         if report.missing:
             st.warning(f"{len(report.missing)} source image(s) were missing and not exported.")
+
+
+if __name__ == "__main__":  # run as a page by st.navigation (app/main.py)
+    render(session.current())

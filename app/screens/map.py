@@ -5,11 +5,13 @@ from collections.abc import Mapping
 
 import streamlit as st
 
-from app import state
+from app import caches, session, ui
+from app.caches import LabelView
+from app.session import Context
+from app.ui import NEW_LABEL, NEW_LABEL_PROMPT
 
 MAX_SHOWN = 60
 MAX_POINTS = 200_000
-NEW_LABEL = "\u2795 New label…"
 
 
 def selected_ids(event) -> list[int]:
@@ -33,7 +35,7 @@ def selected_ids(event) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def render(ctx: state.Context) -> None:
+def render(ctx: Context) -> None:
     import plotly.express as px
 
     st.header("Map")
@@ -41,12 +43,11 @@ def render(ctx: state.Context) -> None:
         st.info("The map appears after a training run has finished.")
         return
     try:
-        points = state.map_points(ctx)
+        points = caches.map_points(ctx)
     except Exception as exc:  # noqa: BLE001 - in words
-        state.show_error(exc, "The map could not be computed")
+        ui.show_error(exc, "The map could not be computed")
         return
-    lab = state.labels(ctx)
-    view = state.label_view(ctx, lab)
+    view = caches.label_view(ctx)
     table = view.table
     df = points.join(table[["label", "confidence", "path", "excluded"]], how="inner")
     show_excluded = st.toggle("Show excluded images", key="map_excluded")
@@ -76,14 +77,14 @@ def render(ctx: state.Context) -> None:
     _selection(ctx, view, ids)
 
 
-def _selection(ctx: state.Context, view: state.LabelView, ids: list[int]) -> None:
+def _selection(ctx: Context, view: LabelView, ids: list[int]) -> None:
     table = view.table
     sub = table.loc[ids]
     st.subheader(f"{len(ids):,} selected")
     counts = sub["label"].value_counts()
-    st.caption(" · ".join(f"{state.esc(k)}: {v}" for k, v in counts.head(8).items()))
+    st.caption(" · ".join(f"{ui.esc(k)}: {v}" for k, v in counts.head(8).items()))
     shown = ids[:MAX_SHOWN]
-    thumbs = state.thumbs(ctx, shown)
+    thumbs = caches.thumbs(ctx, shown)
     st.image([thumbs[i] for i in shown], width=72,
              caption=[str(table.at[i, "label"])[:14] for i in shown])
     if len(ids) > MAX_SHOWN:
@@ -95,25 +96,24 @@ def _selection(ctx: state.Context, view: state.LabelView, ids: list[int]) -> Non
         new_name = c2.text_input("New label name", key="map_new")
         apply = c3.form_submit_button("Apply label", type="primary")
         exclude = c3.form_submit_button("Exclude all")
-    if apply or exclude:
-        lab = state.labels(ctx)
-        try:
-            if exclude:
-                lab.exclude(ids)
-                state.flash(f"Excluded {len(ids)} image(s).")
-            else:
-                name = new_name if target == NEW_LABEL else target
-                if not str(name).strip():
-                    raise ValueError("type a name for the new label first")
-                clusters = view.summary.loc[target, "clusters"] if target in names else []
-                if len(clusters) == 1:
-                    lab.move(ids, cluster=int(clusters[0]))
-                else:
-                    lab.move(ids, label=name)
-                state.flash(f"Labelled {len(ids)} image(s) as “{' '.join(str(name).split())}”.")
-        except ValueError as exc:
-            st.error(state.error_in_words(exc))
-            return
-        st.rerun()
+    if not (apply or exclude):
+        return
+    try:
+        if exclude:
+            ctx.labels().exclude(ids)
+            message = f"Excluded {len(ids)} image(s)."
+        else:
+            name = new_name if target == NEW_LABEL else target
+            if not name.strip():
+                raise ValueError(NEW_LABEL_PROMPT)
+            ctx.labels().move_to_label(ids, name)
+            message = f"Labelled {len(ids)} image(s) as “{' '.join(name.split())}”."
+    except ValueError as exc:
+        st.error(ui.error_in_words(exc))
+        return
+    ui.flash(message)
+    st.rerun()
 
 
+if __name__ == "__main__":  # run as a page by st.navigation (app/main.py)
+    render(session.current())

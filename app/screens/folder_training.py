@@ -2,25 +2,42 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 
 import pandas as pd
 import streamlit as st
 
-from app import state
+from app import session, ui
+from app.session import Context
+from selfclassifier_core.catalog.summary import CatalogSummary, catalog_summary
+from selfclassifier_core.engine.device import DEVICES
+from selfclassifier_core.training.config import MODES
 from selfclassifier_core.workflows import jobs
 
-MODES = {
+# the training modes in the order offered, in words (a mode missing here is shown by its name)
+MODE_WORDS = {
     "fast": "Fast — frozen pretrained backbone (about a minute)",
     "scratch": "Scratch — learn everything from these images (the paper)",
     "finetune": "Fine-tune — pretrained backbone trained end to end",
 }
 AUTO = "auto"  # the core picks the backbone from the folder and the device
-BACKBONES = [AUTO, "resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_b0",
-             "convnext_tiny", "vit_b_16"]
-DEVICES = ["auto", "cpu", "cuda"]
+# offered first, in this order; the core's other backbones follow
+COMMON_BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_b0",
+                    "convnext_tiny", "vit_b_16")
 POLL_S = 1.0
+
+
+def mode_choices() -> list[str]:
+    """The core's training modes, those described in :data:`MODE_WORDS` first."""
+    return [m for m in MODE_WORDS if m in MODES] + [m for m in MODES if m not in MODE_WORDS]
+
+
+def backbone_choices() -> list[str]:
+    """``auto``, then the core's backbones: the common ones first."""
+    from selfclassifier_core.engine.backbones import BACKBONES  # imports torch: only when asked
+
+    return ([AUTO] + [b for b in COMMON_BACKBONES if b in BACKBONES]
+            + [b for b in BACKBONES if b not in COMMON_BACKBONES])
 
 
 def offline_pretrained() -> bool:
@@ -51,33 +68,20 @@ def default_settings(n_images: int) -> dict:
     }
 
 
-def render(ctx: state.Context) -> None:
+def render(ctx: Context) -> None:
     st.header("Folder & training")
-    _scan_section(ctx)
+    summary = _scan_section(ctx)
     st.divider()
     watched = _watched_run(ctx)
     if watched is not None:
         _progress_section(ctx, watched)
         st.divider()
-    _settings_section(ctx)
+    _settings_section(ctx, summary.usable)
     _runs_table(ctx)
 
 
 # --------------------------------------------------------------------------- scan
-def _last_scan(ctx: state.Context) -> dict | None:
-    with ctx.ws.connect() as conn:
-        row = conn.execute("SELECT report FROM scans WHERE finished IS NOT NULL "
-                           "ORDER BY id DESC LIMIT 1").fetchone()
-    conn.close()
-    if row and row[0]:
-        try:
-            return json.loads(row[0])
-        except json.JSONDecodeError:
-            return {}
-    return None
-
-
-def _scan(ctx: state.Context, retry_unreadable: bool = False) -> None:
+def _scan(ctx: Context, retry_unreadable: bool = False) -> None:
     from selfclassifier_core.catalog.scanner import scan
 
     bar = st.progress(0.0, text="Reading the images…")
@@ -88,68 +92,63 @@ def _scan(ctx: state.Context, retry_unreadable: bool = False) -> None:
     try:
         scan(ctx.folder, ctx.ws, progress=progress, retry_unreadable=retry_unreadable)
     except Exception as exc:  # noqa: BLE001 - shown in words
-        state.show_error(exc, "The folder could not be scanned")
+        ui.show_error(exc, "The folder could not be scanned")
     finally:
         bar.empty()
 
 
-def _scan_section(ctx: state.Context) -> None:
+def _scan_section(ctx: Context) -> CatalogSummary:
+    """What the scan found (the folder is scanned first when it never was); returns it."""
     st.subheader("Folder")
     st.caption(f"`{ctx.folder}` — never written to. Workspace: `{ctx.ws.path}`")
-    report = _last_scan(ctx)
-    has_images = bool(ctx.ws.usable_images()[:1]) if report is None else True
-    if report is None and not has_images:
+    summary = catalog_summary(ctx.ws)
+    if summary.last_scan is None and not summary.usable:
         _scan(ctx)
-        report = _last_scan(ctx)
-    with ctx.ws.connect() as conn:
-        counts = dict(conn.execute("SELECT status, COUNT(*) FROM images GROUP BY status")
-                      .fetchall())
-        bad = conn.execute("SELECT path, reason FROM images WHERE status='unreadable' "
-                           "ORDER BY path LIMIT 1000").fetchall()
-    conn.close()
-    report = report or {}
+        summary = catalog_summary(ctx.ws)
+    counts = summary.counts
     c1, c2, c3, c4 = st.columns([1, 1, 1, 1])
-    c1.metric("Usable images", f"{counts.get('ok', 0):,}")
-    c2.metric("Unreadable", f"{counts.get('unreadable', 0):,}")
-    c3.metric("Ignored files", f"{int(report.get('ignored', 0)) + int(report.get('hidden', 0)):,}",
+    c1.metric("Usable images", f"{summary.usable:,}")
+    c2.metric("Unreadable", f"{counts['unreadable']:,}")
+    c3.metric("Ignored files", f"{summary.ignored:,}",
               help="Files that are not images (by extension) and hidden files.")
     if c4.button("Rescan folder", help="Pick up new, changed and deleted files (only changed "
                                        "files are read again)."):
         _scan(ctx)
         st.rerun()
-    if bad:
-        with st.expander(f"Unreadable images ({counts.get('unreadable', 0):,}) and why",
-                         expanded=len(bad) <= 10):
-            st.dataframe(pd.DataFrame(bad, columns=["file", "reason"]), hide_index=True,
-                         width="stretch")
+    if summary.unreadable:
+        with st.expander(f"Unreadable images ({counts['unreadable']:,}) and why",
+                         expanded=len(summary.unreadable) <= 10):
+            st.dataframe(pd.DataFrame(summary.unreadable, columns=["file", "reason"]),
+                         hide_index=True, width="stretch")
             if st.button("Read these files again", key="retry_unreadable",
                          help="A rescan reads only new and changed files; this also reads the "
                               "unreadable ones again (after a slow network share, say)."):
                 _scan(ctx, retry_unreadable=True)
                 st.rerun()
-    skipped = report.get("skipped_links", []) + report.get("skipped_paths", [])
-    if skipped:
-        with st.expander(f"Skipped paths ({len(skipped):,})"):
-            st.dataframe(pd.DataFrame(skipped, columns=["path", "reason"]), hide_index=True)
-    if counts.get("missing"):
+    if summary.skipped:
+        with st.expander(f"Skipped paths ({len(summary.skipped):,})"):
+            st.dataframe(pd.DataFrame(summary.skipped, columns=["path", "reason"]),
+                         hide_index=True)
+    if counts["missing"]:
         st.caption(f"{counts['missing']:,} files seen earlier are gone from the folder.")
+    return summary
 
 
 # --------------------------------------------------------------------------- settings / start
-def _settings_section(ctx: state.Context) -> None:
+def _settings_section(ctx: Context, n: int) -> None:
+    """The training form for a folder of ``n`` usable images; starts a background run."""
     st.subheader("Train")
-    n = len(ctx.ws.usable_images())
     d = default_settings(n)
     active = jobs.active_run(ctx.ws)
     with st.form("train_settings"):
         c1, c2, c3 = st.columns(3)
-        modes = list(MODES)
+        modes, backbones, devices = mode_choices(), backbone_choices(), list(DEVICES)
         mode = c1.selectbox("Mode", modes, index=modes.index(d["mode"]),
-                            format_func=MODES.get, key="opt_mode")
-        backbone = c2.selectbox("Backbone", BACKBONES, index=BACKBONES.index(d["backbone"]),
+                            format_func=lambda m: MODE_WORDS.get(m, m), key="opt_mode")
+        backbone = c2.selectbox("Backbone", backbones, index=backbones.index(d["backbone"]),
                                 format_func=lambda b: "automatic" if b == AUTO else b,
                                 key="opt_backbone")
-        device = c3.selectbox("Device", DEVICES, index=DEVICES.index(d["device"]),
+        device = c3.selectbox("Device", devices, index=devices.index(d["device"]),
                               key="opt_device")
         c4, c5, c6, c7 = st.columns(4)
         classes = c4.number_input("Classes (0 = automatic)", min_value=0, max_value=1000,
@@ -186,16 +185,16 @@ def _settings_section(ctx: state.Context) -> None:
         try:
             run_id = jobs.start_training(ctx.folder, ctx.ws, options)
         except Exception as exc:  # noqa: BLE001 - in words
-            state.show_error(exc, "Training could not start")
+            ui.show_error(exc, "Training could not start")
             return
         st.session_state.watch_run = run_id
-        state.flash(f"Training run {run_id} started in the background. You can leave this page; "
+        ui.flash(f"Training run {run_id} started in the background. You can leave this page; "
                     "it keeps going.", "success")
         st.rerun()
 
 
 # --------------------------------------------------------------------------- progress
-def _watched_run(ctx: state.Context) -> int | None:
+def _watched_run(ctx: Context) -> int | None:
     """The run to show progress for: one that is training, else the one started last here."""
     active = jobs.active_run(ctx.ws)
     if active is not None:
@@ -209,14 +208,14 @@ def _watched_run(ctx: state.Context) -> int | None:
     return started[-1] if started else None
 
 
-def _progress_section(ctx: state.Context, run_id: int) -> None:
+def _progress_section(ctx: Context, run_id: int) -> None:
     st.subheader(f"Run {run_id}")
     alive = jobs.job_status(ctx.ws, run_id).alive
     # Poll only while the job runs; the fragment reruns alone, not the whole page.
     st.fragment(run_every=POLL_S if alive else None)(_progress_body)(ctx, run_id, alive)
 
 
-def _progress_body(ctx: state.Context, run_id: int, was_alive: bool) -> None:
+def _progress_body(ctx: Context, run_id: int, was_alive: bool) -> None:
     st_ = jobs.job_status(ctx.ws, run_id)
     p = st_.progress
     if was_alive and not st_.alive:
@@ -228,7 +227,7 @@ def _progress_body(ctx: state.Context, run_id: int, was_alive: bool) -> None:
     elif status == "done":
         st.success(f"Run {run_id} is done: open **Clusters** to see the groups.")
     elif status == "failed":
-        st.error(f"Run {run_id} failed: {state.esc(st_.message or 'no message')}")
+        st.error(f"Run {run_id} failed: {ui.esc(st_.message or 'no message')}")
     elif status == "cancelled":
         st.warning(f"Run {run_id} was cancelled. Resume continues from its last checkpoint.")
     elif status in ("running", "created"):
@@ -271,7 +270,7 @@ def _progress_body(ctx: state.Context, run_id: int, was_alive: bool) -> None:
         try:
             jobs.resume(ctx.ws, run_id)
         except Exception as exc:  # noqa: BLE001
-            state.show_error(exc, "Could not resume")
+            ui.show_error(exc, "Could not resume")
         else:
             st.rerun(scope="app")
     if st_.log_tail:
@@ -308,7 +307,7 @@ def _duration(seconds: float) -> str:
     return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
 
 
-def _runs_table(ctx: state.Context) -> None:
+def _runs_table(ctx: Context) -> None:
     runs = ctx.ws.list_runs()
     if not runs:
         return
@@ -320,3 +319,7 @@ def _runs_table(ctx: state.Context) -> None:
             "minutes": round((r.finished - r.created) / 60, 1) if r.finished else None,
             "message": r.message or ""} for r in reversed(runs)]), hide_index=True,
             width="stretch")
+
+
+if __name__ == "__main__":  # run as a page by st.navigation (app/main.py)
+    render(session.current())

@@ -12,27 +12,29 @@ from pathlib import PurePosixPath
 import numpy as np
 import streamlit as st
 
-from app import state
+from app import caches, session, ui
+from app.caches import LabelView
+from app.session import Context
+from app.ui import NEW_LABEL, NEW_LABEL_PROMPT
 
 CARD_COLUMNS = 4
 CARDS_PER_PAGE = 24
 STRIP = 6
 GRID_COLUMNS = 8
 PAGE_SIZES = (24, 48, 96)
-NEW_LABEL = "\u2795 New label…"
 DELETE_HELP = ("Deleting a label removes the name: clusters named so get their default names "
                "back (cluster_03 style) and images given it return to their cluster. Undo "
                "brings it back.")
 
 
-def render(ctx: state.Context) -> None:
+def render(ctx: Context) -> None:
     if ctx.run is None:
         st.header("Clusters")
         st.info("No finished training run in this workspace yet. Start one on the "
                 "**Folder & training** screen; the groups appear here when it is done.")
         return
-    lab = state.labels(ctx)
-    view = state.label_view(ctx, lab)
+    lab = ctx.labels()
+    view = caches.label_view(ctx, lab)
     opened = st.session_state.get("open_label")
     if opened is not None and opened in view.summary.index:
         _detail(ctx, lab, view, opened)
@@ -42,31 +44,27 @@ def render(ctx: state.Context) -> None:
 
 
 # --------------------------------------------------------------------------- actions
-def _labels(ctx: state.Context):
-    return state.labels(ctx)
-
-
-def _rename(ctx: state.Context, old: str, key: str) -> None:
+def _rename(ctx: Context, old: str, key: str) -> None:
     new = st.session_state.get(key, "")
     if new.strip() == old or not new.strip():
         if not new.strip():
-            state.flash("A label name cannot be empty.", "error")
+            ui.flash("A label name cannot be empty.", "error")
         return
-    lab = _labels(ctx)
+    lab = ctx.labels()
     existing = set(lab.label_names())
     try:
         lab.rename_label(old, new)
     except ValueError as exc:
-        state.flash(state.error_in_words(exc), "error")
+        ui.flash(ui.error_in_words(exc), "error")
         return
     merged = " (merged with the existing label of that name)" if new.strip() in existing else ""
-    state.flash(f"Renamed “{old}” to “{new.strip()}”{merged}.")
+    ui.flash(f"Renamed “{old}” to “{new.strip()}”{merged}.")
     if st.session_state.get("open_label") == old:
         st.session_state.open_label = " ".join(new.split())
 
 
-def _merge(ctx: state.Context, names: list[str], target: str) -> None:
-    lab = _labels(ctx)
+def _merge(ctx: Context, names: list[str], target: str) -> None:
+    lab = ctx.labels()
     summary = lab.cluster_summary(by="label")
     target = target.strip() or names[0]
     clusters = sorted({int(c) for n in names for c in summary.loc[n, "clusters"]})
@@ -79,61 +77,52 @@ def _merge(ctx: state.Context, names: list[str], target: str) -> None:
             if not summary.loc[n, "clusters"] and n != target:
                 lab.rename_label(n, target)
     except ValueError as exc:
-        state.flash(state.error_in_words(exc), "error")
+        ui.flash(ui.error_in_words(exc), "error")
         return
-    state.flash(f"Merged {len(names)} groups into “{target}”.")
+    ui.flash(f"Merged {len(names)} groups into “{target}”.")
 
 
-def _move(ctx: state.Context, ids: list[int], target: str, new_name: str, clusters_of) -> None:
-    lab = _labels(ctx)
+def _move(ctx: Context, ids: list[int], target: str, new_name: str) -> None:
+    name = new_name if target == NEW_LABEL else target
+    if not name.strip():
+        ui.flash(NEW_LABEL_PROMPT, "error")
+        return
     try:
-        if target == NEW_LABEL:
-            if not new_name.strip():
-                state.flash("Type a name for the new label first.", "error")
-                return
-            lab.move(ids, label=new_name)
-            name = new_name.strip()
-        else:
-            cl = clusters_of(target)
-            if len(cl) == 1:
-                lab.move(ids, cluster=int(cl[0]))
-            else:
-                lab.move(ids, label=target)
-            name = target
+        ctx.labels().move_to_label(ids, name)
     except ValueError as exc:
-        state.flash(state.error_in_words(exc), "error")
+        ui.flash(ui.error_in_words(exc), "error")
         return
-    state.flash(f"Moved {len(ids)} image(s) to “{name}”.")
+    ui.flash(f"Moved {len(ids)} image(s) to “{name.strip()}”.")
 
 
-def _delete(ctx: state.Context, names: list[str]) -> None:
+def _delete(ctx: Context, names: list[str]) -> None:
     """Delete labels, one undoable operation each; errors are reported together."""
-    lab = _labels(ctx)
+    lab = ctx.labels()
     deleted, errors = [], []
     for n in names:
         try:
             lab.delete_label(n)
             deleted.append(n)
         except ValueError as exc:
-            errors.append(state.error_in_words(exc))
+            errors.append(ui.error_in_words(exc))
     done = (f"Deleted {', '.join(f'“{n}”' for n in deleted)}." if deleted else "")
     if errors:
-        state.flash(" ".join([done, *errors]).strip(), "error")
+        ui.flash(" ".join([done, *errors]).strip(), "error")
     else:
-        state.flash(done + (" Undo brings it back." if len(deleted) == 1 else
-                            " Undo brings them back one at a time."))
+        ui.flash(done + (" Undo brings it back." if len(deleted) == 1 else
+                         " Undo brings them back one at a time."))
 
 
-def _exclude(ctx: state.Context, ids: list[int], include: bool = False) -> None:
-    lab = _labels(ctx)
+def _exclude(ctx: Context, ids: list[int], include: bool = False) -> None:
+    lab = ctx.labels()
     (lab.include if include else lab.exclude)(ids)
-    state.flash(f"{'Included' if include else 'Excluded'} {len(ids)} image(s)"
+    ui.flash(f"{'Included' if include else 'Excluded'} {len(ids)} image(s)"
                 + ("." if include else " — they are left out of the export (undo brings them "
                                         "back)."))
 
 
 # --------------------------------------------------------------------------- overview
-def _overview(ctx: state.Context, lab, view: state.LabelView) -> None:
+def _overview(ctx: Context, lab, view: LabelView) -> None:
     st.header("Clusters")
     summary = view.summary
     total = int(summary["size"].sum())
@@ -160,7 +149,7 @@ def _overview(ctx: state.Context, lab, view: state.LabelView) -> None:
     chosen = [n for n, k in sel_keys.items() if st.session_state.get(k)]
     if chosen:
         with st.container(border=True):
-            st.markdown(f"**{len(chosen)} selected:** " + ", ".join(state.esc(n) for n in chosen))
+            st.markdown(f"**{len(chosen)} selected:** " + ", ".join(ui.esc(n) for n in chosen))
             m1, m2 = st.columns([3, 1])
             target = m1.text_input("Name of the merged group", value=chosen[0],
                                    key=f"merge_name|{view.marker}")
@@ -183,7 +172,7 @@ def _overview(ctx: state.Context, lab, view: state.LabelView) -> None:
     part = s.iloc[(page - 1) * CARDS_PER_PAGE: page * CARDS_PER_PAGE]
     strips = {name: view.members.get(name, np.zeros(0, np.int64))[::-1][:STRIP]
               for name in part.index}
-    thumbs = state.thumbs(ctx, [int(i) for ids in strips.values() for i in ids])
+    thumbs = caches.thumbs(ctx, [int(i) for ids in strips.values() for i in ids])
     cols = st.columns(CARD_COLUMNS)
     for i, (name, row) in enumerate(part.iterrows()):
         with cols[i % CARD_COLUMNS].container(border=True):
@@ -215,20 +204,20 @@ def _card(ctx, view, name: str, row, thumb_paths: list[str], sel_key: str) -> No
 
 
 # --------------------------------------------------------------------------- one group
-def _detail(ctx: state.Context, lab, view: state.LabelView, name: str) -> None:
+def _detail(ctx: Context, lab, view: LabelView, name: str) -> None:
     row = view.summary.loc[name]
     top = st.columns([1, 6])
     if top[0].button("← All groups", key="back"):
         st.session_state.pop("open_label", None)
         st.rerun()
-    top[1].subheader(state.esc(name))
+    top[1].subheader(ui.esc(name))
     key = f"rn_detail|{view.marker}|{name}"
     st.text_input("Rename this group", value=name, key=key, on_change=_rename,
                   args=(ctx, name, key))
     with st.expander("Delete this label"):
         st.caption(DELETE_HELP)
         d1, d2 = st.columns([3, 1])
-        sure = d1.checkbox(f"Yes, delete “{state.esc(name)}”",
+        sure = d1.checkbox(f"Yes, delete “{ui.esc(name)}”",
                            key=f"del_ok|{view.marker}|{name}")
         if d2.button("Delete label", disabled=not sure, key="delete_btn"):
             _delete(ctx, [name])
@@ -258,9 +247,6 @@ def _detail(ctx: state.Context, lab, view: state.LabelView, name: str) -> None:
     selected = [i for i in page_ids if st.session_state.get(f"{sel_prefix}{i}")]
     names = list(view.summary.index)
 
-    def clusters_of(target: str):
-        return view.summary.loc[target, "clusters"]
-
     with st.container(border=True):
         a1, a2, a3, a4 = st.columns([2, 2, 1, 1])
         a1.markdown(f"**{len(selected)}** of {len(page_ids)} on this page selected")
@@ -277,7 +263,7 @@ def _detail(ctx: state.Context, lab, view: state.LabelView, name: str) -> None:
             new_name = m2.text_input("New label name", key="move_new",
                                      disabled=target != NEW_LABEL)
             if m3.button("Move", disabled=not selected, key="move_btn", type="primary"):
-                _move(ctx, selected, target, new_name, clusters_of)
+                _move(ctx, selected, target, new_name)
                 st.rerun()
             if m4.button("Exclude", disabled=not selected, key="exclude_btn",
                          help="Junk or outliers: left out of the export"):
@@ -287,7 +273,7 @@ def _detail(ctx: state.Context, lab, view: state.LabelView, name: str) -> None:
     if not page_ids:
         st.info("No images here.")
         return
-    thumbs = state.thumbs(ctx, page_ids)
+    thumbs = caches.thumbs(ctx, page_ids)
     table = view.table
     conf = table["confidence"].reindex(page_ids).to_numpy()
     paths = table["path"].reindex(page_ids).to_numpy()
@@ -295,5 +281,9 @@ def _detail(ctx: state.Context, lab, view: state.LabelView, name: str) -> None:
     for j, i in enumerate(page_ids):
         with cols[j % GRID_COLUMNS]:
             st.image(thumbs[i], width="stretch")
-            st.checkbox(f"{conf[j]:.2f} · {state.esc(PurePosixPath(str(paths[j])).name[:18])}",
-                        key=f"{sel_prefix}{i}", help=state.esc(paths[j]))
+            st.checkbox(f"{conf[j]:.2f} · {ui.esc(PurePosixPath(str(paths[j])).name[:18])}",
+                        key=f"{sel_prefix}{i}", help=ui.esc(paths[j]))
+
+
+if __name__ == "__main__":  # run as a page by st.navigation (app/main.py)
+    render(session.current())

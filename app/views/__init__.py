@@ -1,1 +1,0 @@
-"""One module per screen; each has ``render(ctx)``."""
