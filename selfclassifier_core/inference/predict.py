@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 
 
 
-def _device(device: str | torch.device) -> torch.device:
-    return resolve_device(device)
-
-
 def load_model(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
                device: str | torch.device = "auto") -> tuple[nn.Module, dict[str, Any]]:
     """The model of a run (default: the newest finished one) in eval mode on ``device``.
@@ -55,7 +51,7 @@ def load_model(workspace: Workspace | str | os.PathLike, run_id: int | None = No
     ws = as_workspace(workspace)
     run = ws.resolve_run(run_id)
     state = load_checkpoint(run.dir / CHECKPOINT_FILE)
-    model = build_from_checkpoint(state).to(_device(device)).eval()
+    model = build_from_checkpoint(state).to(resolve_device(device)).eval()
     return model, _model_info(state, run.id)
 
 
@@ -150,7 +146,7 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
                               batch_size=batch_size, device=device, progress=progress,
                               workers=workers)[2]
     ws = as_workspace(workspace)
-    dev = _device(device)
+    dev = resolve_device(device)
     if model is None:
         model, info = load_model(ws, run_id, dev)
         run_id = info["run_id"]
@@ -218,7 +214,7 @@ def embed_files(workspace: Workspace | str | os.PathLike, run_id: int | None,
         ``(embeddings float32 [n, D], [probabilities float32 [n, K] per head])``; a row whose
         image cannot be read is NaN.
     """
-    dev = _device(device)
+    dev = resolve_device(device)
     model, info = load_model(workspace, run_id, dev)
     sources = [s if isinstance(s, (bytes, bytearray)) else Path(s) for s in items]
     dataset = EvalDataset(sources, eval_transform(info["image_size"]))

@@ -180,9 +180,6 @@ class TrainConfig(_Common):
         "(batched on the training device), auto (default: device on CUDA, else cpu)",
         choices=AUGMENTS))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def validate(self) -> "TrainConfig":
         super().validate()
         _choice("mode", self.mode, RESUMABLE_MODES)

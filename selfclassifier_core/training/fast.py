@@ -45,10 +45,6 @@ __all__ = ["FastFit", "fit_fast", "knn_graph"]
 CHECKPOINT_FORMAT = 1
 
 
-class Cancelled(Exception):
-    """Raised inside the loop when ``should_stop`` or the CANCEL file asks to stop."""
-
-
 @dataclass
 class FastFit:
     """What a fast-mode loop ends with."""

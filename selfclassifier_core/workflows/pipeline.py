@@ -36,7 +36,7 @@ from ..store.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from ..store.predictions import PREDICTIONS_FILE, save_predictions
 from ..store.runfiles import ProgressFn, RunRecorder
 from ..store.workspace import RunInfo, Workspace, as_workspace
-from ..training.config import MODES, RESUMABLE_MODES, TrainConfig, make_config
+from ..training.config import RESUMABLE_MODES, TrainConfig, make_config
 from ..training.fast import fit_fast
 from ..training.recipes import resolve_augment, resolve_config
 from ..training.scratch import Trainer, TrainingError, Stopper
@@ -139,7 +139,7 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         run_id = ws.create_run(mode, cfg.to_dict(), heads=cfg.heads, main_head=cfg.classes)
     run_id = _broadcast_int(run_id)
     return _guarded(ws, run_id, mode, None, lambda rec: _run_scratch(
-        ws, run_id, cfg, None, rec, should_stop), progress, cfg)
+        ws, run_id, cfg, None, rec, should_stop), progress)
 
 
 # --------------------------------------------------------------------------- the modes
@@ -217,12 +217,12 @@ def _resume(ws: Workspace, run_id: int | None, progress: ProgressFn | None,
         cfg.augment = resolve_augment(options["augment"], dev)
     finished = before if before.status == "done" else None
     return _guarded(ws, before.id, cfg.mode, finished, lambda rec: _run_scratch(
-        ws, before.id, cfg, state, rec, should_stop, finished), progress, cfg)
+        ws, before.id, cfg, state, rec, should_stop, finished), progress)
 
 
 def _guarded(ws: Workspace, run_id: int, mode: str, finished: RunInfo | None,
-             body: Callable[[RunRecorder], TrainResult], progress: ProgressFn | None,
-             cfg: Any = None) -> TrainResult:
+             body: Callable[[RunRecorder], TrainResult],
+             progress: ProgressFn | None) -> TrainResult:
     """Run ``body`` with the run's recorder; on an exception record it (or restore the finished
     run it continued) and raise it again."""
     recorder = RunRecorder(ws, run_id, mode, progress, main=dist.is_main())
