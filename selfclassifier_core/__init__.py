@@ -20,6 +20,8 @@ _API = {
     "WorkspaceError": ("store.workspace", "WorkspaceError"),
     "scan": ("catalog.scanner", "scan"),
     "ScanReport": ("catalog.scanner", "ScanReport"),
+    "catalog_summary": ("catalog.summary", "catalog_summary"),
+    "CatalogSummary": ("catalog.summary", "CatalogSummary"),
     "load_rgb": ("catalog.imageio", "load_rgb"),
     "probe": ("catalog.imageio", "probe"),
     "ImageLoadError": ("catalog.imageio", "ImageLoadError"),

@@ -425,6 +425,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # processes
 def test_two_processes_lose_nothing(tmp_path):
     ws, _ = make_workspace_with_run(tmp_path, n_images=40, heads=(13,), write_images=False)
     Labels(ws)  # create the tables
@@ -550,6 +551,7 @@ def model_after(n_ops: int, predicted: dict[int, int]):
     return out
 
 
+@pytest.mark.slow  # killed processes
 def test_crash_at_random_moments_keeps_db_consistent(tmp_path):
     rng = random.Random(42)
     src = "import random\n" + "N_CRASH, K_CRASH = %d, %d\n" % (N_CRASH, K_CRASH)
@@ -751,6 +753,62 @@ def test_export_after_delete(ws_run, tmp_path):
     assert 3 not in table.index                  # still excluded
     assert table.loc[2, "label"] == f"cluster_{expected[1]}"
     assert len(table) == 29 and set(table["label"]) == {"cluster_0", "cluster_1", "cluster_2"}
+
+
+# ---------------------------------------------------------------------- merging labels
+def test_merge_labels_is_one_undoable_operation(ws_run):
+    ws, run_id = ws_run
+    lab = Labels(ws)
+    lab.merge([0, 1], name="Pets")
+    lab.move([4, 5], label="Pets")               # given the name of two merged clusters
+    lab.move([7, 8], label="Odd")                # a label of images only
+    lab.create_label("Later")                    # a label of nothing yet
+    before = snapshot(lab)
+    pets_or_odd = set(before[0].index[before[0]["label"].isin(["Pets", "Odd"])])
+    ops = len(lab.history())
+    hid = lab.merge_labels(["Pets", "Odd", "Later"], "Animals")
+    assert isinstance(hid, int) and len(lab.history()) == ops + 1
+    assert lab.history()[-1].op == "merge_labels"
+    after = snapshot(lab)
+    assert after[1] == {0: "Animals", 1: "Animals", 2: "cluster_2"}
+    assert not {"Pets", "Odd", "Later"} & set(after[2]) and "Animals" in after[2]
+    assert set(after[0].index[after[0]["label"] == "Animals"]) == pets_or_odd
+    assert lab.cluster_summary("label").loc["Animals", "clusters"] == [0, 1]
+    entry = lab.undo()                           # one undo takes all of it back
+    assert entry.op == "merge_labels"
+    assert_same_state(snapshot(lab), before)
+    lab.redo()
+    assert_same_state(snapshot(Labels(ws, run_id)), after)
+
+
+def test_merge_labels_takes_a_label_without_clusters(ws_run):
+    ws, run_id = ws_run
+    lab = Labels(ws)
+    strays = [i for i in range(1, 31) if i not in ids_in(ws, run_id, 3, 1)][:2]
+    lab.move(strays, label="Strays")
+    lab.merge_labels(["cluster_1", "Strays"], into="Strays")
+    assert lab.cluster_names() == {0: "cluster_0", 1: "Strays", 2: "cluster_2"}
+    by_label = lab.cluster_summary("label")
+    assert by_label.loc["Strays", "clusters"] == [1]
+    assert by_label.loc["Strays", "size"] == len(ids_in(ws, run_id, 3, 1)) + 2
+    lab.merge_labels("Strays", into="cluster_2")  # joins another label; one name alone is fine
+    table = lab.final_table()
+    assert set(table.loc[strays, "label"]) == {"cluster_2"}
+    assert set(table.loc[strays, "cluster"]) == {1}   # the lowest cluster of that name now
+    assert lab.cluster_names()[1] == "cluster_2" and "Strays" not in lab.label_names()
+
+
+def test_merge_labels_refuses_unknown_or_empty_names(ws_run):
+    lab = Labels(ws_run[0])
+    lab.rename(0, "Cats")
+    with pytest.raises(ValueError, match="unknown label 'Dogs'"):
+        lab.merge_labels(["Cats", "Dogs"], "Pets")
+    with pytest.raises(ValueError, match="empty"):
+        lab.merge_labels(["Cats", "cluster_1"], "  ")
+    with pytest.raises(ValueError, match="at least one label"):
+        lab.merge_labels([], "Pets")
+    assert [e.op for e in lab.history()] == ["rename"]
+    assert lab.cluster_names() == {0: "Cats", 1: "cluster_1", 2: "cluster_2"}
 
 
 # ---------------------------------------------------------------------- carry-over

@@ -64,18 +64,10 @@ def _rename(ctx: Context, old: str, key: str) -> None:
 
 
 def _merge(ctx: Context, names: list[str], target: str) -> None:
-    lab = ctx.labels()
-    summary = lab.cluster_summary(by="label")
+    """Merge the selected labels into ``target`` (empty: the first of them), one undo step."""
     target = target.strip() or names[0]
-    clusters = sorted({int(c) for n in names for c in summary.loc[n, "clusters"]})
     try:
-        if len(clusters) >= 2:
-            lab.merge(clusters, name=target)
-        elif len(clusters) == 1 and target != lab.cluster_names()[clusters[0]]:
-            lab.rename(clusters[0], target)
-        for n in names:  # labels without clusters (made by moving images) are renamed into it
-            if not summary.loc[n, "clusters"] and n != target:
-                lab.rename_label(n, target)
+        ctx.labels().merge_labels(names, target)
     except ValueError as exc:
         ui.flash(ui.error_in_words(exc), "error")
         return
@@ -205,7 +197,6 @@ def _card(ctx, view, name: str, row, thumb_paths: list[str], sel_key: str) -> No
 
 # --------------------------------------------------------------------------- one group
 def _detail(ctx: Context, lab, view: LabelView, name: str) -> None:
-    row = view.summary.loc[name]
     top = st.columns([1, 6])
     if top[0].button("← All groups", key="back"):
         st.session_state.pop("open_label", None)

@@ -1,21 +1,17 @@
-"""Exports of the final labels: CSV, Parquet, JSON lines and an ImageFolder tree.
+"""Exports of the final labels; this module writes the ImageFolder tree.
 
-Columns (CSV, Parquet, JSON lines): ``path`` (relative to the scanned folder, POSIX), ``label``
-(final, after the person's edits), ``cluster`` (the image's cluster after edits; empty/null for
-an image given a label that no cluster carries), ``confidence``, ``margin`` (the model's),
-``head`` (class count), ``edited`` (true if the person changed this image individually), and
-``excluded`` only when excluded images are included. See :mod:`selfclassifier_core.curation.labels`.
+The table formats (CSV, Parquet, JSON lines, their columns and the CSV's formula rule) are in
+:mod:`~selfclassifier_core.curation.formats` and the names inside the tree in
+:mod:`~selfclassifier_core.curation.foldernames`; both are importable from here, so
+``export.export_csv`` and ``export.export_imagefolder`` sit side by side as before.
 
-The CSV is UTF-8 without a byte-order mark, booleans written ``true``/``false``. Text cells a
-spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
-return) get a leading ``'``; numbers are written as numbers (a spreadsheet does not run them), so
-they are never altered. Parquet and JSON lines carry the values unaltered.
+The ImageFolder export builds ``OUT/<label>/<file>`` in a staging folder and moves it into place
+when complete (see :func:`export_imagefolder`); an earlier export in OUT is recognised by its
+``mapping.json`` and replaced with ``overwrite``.
 """
 from __future__ import annotations
 
-import csv
 import errno
-import io
 import json
 import logging
 import os
@@ -23,215 +19,39 @@ import re
 import shutil
 import tempfile
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
-from ..store.fsutil import atomic_open, atomic_write_bytes, atomic_write_json, is_within
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks on directories
     fcntl = None
+
+from ..store.fsutil import atomic_write_bytes, atomic_write_json, is_within
+from ..store.workspace import Workspace, WorkspaceError, as_workspace
+from .foldernames import (MAPPING_CSV, MAPPING_JSON, MAX_FOLDER_BYTES, safe_folder_name,
+                          unique_file_name)
+from .formats import (COLUMNS, FORMULA_PREFIXES, build_csv_bytes, export_csv, export_jsonl,
+                      export_parquet, export_table, neutralize_formula)
+# helpers the table formats share with the tree (the permission rule and the CSV writer)
+from .formats import _csv_bytes, _neutralize_series, _umask, _usual_mode
 from .labels import Labels
-from ..store.workspace import Workspace, WorkspaceError
+
+__all__ = ["COLUMNS", "FORMULA_PREFIXES", "LINK_MODES", "MAPPING_CSV", "MAPPING_JSON",
+           "MAX_FOLDER_BYTES", "ExportReport", "build_csv_bytes", "export_csv",
+           "export_imagefolder", "export_jsonl", "export_parquet", "export_table",
+           "neutralize_formula", "safe_folder_name"]
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["path", "label", "cluster", "confidence", "margin", "head", "edited"]
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 LINK_MODES = ("copy", "hard", "sym")
-MAPPING_JSON = "mapping.json"
-MAPPING_CSV = "labels.csv"
-MAX_FOLDER_BYTES = 200
-
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
-    f"{p}{d}" for p in ("COM", "LPT") for d in list("0123456789") + ["¹", "²", "³"]}
-_BAD_CHARS = re.compile(r'[\x00-\x1f\x7f/\\<>:"|?*]')
-
-
-# ---------------------------------------------------------------------- the table
-def export_table(workspace: Workspace, run_id: int | None = None, head: int | None = None,
-                 include_excluded: bool = False, labels: Labels | None = None):
-    """The rows every export writes: a DataFrame with :data:`COLUMNS` (+ ``excluded``).
-
-    Indexed by image id, ordered by id. ``labels`` reuses an open :class:`Labels`.
-    """
-    labels = labels or Labels(workspace, run_id, head)
-    df = labels.final_table()
-    if not include_excluded:
-        df = df[~df["excluded"]]
-    cols = COLUMNS + (["excluded"] if include_excluded else [])
-    out = df[cols].copy()
-    out["confidence"] = out["confidence"].astype("float64").round(6)
-    out["margin"] = out["margin"].astype("float64").round(6)
-    return out
-
-
-def neutralize_formula(value: str) -> str:
-    """Prefix ``'`` to a text cell that a spreadsheet would evaluate as a formula."""
-    return "'" + value if value.startswith(FORMULA_PREFIXES) else value
-
-
-def _neutralize_series(s):
-    s = s.astype("str")
-    return s.where(~s.str.startswith(FORMULA_PREFIXES), "'" + s)
-
-
-def build_csv_bytes(workspace: Workspace, run_id: int | None = None, head: int | None = None,
-                    include_excluded: bool = False, labels: Labels | None = None) -> bytes:
-    """The CSV export as UTF-8 bytes (what :func:`export_csv` writes; for download buttons)."""
-    df = export_table(workspace, run_id, head, include_excluded, labels)
-    return _csv_bytes(df)
-
-
-def _csv_bytes(df) -> bytes:
-    df = df.copy()
-    for col in ("path", "label"):
-        df[col] = _neutralize_series(df[col])
-    for col in ("edited", "excluded"):
-        if col in df:
-            df[col] = df[col].map({True: "true", False: "false"})
-    buf = io.StringIO()
-    df.to_csv(buf, index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, na_rep="")
-    return buf.getvalue().encode("utf-8")
-
-
-def export_csv(workspace: Workspace, out: str | os.PathLike, run_id: int | None = None,
-               head: int | None = None, include_excluded: bool = False) -> Path:
-    """Write the labels CSV to ``out`` atomically; returns its path."""
-    out = Path(out).expanduser()
-    _refuse_image_folder(workspace, out)
-    data = build_csv_bytes(workspace, run_id, head, include_excluded)
-    atomic_write_bytes(out, data)
-    _usual_mode(out)
-    log.info("wrote %s (%d bytes)", out, len(data))
-    return out
-
-
-def export_parquet(workspace: Workspace, out: str | os.PathLike, run_id: int | None = None,
-                   head: int | None = None, include_excluded: bool = False) -> Path:
-    """Write the labels as Parquet (same columns, values unaltered); returns the path."""
-    out = Path(out).expanduser()
-    _refuse_image_folder(workspace, out)
-    df = export_table(workspace, run_id, head, include_excluded).reset_index(drop=True)
-    with atomic_open(out, "wb") as fh:
-        df.to_parquet(fh, index=False)
-    _usual_mode(out)
-    log.info("wrote %s (%d rows)", out, len(df))
-    return out
-
-
-def export_jsonl(workspace: Workspace, out: str | os.PathLike, run_id: int | None = None,
-                 head: int | None = None, include_excluded: bool = False) -> Path:
-    """Write the labels as JSON lines, one object per image (UTF-8); returns the path."""
-    out = Path(out).expanduser()
-    _refuse_image_folder(workspace, out)
-    df = export_table(workspace, run_id, head, include_excluded)
-    cols = list(df.columns)
-    with atomic_open(out, "w") as fh:
-        for row in zip(*(df[c].tolist() for c in cols)):
-            rec = {}
-            for c, v in zip(cols, row):
-                if c == "cluster":
-                    v = None if _isna(v) else int(v)
-                elif c in ("edited", "excluded"):
-                    v = bool(v)
-                elif c == "head":
-                    v = int(v)
-                rec[c] = v
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    _usual_mode(out)
-    log.info("wrote %s (%d rows)", out, len(df))
-    return out
-
-
-def _isna(v) -> bool:
-    import pandas as pd
-
-    return v is None or v is pd.NA or (isinstance(v, float) and v != v)
-
-
-def _usual_mode(path: Path) -> None:
-    """Give a written file the permissions a plain ``open()`` would (temp files are 0600)."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask is process-wide, not thread-safe)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _refuse_image_folder(workspace: Workspace, out: Path) -> None:
-    root = workspace.root
-    if root is not None and is_within(out, root):
-        raise ValueError(f"export target {out} lies inside the image folder {root}; the image "
-                         "folder is never written to")
-
-
-# ---------------------------------------------------------------------- safe names
-def safe_folder_name(name: str, taken: set[str] | None = None,
-                     max_bytes: int = MAX_FOLDER_BYTES) -> str:
-    """A folder name for a label that is safe on Linux, macOS and Windows.
-
-    Slashes, backslashes, control characters and ``<>:"|?*`` become ``_``; surrounding
-    whitespace and dots are stripped (so no ``.``/``..`` and no trailing dot or space); Windows
-    device names (``CON``, ``nul.txt``, ``COM1``...) get a leading ``_``; an empty result becomes
-    ``unnamed``; the name is cut to ``max_bytes`` UTF-8 bytes. With ``taken`` (a set of
-    case-folded names already used, updated in place) a clash, also one differing only by case,
-    gets ``_2``, ``_3``... appended.
-    """
-    s = unicodedata.normalize("NFC", str(name))
-    s = _BAD_CHARS.sub("_", s)
-    s = s.strip().strip(". ")
-    if s.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
-        s = "_" + s
-    s = _cut_bytes(s, max_bytes) or "unnamed"
-    if s.casefold() in (MAPPING_JSON, MAPPING_CSV):
-        s = "_" + s
-    if taken is None:
-        return s
-    base, n, cand = s, 1, s
-    while cand.casefold() in taken:
-        n += 1
-        suffix = f"_{n}"
-        cand = _cut_bytes(base, max_bytes - len(suffix)) + suffix
-    taken.add(cand.casefold())
-    return cand
-
-
-def _cut_bytes(s: str, max_bytes: int) -> str:
-    b = s.encode("utf-8")
-    if len(b) > max_bytes:
-        s = b[:max_bytes].decode("utf-8", errors="ignore")
-    return s.rstrip(". ")
-
-
-def _unique_file_name(name: str, taken: set[str]) -> str:
-    """``name`` or ``stem_2.ext``, ``stem_3.ext``... not in ``taken`` (case-folded; updated)."""
-    cand = name
-    stem, dot, ext = name.rpartition(".")
-    if not stem:
-        stem, dot, ext = name, "", ""
-    n = 1
-    while cand.casefold() in taken:
-        n += 1
-        cand = f"{stem}_{n}{dot}{ext}"
-    taken.add(cand.casefold())
-    return cand
 
 
 # ---------------------------------------------------------------------- ImageFolder
 @dataclass
 class ExportReport:
+    """What :func:`export_imagefolder` wrote; ``str(report)`` is a readable summary."""
     out_dir: Path
     link: str
     files: int = 0
@@ -251,13 +71,15 @@ class ExportReport:
         return s
 
 
-def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
+def export_imagefolder(workspace: Workspace | str | os.PathLike, out_dir: str | os.PathLike,
                        run_id: int | None = None, head: int | None = None, link: str = "copy",
                        overwrite: bool = False, include_excluded: bool = False,
                        progress: Callable[[int, int], None] | None = None) -> ExportReport:
     """Write ``OUT/<label>/<file>`` for every image, plus ``mapping.json`` and ``labels.csv``.
 
     Args:
+        workspace: the workspace, or its directory (a path).
+        out_dir: OUT, the folder to write.
         link: ``copy`` (independent files), ``hard`` (hard links: same file system as the image
             folder; editing an exported file then edits the original) or ``sym`` (absolute
             symbolic links).
@@ -280,15 +102,12 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
     """
     if link not in LINK_MODES:
         raise ValueError(f"link must be one of {LINK_MODES}, got {link!r}")
+    workspace = as_workspace(workspace)
     root = workspace.root
     if root is None:
         raise WorkspaceError(f"workspace {workspace.path} has no image folder recorded")
     out = Path(out_dir).expanduser().absolute()
-    if is_within(out, root) or is_within(root, out):
-        raise ValueError(f"export folder {out} overlaps the image folder {root}; choose a "
-                         "folder outside it")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export folder {out} exists and is not a directory")
+    _check_export_folder(out, root)
     _remove_stale_staging(out)
     existing = list(out.iterdir()) if out.exists() else []
     if existing and not overwrite:
@@ -298,11 +117,7 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
     labels = Labels(workspace, run_id, head)
     table = export_table(workspace, labels.run_id, labels.head, include_excluded, labels)
     if link == "hard":
-        anchor = next(p for p in (out, *out.parents) if p.exists())
-        if os.stat(anchor).st_dev != os.stat(root).st_dev:
-            raise ValueError(f"hard links need the export folder on the same file system as the "
-                             f"image folder ({out} and {root} are on different devices); use "
-                             "link='copy' or 'sym'")
+        _check_same_device(out, root)
     report = ExportReport(out_dir=out, link=link)
     staging, inside = _staging_dir(out)
     lock = _lock_dir(staging, wait=True)  # marks it as in use for _remove_stale_staging
@@ -320,6 +135,24 @@ def export_imagefolder(workspace: Workspace, out_dir: str | os.PathLike,
             os.close(lock)
     log.info("%s", report)
     return report
+
+
+def _check_export_folder(out: Path, root: Path) -> None:
+    """OUT may not overlap the image folder, and must be a directory if it exists."""
+    if is_within(out, root) or is_within(root, out):
+        raise ValueError(f"export folder {out} overlaps the image folder {root}; choose a "
+                         "folder outside it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export folder {out} exists and is not a directory")
+
+
+def _check_same_device(out: Path, root: Path) -> None:
+    """Hard links need OUT (or its nearest existing parent) on the image folder's file system."""
+    anchor = next(p for p in (out, *out.parents) if p.exists())
+    if os.stat(anchor).st_dev != os.stat(root).st_dev:
+        raise ValueError(f"hard links need the export folder on the same file system as the "
+                         f"image folder ({out} and {root} are on different devices); use "
+                         "link='copy' or 'sym'")
 
 
 def _build_tree(tree: Path, root: Path, table, link: str, labels: Labels, taken_folders: set[str],
@@ -342,7 +175,7 @@ def _build_tree(tree: Path, root: Path, table, link: str, labels: Labels, taken_
                 raise ValueError(f"label folder {d} would lie outside {tree}")
             taken_files[folder] = {p.name.casefold() for p in d.iterdir()}
         name = Path(rel).name
-        unique = _unique_file_name(name, taken_files[folder])
+        unique = unique_file_name(name, taken_files[folder])
         report.renamed_files += unique != name
         target = d / unique
         if not is_within(target, tree) or is_within(target, root):

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..store.fsutil import atomic_write_bytes, atomic_write_json, atomic_open
+from ..store.predictions import load_run_embeddings
+from ..store.workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
-
-    from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class NeighborIndex:
         self._sorted_ids = sorted_ids
         self.dim = int(emb.shape[1])
         self.ivf_threshold = int(ivf_threshold)
-        self.workspace: "Workspace | None" = None
+        self.workspace: Workspace | None = None
         self.run_id: int | None = None
         self.loaded_from_disk = False
 
@@ -206,17 +206,17 @@ class NeighborIndex:
 
     # ------------------------------------------------------------------ per run
     @classmethod
-    def for_run(cls, workspace: "Workspace", run_id: int | None = None, *,
+    def for_run(cls, workspace: Workspace | str | os.PathLike, run_id: int | None = None, *,
                 ivf_threshold: int = DEFAULT_IVF_THRESHOLD, nprobe: int | None = None,
                 use_gpu: bool | None = None, rebuild: bool = False,
                 progress: Progress | None = None) -> "NeighborIndex":
         """The index of a run's embeddings: loaded from the run directory, or built and saved.
 
         A saved index is used only if it was built from the same embeddings file (same size and
-        mtime) with the same ``ivf_threshold`` decision; otherwise it is rebuilt.
+        mtime) with the same ``ivf_threshold`` decision; otherwise it is rebuilt. ``workspace``
+        is a :class:`Workspace` or its directory (a path).
         """
-        from ..store.predictions import load_run_embeddings
-
+        workspace = as_workspace(workspace)
         run, preds, emb_identity = load_run_embeddings(workspace, run_id)
         n = len(preds.image_ids)
         key = {"format": INDEX_FORMAT, "embeddings": emb_identity,
@@ -364,7 +364,8 @@ class NeighborIndex:
         """Neighbours of an image that need not be in the catalog (a path or raw bytes).
 
         ``embed_fn(items) -> float32 [n, D]`` embeds it; by default the run's model does, via
-        :func:`selfclassifier_core.inference.predict.embed_files` (needs an index from :meth:`for_run`).
+        :func:`selfclassifier_core.inference.predict.embed_files` (needs an index from
+        :meth:`for_run`).
         """
         import pandas as pd
 
@@ -372,7 +373,7 @@ class NeighborIndex:
             if self.workspace is None or self.run_id is None:
                 raise ValueError("search_file needs embed_fn for an index that was not made "
                                  "with NeighborIndex.for_run(workspace, run_id)")
-            from ..inference.predict import embed_files
+            from ..inference.predict import embed_files  # torch: only to embed a file
 
             ws, run_id = self.workspace, self.run_id
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..store.fsutil import atomic_open, atomic_write_json
+from ..store.predictions import load_run_embeddings
+from ..store.workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
-
-    from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +129,19 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def run_map(workspace: "Workspace", run_id: int | None = None, progress: Progress | None = None,
-            *, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1,
-            max_fit: int = 50_000, recompute: bool = False) -> "pd.DataFrame":
+def run_map(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
+            progress: Progress | None = None, *, seed: int = 0, n_neighbors: int = 15,
+            min_dist: float = 0.1, max_fit: int = 50_000,
+            recompute: bool = False) -> "pd.DataFrame":
     """The run's 2-D map as a DataFrame indexed by image id (``id``) with float32 ``x``, ``y``.
 
     Loaded from ``runs/<id>/umap.npy`` when its key matches the current embeddings file and the
-    parameters; computed with :func:`umap_2d` and saved (atomically) otherwise.
+    parameters; computed with :func:`umap_2d` and saved (atomically) otherwise. ``workspace``
+    is a :class:`Workspace` or its directory (a path).
     """
     import pandas as pd
 
-    from ..store.predictions import load_run_embeddings
-
+    workspace = as_workspace(workspace)
     run, preds, emb_identity = load_run_embeddings(workspace, run_id)
     n = len(preds.image_ids)
     key: dict[str, Any] = {
