@@ -17,6 +17,8 @@ from selfclassifier_core.cli import build_parser, main
 from selfclassifier_core.store.workspace import Workspace
 from train_fixtures import make_folder
 
+pytestmark = pytest.mark.slow  # trains through the command line in subprocesses
+
 
 def _cli(*args, env_extra=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
@@ -24,7 +26,7 @@ def _cli(*args, env_extra=None):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_train_predict_runs_cli(tmp_path):
+def test_train_predict_runs_cli(tmp_path, capsys):
     folder = make_folder(tmp_path / "imgs", n=16)
     ws = tmp_path / "my ws"
     r = _cli("train", folder, "--workspace", ws, "--classes", "2", "--epochs", "1",
@@ -44,6 +46,11 @@ def test_train_predict_runs_cli(tmp_path):
     r = _cli("predict", ws, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "16 images predicted: run 1" in r.stdout
+    # a continuation that did not finish is told in the message column, in words
+    Workspace.open(ws).update_run(1, continuation={"status": "failed", "reason": "disk on fire",
+                                                   "at": 1.0})
+    assert main(["runs", str(ws)]) == 0
+    assert "continuing it failed (disk on fire)" in capsys.readouterr().out
 
 
 def test_bad_values_exit_2_with_one_line(tmp_path):

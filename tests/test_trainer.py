@@ -16,7 +16,8 @@ from selfclassifier_core.workflows.pipeline import TrainingError, train
 from selfclassifier_core.store.workspace import Workspace
 from train_fixtures import FAST, assert_same_weights, make_folder, train_one_epoch_then_cancel
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow,  # trains models
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_resolve_config_defaults_and_errors():
@@ -184,7 +185,9 @@ def test_failed_resume_leaves_a_finished_run_done(tmp_path, monkeypatch):
         train(None, ws, resume=True, epochs=2, device="cpu")
     after = ws.get_run(first.run_id)               # done, same finish time and config
     assert (after.status, after.finished, after.config) == ("done", before.finished, before.config)
-    assert after.message == "continuing it failed (disk on fire)"
+    assert after.message == before.message and after.continuation["status"] == "failed"
+    assert after.continuation["reason"] == "disk on fire"
+    assert after.summary == "continuing it failed (disk on fire)"
     assert (first.run_dir / "config.json").read_text() == config
     assert json.loads((first.run_dir / "progress.json").read_text())["status"] == "done"
     assert load_predictions(first.run_dir).image_ids.size == 16
@@ -201,14 +204,17 @@ def test_cancelled_continuation_leaves_a_finished_run_done(tmp_path):
     assert res.status == "cancelled"
     run = ws.get_run(first.run_id)
     assert run.status == "done" and run.finished == before.finished
-    assert "cancelled" in run.message and run.config == before.config
+    assert run.message == before.message and run.config == before.config
+    assert run.continuation["status"] == "cancelled" and "cancelled" in run.summary
     assert json.loads((first.run_dir / "progress.json").read_text())["status"] == "done"
     assert np.array_equal(load_predictions(first.run_dir).image_ids, preds.image_ids)
     train(None, ws, resume=True, run_id=first.run_id, epochs=3, device="cpu",
           should_stop=lambda: True)                  # cancelled again: said once, not twice
-    assert ws.get_run(first.run_id).message == run.message
+    again = ws.get_run(first.run_id)
+    assert again.summary == run.summary and again.continuation["at"] >= run.continuation["at"]
     done = train(None, ws, resume=True, run_id=first.run_id, epochs=2, device="cpu")
-    assert done.status == "done" and ws.get_run(first.run_id).message is None
+    after = ws.get_run(first.run_id)              # nothing left about the continuations
+    assert done.status == "done" and after.continuation is None and after.summary is None
     assert load_checkpoint(first.run_dir / "checkpoint.pt")["epoch"] == 2
 
 

@@ -5,6 +5,7 @@ import os
 import random
 import re
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,107 @@ def test_newer_schema_is_refused(tmp_path):
     ws.set_meta("schema_version", str(SCHEMA_VERSION + 1))
     with pytest.raises(WorkspaceError, match="newer version"):
         Workspace.open(tmp_path / "ws")
+
+
+# the schema-1 tables as selfclassifier wrote them (the others are made when missing)
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE runs (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    created   REAL NOT NULL,
+    finished  REAL,
+    status    TEXT NOT NULL CHECK (status IN ('created', 'running', 'done', 'failed', 'cancelled')),
+    mode      TEXT NOT NULL,
+    config    TEXT NOT NULL,
+    heads     TEXT,
+    main_head INTEGER,
+    message   TEXT
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO runs (created, finished, status, mode, config, heads, main_head, message)
+    VALUES (1.0, 2.0, 'done', 'scratch', '{"epochs": 3}', '[10, 20]', 10, 'ok');
+INSERT INTO runs (created, finished, status, mode, config, heads, main_head, message)
+    VALUES (3.0, 4.0, 'done', 'scratch', '{}', '[10]', 10,
+            'stopped at the time budget; continuing it failed (disk on fire)');
+INSERT INTO runs (created, finished, status, mode, config, heads, main_head, message)
+    VALUES (5.0, 6.0, 'done', 'finetune', '{}', '[10]', 10,
+            'continuing it was cancelled; --resume goes on from its checkpoint');
+"""
+
+
+def _v1_workspace(path: Path) -> Path:
+    path.mkdir()
+    conn = sqlite3.connect(path / DB_NAME)
+    conn.execute("PRAGMA journal_mode=WAL")  # as every workspace connection left it
+    conn.executescript(V1_SCHEMA)
+    conn.close()
+    return path
+
+
+def _run_columns(ws: Workspace) -> list[str]:
+    conn = ws.connect()
+    try:
+        return [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+    finally:
+        conn.close()
+
+
+def test_schema_1_workspace_is_migrated_and_keeps_its_runs(tmp_path):
+    ws = Workspace.open(_v1_workspace(tmp_path / "ws"))
+    assert SCHEMA_VERSION == 2 and ws.get_meta("schema_version") == "2"
+    assert _run_columns(ws).count("continuation") == 1
+    plain, failed, cancelled = ws.list_runs()
+    assert (plain.id, plain.status, plain.config, plain.heads, plain.main_head, plain.message) \
+        == (1, "done", {"epochs": 3}, [10, 20], 10, "ok")
+    assert plain.continuation is None and plain.summary == "ok"
+    # schema 1's note in the message becomes the continuation record; the words stay the same
+    assert failed.message == "stopped at the time budget"
+    assert failed.continuation == {"status": "failed", "reason": "disk on fire", "at": None}
+    assert failed.summary == "stopped at the time budget; continuing it failed (disk on fire)"
+    assert cancelled.message is None and cancelled.continuation["status"] == "cancelled"
+    assert cancelled.summary == "continuing it was cancelled; --resume goes on from its checkpoint"
+
+
+def test_schema_1_workspace_opened_twice(tmp_path):
+    path = _v1_workspace(tmp_path / "ws")
+    first, second = Workspace.open(path), Workspace.open(path)   # the second finds it done
+    assert _run_columns(second).count("continuation") == 1
+    assert [r.summary for r in second.list_runs()] == [r.summary for r in first.list_runs()]
+
+
+def test_schema_1_workspace_opened_by_two_at_once(tmp_path):
+    path = _v1_workspace(tmp_path / "ws")
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def open_it():
+        start.wait()
+        try:
+            Workspace.open(path)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _run_columns(Workspace.open(path)).count("continuation") == 1
+
+
+def test_schema_3_workspace_is_refused_untouched(tmp_path):
+    path = _v1_workspace(tmp_path / "ws")
+    conn = sqlite3.connect(path / DB_NAME)
+    conn.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(WorkspaceError, match=r"newer version of selfclassifier \(schema 3; this "
+                                             r"version reads up to 2\)"):
+        Workspace.open(path)
+    conn = sqlite3.connect(path / DB_NAME)
+    assert "continuation" not in [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+    conn.close()
 
 
 def test_foreign_database_is_refused(tmp_path):
@@ -149,6 +251,16 @@ def test_runs_create_update_list(tmp_path):
         ws.update_run(r1, bogus=1)
     with pytest.raises(ValueError, match="'finished!'"):
         ws.update_run(r1, status="finished!")
+    # how a continuation of a done run ended: a record of its own, the message untouched
+    assert done.continuation is None and done.summary == "ok"
+    ws.update_run(r1, continuation={"status": "failed", "reason": "disk on fire", "at": 5.0})
+    noted = ws.get_run(r1)
+    assert noted.message == "ok" and noted.continuation["reason"] == "disk on fire"
+    assert noted.summary == "ok; continuing it failed (disk on fire)"
+    with pytest.raises(ValueError, match="continuation"):
+        ws.update_run(r1, continuation={"status": "done"})
+    ws.update_run(r1, continuation=None)
+    assert ws.get_run(r1).continuation is None
     with pytest.raises(WorkspaceError, match="no run 99"):
         ws.get_run(99)
     # survives reopening

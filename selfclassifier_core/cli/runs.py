@@ -26,5 +26,5 @@ def run(args: argparse.Namespace) -> int:
             heads = heads.replace(str(r.main_head), f"{r.main_head}*", 1)
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created))
         print(f"{r.id:>4}  {r.status:<9}  {r.mode:<8}  {heads:<14}  {created:<16}  "
-              f"{r.message or ''}")
+              f"{r.summary or ''}")
     return 0

@@ -6,7 +6,7 @@ import signal
 import threading
 from shlex import quote
 
-from ..training.config import cli_fields, flag_name
+from ..training.config import option_specs
 from . import CliError
 
 
@@ -28,32 +28,27 @@ def register(sub) -> None:
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per config field that has a help text (:func:`training.config.cli_fields`)."""
+    """One flag per training option (:func:`training.config.option_specs`)."""
     budget = p.add_mutually_exclusive_group()
-    for name, typ, meta, modes in cli_fields():
-        kind = str(typ)
-        kwargs: dict = {"help": meta["help"] + ("" if len(modes) > 1 else f" ({modes[0]} mode)"),
-                        "dest": name}
-        if meta.get("choices"):
-            kwargs["choices"] = list(meta["choices"])
-        if "bool" in kind:
+    for spec in option_specs():
+        kwargs: dict = {"help": spec.help + ("" if len(spec.modes) > 1
+                                             else f" ({spec.modes[0]} mode)"), "dest": spec.name}
+        if spec.choices:
+            kwargs["choices"] = list(spec.choices)
+        if spec.kind == "bool":
             kwargs.update(action="store_true", default=None)
-        elif "int" in kind and "float" not in kind:
-            kwargs["type"] = int
-        elif "float" in kind:
-            kwargs["type"] = float
-        if name == "device":
-            kwargs["default"] = "auto"
-        if name == "seed":
-            kwargs.update(type=int, default=0)
-        (budget if name in ("epochs", "minutes") else p).add_argument(flag_name(name), **kwargs)
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[spec.kind]
+        if spec.name in ("device", "seed"):  # shown in --help; the others' None = the recipe
+            kwargs["default"] = spec.default
+        (budget if spec.name in ("epochs", "minutes") else p).add_argument(spec.flag, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..engine import dist
     from ..workflows.pipeline import TrainingError, train
 
-    options = {name: getattr(args, name) for name, _, _, _ in cli_fields()}
+    options = {spec.name: getattr(args, spec.name) for spec in option_specs()}
 
     stop = threading.Event()
     previous = None
@@ -77,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         run = result.workspace.get_run(result.run_id)
         if run.mode == "fast":  # not resumed: a new run starts from the cached features
             print(f"run {run.id} cancelled in workspace {ws}"
-                  + (f" ({run.message})" if run.message else ""))
+                  + (f" ({run.summary})" if run.summary else ""))
             print("fast mode is not resumed: run the same train command again"
                   + ("; it reuses the cached features" if result.predictions_path else ""))
             return 1

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,13 +100,15 @@ class RunRecorder:
     # ---------------------------------------------------------------- start and end
     def start(self, config: dict[str, Any], heads: list[int] | None = None,
               resume: bool = False) -> None:
-        """The run begins (or, with ``resume``, continues): its config is recorded. A CANCEL
-        written before a new run started still cancels it; a resumed run's old one is removed."""
+        """The run begins (or, with ``resume``, continues): its config is recorded and its
+        message and continuation record cleared. A CANCEL written before a new run started still
+        cancels it; a resumed run's old one is removed."""
         if not self.main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.write_config(config)
-        fields: dict[str, Any] = {"status": "running", "message": None, "config": config}
+        fields: dict[str, Any] = {"status": "running", "message": None, "continuation": None,
+                                  "config": config}
         if heads:
             fields.update(heads=list(heads), main_head=int(heads[0]))
         self.ws.update_run(self.run_id, **fields)
@@ -140,14 +143,18 @@ class RunRecorder:
         if self.callback is not None:
             self.callback(record)
 
-    def restore(self, before: RunInfo, message: str) -> None:
-        """Put back a finished run as it was (``done``, its config) with a new ``message``."""
+    def restore(self, before: RunInfo, status: str, reason: str | None = None) -> None:
+        """Put back a finished run as it was (``done``, its message and config) after its
+        continuation ended with ``status`` (``failed`` or ``cancelled``, for ``reason``); that is
+        recorded in the run's ``continuation``, replacing an earlier record."""
         if not self.main:
             return
-        self.ws.update_run(before.id, status="done", finished=before.finished, message=message,
-                           config=before.config)
+        continuation = {"status": status, "reason": reason, "at": time.time()}
+        self.ws.update_run(before.id, status="done", finished=before.finished,
+                           message=before.message, config=before.config,
+                           continuation=continuation)
         self.write_config(before.config)
-        self.final_progress("done", message)
+        self.final_progress("done", replace(before, continuation=continuation).summary)
 
     # ---------------------------------------------------------------- during the run
     def progress(self, info: dict[str, Any], force: bool = False) -> None:

@@ -33,12 +33,13 @@ from .fsutil import is_within
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: runs.continuation
 DB_NAME = "workspace.db"
 HOME_ENV = "SELFCLASSIFIER_HOME"
 WORKSPACE_ENV = "SELFCLASSIFIER_WORKSPACE"
 
 RUN_STATUSES = ("created", "running", "done", "failed", "cancelled")
+CONTINUATION_STATUSES = ("failed", "cancelled")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -73,9 +74,47 @@ CREATE TABLE IF NOT EXISTS runs (
     config    TEXT NOT NULL,                        -- JSON of the training options
     heads     TEXT,                                 -- JSON list of class counts, e.g. [10, 20, 40]
     main_head INTEGER,                              -- class count of the default head
-    message   TEXT                                  -- error or cancellation message
+    message   TEXT,                                 -- error or cancellation message
+    continuation TEXT                               -- JSON, a done run whose continuation did
+                                                    -- not finish: {"status", "reason", "at"}
 );
 """
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a database written at schema ``version`` up to :data:`SCHEMA_VERSION`, inside the
+    caller's ``BEGIN IMMEDIATE`` transaction. Each step checks what is there, so a second
+    process that opened the same old workspace at the same moment finds nothing left to do."""
+    if version < 2:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+        if "continuation" not in columns:
+            conn.execute("ALTER TABLE runs ADD COLUMN continuation TEXT")
+        _move_v1_continuation_notes(conn)
+
+
+# schema 1 appended how a done run's continuation ended to its message, after this
+_V1_NOTE = "continuing it "
+
+
+def _move_v1_continuation_notes(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the note schema 1 appended to a done run's ``message`` ("continuing it
+    failed (why)" / "continuing it was cancelled; ...") becomes its ``continuation`` record, so a
+    later continuation replaces it instead of adding a second one (the time is not known)."""
+    rows = conn.execute("SELECT id, message FROM runs WHERE status='done' AND "
+                        "instr(message, ?) > 0", (_V1_NOTE,)).fetchall()
+    for run_id, message in rows:
+        earlier, _, note = message.partition(_V1_NOTE)
+        if note.startswith("was cancelled"):
+            record = {"status": "cancelled", "reason": None, "at": None}
+        elif note.startswith("failed"):
+            reason = note[len("failed"):].strip()
+            if reason.startswith("(") and reason.endswith(")"):
+                reason = reason[1:-1]
+            record = {"status": "failed", "reason": reason or None, "at": None}
+        else:
+            continue
+        conn.execute("UPDATE runs SET message=?, continuation=? WHERE id=?",
+                     (earlier.rstrip("; ") or None, json.dumps(record), run_id))
 
 
 class WorkspaceError(Exception):
@@ -84,6 +123,15 @@ class WorkspaceError(Exception):
 
 @dataclass(frozen=True)
 class RunInfo:
+    """One row of the ``runs`` table.
+
+    ``message`` is the run's own message (an error, a cancellation, the time budget);
+    ``continuation`` is set only on a ``done`` run whose last ``--resume`` failed or was
+    cancelled: ``{"status": "failed" | "cancelled", "reason": str | None, "at": unix time}``
+    (``at`` is None for a record moved over from a schema-1 workspace). Show people
+    :attr:`summary`, which puts both into words.
+    """
+
     id: int
     created: float
     finished: float | None
@@ -94,6 +142,24 @@ class RunInfo:
     main_head: int | None
     message: str | None
     dir: Path
+    continuation: dict[str, Any] | None = None
+
+    @property
+    def summary(self) -> str | None:
+        """What to show a person about the run in one line: its message, then what happened
+        to its continuation, if it did not finish (None when there is nothing to say)."""
+        parts = [p for p in (self.message, continuation_text(self.continuation)) if p]
+        return "; ".join(parts) or None
+
+
+def continuation_text(continuation: dict[str, Any] | None) -> str | None:
+    """The words for a :attr:`RunInfo.continuation` record (None for None)."""
+    if not continuation:
+        return None
+    if continuation.get("status") == "cancelled":
+        return "continuing it was cancelled; --resume goes on from its checkpoint"
+    reason = continuation.get("reason")
+    return "continuing it failed" + (f" ({reason})" if reason else "")
 
 
 def default_home() -> Path:
@@ -175,6 +241,7 @@ class Workspace:
             with self.transaction() as conn:
                 tables = {r[0] for r in conn.execute(
                     "SELECT name FROM sqlite_master WHERE type='table'")}
+                version = SCHEMA_VERSION  # a new database is made at the current schema
                 if "meta" in tables:
                     row = conn.execute(
                         "SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -190,7 +257,10 @@ class Workspace:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                if version < SCHEMA_VERSION:
+                    _migrate(conn, version)
+                    log.info("workspace %s: schema %d -> %d", self.path, version, SCHEMA_VERSION)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                              (str(SCHEMA_VERSION),))
                 conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (str(time.time()),))
                 if root is not None:
@@ -347,14 +417,23 @@ class Workspace:
         return run_id
 
     def update_run(self, run_id: int, **fields: Any) -> None:
-        """Update columns of a run: status, finished, heads, main_head, message, config."""
-        allowed = {"status", "finished", "heads", "main_head", "message", "config", "mode"}
+        """Update columns of a run: status, finished, heads, main_head, message, config, mode,
+        continuation (a dict as in :class:`RunInfo`, or None to clear it)."""
+        allowed = {"status", "finished", "heads", "main_head", "message", "config", "mode",
+                   "continuation"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown run field(s): {sorted(bad)}")
         if "status" in fields and fields["status"] not in RUN_STATUSES:
             raise ValueError(f"run status must be one of {RUN_STATUSES}, got {fields['status']!r}")
-        values = {k: (json.dumps(v, default=str) if k in ("heads", "config") else v)
+        cont = fields.get("continuation")
+        if cont is not None and (not isinstance(cont, dict)
+                                 or cont.get("status") not in CONTINUATION_STATUSES):
+            raise ValueError("run continuation must be None or a dict with status in "
+                             f"{CONTINUATION_STATUSES}, got {cont!r}")
+        values = {k: (json.dumps(v, default=str)
+                      if k in ("heads", "config") or (k == "continuation" and v is not None)
+                      else v)
                   for k, v in fields.items()}
         if values.get("status") in ("done", "failed", "cancelled") and "finished" not in values:
             values["finished"] = time.time()
@@ -367,7 +446,9 @@ class Workspace:
                        status=row["status"], mode=row["mode"], config=json.loads(row["config"]),
                        heads=json.loads(row["heads"]) if row["heads"] else [],
                        main_head=row["main_head"], message=row["message"],
-                       dir=self.run_dir(row["id"]))
+                       dir=self.run_dir(row["id"]),
+                       continuation=json.loads(row["continuation"]) if row["continuation"]
+                       else None)
 
     def get_run(self, run_id: int) -> RunInfo:
         with self._conn() as conn:

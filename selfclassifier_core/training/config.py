@@ -10,8 +10,9 @@ the recipes add the checks that need the folder (more classes than images, ...).
 ``ValueError`` naming the option as the command line spells it.
 
 The command line, the app's background jobs and the checkpoint all go through these classes:
-``train``'s flags are made from the fields that carry a ``help`` (:func:`cli_fields`); the
-checkpoint stores ``config.to_dict()`` and prediction reads it back with :func:`config_from_dict`.
+``train``'s flags, the app's training form and the job's command line are made from the fields
+that carry a ``help`` (:func:`option_specs`); the checkpoint stores ``config.to_dict()`` and
+prediction reads it back with :func:`config_from_dict`.
 """
 from __future__ import annotations
 
@@ -273,16 +274,55 @@ def config_from_dict(data: dict[str, Any]) -> AnyConfig:
     return TrainConfig.from_dict(data)
 
 
-def cli_fields() -> list[tuple[str, Any, dict[str, Any], tuple[str, ...]]]:
-    """``(name, type, metadata, modes)`` of every option that has a command-line flag, in the
-    order of the fields, once each (an option of several modes lists them all)."""
-    out: dict[str, tuple[str, Any, dict[str, Any], list[str]]] = {}
-    for cls, modes in ((TrainConfig, ("scratch", "finetune")), (FastConfig, ("fast",))):
+@dataclass(frozen=True)
+class OptionSpec:
+    """One training option as the command line and the app offer it (a config field that
+    carries a help text)."""
+
+    name: str
+    kind: str                           # "int", "float", "bool" or "str"
+    help: str
+    choices: tuple[str, ...] | None
+    modes: tuple[str, ...]              # the modes whose config has it
+    default: Any                        # the field's default (None: the recipe decides)
+
+    @property
+    def flag(self) -> str:
+        return flag_name(self.name)
+
+
+_KINDS = ("bool", "int", "float", "str")
+
+
+def _kind(name: str, annotation: Any) -> str:
+    """``int | None`` -> ``int``; an option of another type is a programming error."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    parts = {p.strip() for p in str(text).split("|")} - {"None"}
+    if len(parts) == 1 and next(iter(parts)) in _KINDS:
+        return next(iter(parts))
+    raise TypeError(f"option {name!r} has type {text!r}; options are bool, int, float or str")
+
+
+def option_specs(mode: str | None = None) -> list[OptionSpec]:
+    """The options of ``mode`` (default: of every mode, each once, listing the modes that have
+    it), in the order of the fields. ``train``'s flags, the app's form and the background job's
+    command line are made from these."""
+    out: dict[str, OptionSpec] = {}
+    classes = ((TrainConfig, ("scratch", "finetune")), (FastConfig, ("fast",)))
+    for cls, modes in classes:
+        if mode is not None:
+            if mode not in modes:
+                continue
+            modes = (mode,)
         for f in dataclasses.fields(cls):
             if not f.metadata.get("flag"):
                 continue
             if f.name in out:
-                out[f.name][3].extend(modes)
-            else:
-                out[f.name] = (f.name, f.type, dict(f.metadata), list(modes))
-    return [(n, t, m, tuple(ms)) for n, t, m, ms in out.values()]
+                out[f.name] = dataclasses.replace(out[f.name], modes=out[f.name].modes + modes)
+                continue
+            default = None if f.default is dataclasses.MISSING else f.default
+            out[f.name] = OptionSpec(f.name, _kind(f.name, f.type), f.metadata["help"],
+                                     f.metadata.get("choices"), modes, default)
+    if mode is not None and not out:
+        _choice("mode", mode, MODES)
+    return list(out.values())

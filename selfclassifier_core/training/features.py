@@ -28,7 +28,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,7 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
     """
     from ..engine.pretrained import weights_identity
 
+    # ---- the cache key; a cache of the same catalog is returned as it is
     recipe = ViewRecipe(n_views=int(views), image_size=int(image_size), crop_scale=crop_scale,
                         seed=int(seed))
     dev = resolve_device(device)
@@ -299,7 +301,6 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
     key = feature_key(backbone, weights_id, recipe, small_input)
     final = workspace.features_dir / key
     version = workspace.catalog_version()
-
     old = _load_cache(final) if final.is_dir() else None
     if old is not None and old[0].get("catalog_version") == version:
         log.info("feature cache %s is current (%d images); reused", key, len(old[1]))
@@ -307,6 +308,47 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
             progress(len(old[1]), len(old[1]))
         return _as_cache(final, old[0], old[1], old[3], computed=0)
 
+    # ---- what to embed: every usable image whose row the old cache does not have
+    table, all_ids, sigs = _usable_images(workspace)
+    reuse_from = _reusable_rows(old, all_ids, sigs)
+    todo = [n for n in range(len(all_ids)) if n not in reuse_from]
+    log.info("feature cache %s: embedding %d images (%d reused) with %s, %d views at %d px on %s",
+             key, len(todo), len(reuse_from), backbone, recipe.n_views, recipe.image_size, dev)
+    module, dim, _ = build_extractor(backbone, pretrained, recipe.image_size, small_input)
+    module.to(dev).to(memory_format=torch.channels_last)  # faster on CUDA and CPU alike
+
+    # ---- the new cache, built in a temporary directory that is renamed into place
+    with _building(final) as tmp:
+        feats = np.lib.format.open_memmap(tmp / "feats.npy", mode="w+", dtype=np.float16,
+                                          shape=(recipe.n_views, len(all_ids), dim))
+        if reuse_from:
+            dst = np.fromiter(reuse_from.keys(), np.int64)
+            src = np.fromiter(reuse_from.values(), np.int64)
+            feats[:, dst] = old[3][:, src]
+        paths = [workspace.abspath(table.at[int(all_ids[n]), "path"]) for n in todo]
+        loader = _views_loader(paths, [int(all_ids[n]) for n in todo], recipe, dev, batch_size,
+                               workers)
+        ok, elapsed = _embed_images(loader, todo, feats, module, dev, progress, should_stop)
+        if not np.isfinite(np.asarray(feats[:, ok], np.float32)).all():
+            raise FloatingPointError(f"backbone {backbone} produced non-finite features "
+                                     "(float16 overflow?)")
+        feats.flush()
+        del feats  # the file is rewritten when rows are left out
+        meta = {"format": FORMAT_VERSION, "key": key, "backbone": backbone,
+                "weights": weights_id, "pretrained": str(pretrained),
+                "recipe": recipe.to_dict(), "small_input": bool(small_input),
+                "catalog_version": version, "dim": int(dim), "dtype": "float16",
+                "created": time.time(), "seconds": round(elapsed, 3), "device": str(dev)}
+        _write_cache(tmp, ok, all_ids, sigs, meta)
+    loaded = _load_cache(final)
+    if loaded is None:
+        raise RuntimeError(f"feature cache {final} unreadable right after writing it")
+    return _as_cache(final, loaded[0], loaded[1], loaded[3], computed=len(todo))
+
+
+def _usable_images(workspace: Workspace) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The catalog's usable images: ``(table, ids [N], signatures [N, 2] of (bytes, mtime_ns))``;
+    a ValueError when there are none."""
     table = workspace.image_table("ok")
     all_ids = table.index.to_numpy(dtype=np.int64)
     sigs = np.stack([table["bytes"].fillna(-1).to_numpy(np.int64),
@@ -315,8 +357,12 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
     if len(all_ids) == 0:
         raise ValueError(f"workspace {workspace.path} has no usable images; scan a folder with "
                          "images first")
+    return table, all_ids, sigs
 
-    # rows of unchanged images come from the old cache
+
+def _reusable_rows(old: tuple[dict, np.ndarray, np.ndarray, np.ndarray] | None,
+                   all_ids: np.ndarray, sigs: np.ndarray) -> dict[int, int]:
+    """``{new row: old row}`` for the images the old cache holds unchanged (same signature)."""
     reuse_from: dict[int, int] = {}
     if old is not None:
         old_pos = {int(i): p for p, i in enumerate(old[1])}
@@ -324,82 +370,83 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
             p = old_pos.get(int(i))
             if p is not None and tuple(old[2][p]) == tuple(s):
                 reuse_from[n] = p
-    todo = [n for n in range(len(all_ids)) if n not in reuse_from]
-    log.info("feature cache %s: embedding %d images (%d reused) with %s, %d views at %d px on %s",
-             key, len(todo), len(reuse_from), backbone, recipe.n_views, recipe.image_size, dev)
+    return reuse_from
 
-    module, dim, _ = build_extractor(backbone, pretrained, recipe.image_size, small_input)
-    module.to(dev).to(memory_format=torch.channels_last)  # faster on CUDA and CPU alike
 
-    workspace.features_dir.mkdir(parents=True, exist_ok=True)
-    tmp = workspace.features_dir / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+def _views_loader(paths: list[Path], ids: list[int], recipe: ViewRecipe, dev: torch.device,
+                  batch_size: int | None, workers: int | None) -> DataLoader:
+    """Batches of the views of the images to embed, decoded by ``workers`` processes."""
+    bs = int(batch_size or _default_batch(dev, recipe.n_views))
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    nw = default_workers(len(paths), dev) if workers is None else int(workers)
+    return DataLoader(_ViewsDataset(paths, ids, recipe), batch_size=bs, shuffle=False,
+                      num_workers=nw, collate_fn=_collate, pin_memory=dev.type == "cuda",
+                      persistent_workers=False)
+
+
+def _embed_images(loader: DataLoader, todo: list[int], feats: np.ndarray,
+                  module: torch.nn.Module, dev: torch.device, progress: Progress | None,
+                  should_stop: Callable[[], bool] | None) -> tuple[np.ndarray, float]:
+    """Embed the loader's images into their rows ``todo`` of ``feats`` ``[M, N, D]``.
+
+    Returns:
+        ``(ok, seconds)``: ``ok[n]`` is False for a row whose image could not be read.
+    """
+    ok = np.ones(feats.shape[1], dtype=bool)
+    done, t0 = 0, time.perf_counter()
+    with torch.inference_mode():
+        for pos, bad, views_t in loader:
+            if should_stop is not None and should_stop():
+                raise InterruptedError("feature extraction stopped")
+            for i in bad:
+                ok[todo[i]] = False
+            if views_t is not None:
+                b, m = views_t.shape[:2]
+                out = _embed(module, views_t.flatten(0, 1), dev).view(b, m, -1)
+                rows = np.asarray([todo[i] for i in pos], np.int64)
+                feats[:, rows] = out.transpose(0, 1).cpu().numpy().astype(np.float16)
+            done += len(pos) + len(bad)
+            if progress:
+                progress(done, len(todo))
+    elapsed = time.perf_counter() - t0
+    if todo:
+        log.info("embedded %d images in %.1f s (%.1f img/s, %d views each)", len(todo),
+                 elapsed, len(todo) / max(elapsed, 1e-9), feats.shape[0])
+    return ok, elapsed
+
+
+def _write_cache(tmp: Path, ok: np.ndarray, all_ids: np.ndarray, sigs: np.ndarray,
+                 meta: dict[str, Any]) -> None:
+    """Finish the cache in ``tmp`` next to its ``feats.npy``: the rows of unreadable images
+    (``ok`` False) left out, then ``ids.npy``, ``sig.npy`` and ``meta.json`` (``meta`` plus
+    ``n``, the rows kept)."""
+    keep = np.flatnonzero(ok)
+    if len(keep) < len(all_ids):
+        log.warning("%d image(s) could not be read and are left out of the features",
+                    len(all_ids) - len(keep))
+        feats = np.load(tmp / "feats.npy", mmap_mode="r")
+        kept = np.asarray(feats[:, keep])  # a copy in memory: the file is rewritten next
+        del feats
+        np.save(tmp / "feats.npy", kept)
+    np.save(tmp / "ids.npy", all_ids[keep])
+    np.save(tmp / "sig.npy", sigs[keep])
+    atomic_write_json(tmp / "meta.json", {**meta, "n": int(len(keep))})
+
+
+@contextmanager
+def _building(final: Path) -> Iterator[Path]:
+    """A new temporary directory next to ``final`` that replaces ``final`` when the block ends
+    and is removed when it raises."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
-        feats = np.lib.format.open_memmap(tmp / "feats.npy", mode="w+", dtype=np.float16,
-                                          shape=(recipe.n_views, len(all_ids), dim))
-        ok = np.ones(len(all_ids), dtype=bool)
-        if reuse_from:
-            dst = np.fromiter(reuse_from.keys(), np.int64)
-            src = np.fromiter(reuse_from.values(), np.int64)
-            feats[:, dst] = old[3][:, src]
-        paths = [workspace.abspath(table.at[int(all_ids[n]), "path"]) for n in todo]
-        ds = _ViewsDataset(paths, [int(all_ids[n]) for n in todo], recipe)
-        bs = int(batch_size or _default_batch(dev, recipe.n_views))
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        nw = default_workers(len(todo), dev) if workers is None else int(workers)
-        loader = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=nw,
-                            collate_fn=_collate, pin_memory=dev.type == "cuda",
-                            persistent_workers=False)
-        done, t0 = 0, time.perf_counter()
-        with torch.inference_mode():
-            for pos, bad, views_t in loader:
-                if should_stop is not None and should_stop():
-                    raise InterruptedError("feature extraction stopped")
-                for i in bad:
-                    ok[todo[i]] = False
-                if views_t is not None:
-                    b, m = views_t.shape[:2]
-                    out = _embed(module, views_t.flatten(0, 1), dev).view(b, m, -1)
-                    rows = np.asarray([todo[i] for i in pos], np.int64)
-                    feats[:, rows] = out.transpose(0, 1).cpu().numpy().astype(np.float16)
-                done += len(pos) + len(bad)
-                if progress:
-                    progress(done, len(todo))
-        if not np.isfinite(np.asarray(feats[:, ok], np.float32)).all():
-            raise FloatingPointError(f"backbone {backbone} produced non-finite features "
-                                     "(float16 overflow?)")
-        feats.flush()
-        elapsed = time.perf_counter() - t0
-        if todo:
-            log.info("embedded %d images in %.1f s (%.1f img/s, %d views each)", len(todo),
-                     elapsed, len(todo) / max(elapsed, 1e-9), recipe.n_views)
-        keep = np.flatnonzero(ok)
-        if len(keep) < len(all_ids):
-            log.warning("%d image(s) could not be read and are left out of the features",
-                        len(all_ids) - len(keep))
-            kept = np.asarray(feats[:, keep])
-            del feats
-            np.save(tmp / "feats.npy", kept)
-        else:
-            del feats
-        np.save(tmp / "ids.npy", all_ids[keep])
-        np.save(tmp / "sig.npy", sigs[keep])
-        meta = {"format": FORMAT_VERSION, "key": key, "backbone": backbone,
-                "weights": weights_id, "pretrained": str(pretrained),
-                "recipe": recipe.to_dict(), "small_input": bool(small_input),
-                "catalog_version": version, "n": int(len(keep)), "dim": int(dim),
-                "dtype": "float16", "created": time.time(),
-                "seconds": round(elapsed, 3), "device": str(dev)}
-        atomic_write_json(tmp / "meta.json", meta)
+        yield tmp
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    loaded = _load_cache(final)
-    if loaded is None:
-        raise RuntimeError(f"feature cache {final} unreadable right after writing it")
-    return _as_cache(final, loaded[0], loaded[1], loaded[3], computed=len(todo))
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -313,36 +313,11 @@ class Trainer:
                             epoch + 1, i + 1)
                 continue
             views, ids = batch
-            if self.gpu_aug is not None:
-                views = self._device_views(views, epoch, i)
-            else:
-                views = [v.to(self.device, non_blocking=True) for v in views]
-            if self.cuda:
-                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             lr = lr_at(cfg, self._total_progress(epoch + i / self.steps_per_epoch))
-            set_lr(self.optimizer, lr)
-            with autocast(self.device):
-                outs = self.net(views)
-            logits = [[o.logits[h] for o in outs] for h in range(n_heads)]
-            loss = self.criterion(logits, n_global=2)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} at step {self.state.step + 1} (epoch {epoch + 1}, "
-                    f"batch {i + 1}); training stopped. Try a lower --lr (now {cfg.lr:g}) or "
-                    "--optimizer adamw")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self.optimizer.step()
-            self.state.step += 1
-            if self.queue is not None:
-                self.queue.enqueue(dist.gather_with_grad(outs[0].embedding.detach().float()),
-                                   dist.gather_with_grad(ids.to(self.device)))
+            outs, loss_value = self._step(views, ids, epoch, i, lr)
             with torch.no_grad():
                 for h in range(n_heads):
                     seen[h].update(outs[0].logits[h].argmax(1).tolist())
-            loss_value = float(dist.all_reduce_mean(loss.detach()))
             loss_sum += loss_value
             n_steps += 1
             n_images += ids.numel() * dist.world_size()
@@ -370,6 +345,40 @@ class Trainer:
             "augment": self.augment,
             "complete": self.state.stop_reason is None,
         }
+
+    def _step(self, views: list[torch.Tensor], ids: torch.Tensor, epoch: int, index: int,
+              lr: float) -> tuple[list[Any], float]:
+        """One optimisation step on batch ``index`` of ``epoch`` at rate ``lr``: the views on
+        the device, forward, loss (a non-finite one stops training, naming the step), backward,
+        clipping, the optimizer, the neighbour queue. Returns the model outputs and the loss
+        averaged over the ranks."""
+        cfg = self.cfg
+        if self.gpu_aug is not None:
+            views = self._device_views(views, epoch, index)
+        else:
+            views = [v.to(self.device, non_blocking=True) for v in views]
+        if self.cuda:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        set_lr(self.optimizer, lr)
+        with autocast(self.device):
+            outs = self.net(views)
+        logits = [[o.logits[h] for o in outs] for h in range(len(cfg.heads))]
+        loss = self.criterion(logits, n_global=2)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss.item()} at step {self.state.step + 1} (epoch {epoch + 1}, "
+                f"batch {index + 1}); training stopped. Try a lower --lr (now {cfg.lr:g}) or "
+                "--optimizer adamw")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        self.state.step += 1
+        if self.queue is not None:
+            self.queue.enqueue(dist.gather_with_grad(outs[0].embedding.detach().float()),
+                               dist.gather_with_grad(ids.to(self.device)))
+        return outs, float(dist.all_reduce_mean(loss.detach()))
 
     def _device_views(self, sources: list[torch.Tensor], epoch: int, index: int
                       ) -> list[torch.Tensor]:

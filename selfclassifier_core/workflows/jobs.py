@@ -27,7 +27,7 @@ from ..store.fsutil import atomic_write_json
 from ..store.runfiles import (CANCEL_FILE, JOB_FILE, LOG_FILE, read_json, read_progress,
                               read_stats, request_cancel)
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
-from ..training.config import cli_fields, flag_name, make_config
+from ..training.config import flag_name, make_config, option_specs
 from .pipeline import train
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options without empty values, checked as ``train`` will check them."""
     options = {k: v for k, v in options.items() if v is not None and v != ""}
     mode = options.get("mode") or ("fast" if options.get("pretrained") else "scratch")
-    fields = {name: modes for name, _, _, modes in cli_fields()}
+    fields = {spec.name: spec.modes for spec in option_specs()}
     unknown = sorted(set(options) - set(fields) - {"mode"})
     if unknown:
         raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
@@ -213,7 +213,7 @@ def job_status(workspace: Workspace | str | os.PathLike, run_id: int,
     pid = job.get("pid")
     alive = bool(pid) and _alive(pid, job.get("proc_start"))
     run = ws.get_run(run_id)  # read after the liveness check: a dead process wrote its last word
-    status, message = run.status, run.message
+    status, message = run.status, run.summary
     tail = _tail(run_dir / LOG_FILE, log_lines)
     if status in ("created", "running") and pid and not alive:
         code = _exit_code(pid)

@@ -14,8 +14,10 @@
 5. every usable image is predicted (:mod:`selfclassifier_core.inference.predict`; fast mode
    predicts from its cached features) and the run's status is recorded.
 
-A failure marks the run ``failed`` with the reason (a finished run whose continuation fails or
-is cancelled stays ``done`` with its predictions) and is raised again.
+A failure marks the run ``failed`` with the reason and is raised again. A finished run whose
+continuation fails or is cancelled stays ``done`` with its message and predictions; how the
+continuation ended is recorded in the run's ``continuation`` field
+(:class:`~selfclassifier_core.store.workspace.RunInfo`).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from ..inference.predict import predict
 from ..store.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from ..store.predictions import PREDICTIONS_FILE, save_predictions
 from ..store.runfiles import ProgressFn, RunRecorder
-from ..store.workspace import RunInfo, Workspace, as_workspace
+from ..store.workspace import RunInfo, Workspace, as_workspace, continuation_text
 from ..training.config import RESUMABLE_MODES, TrainConfig, make_config
 from ..training.fast import fit_fast
 from ..training.recipes import resolve_augment, resolve_config
@@ -44,11 +46,6 @@ from ..training.scratch import Trainer, TrainingError, Stopper
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainResult", "TrainingError", "as_workspace", "train"]
-
-# what a finished run's message says (after any earlier message) when continuing it failed or
-# was cancelled; an earlier such note is replaced, not repeated
-RESUME_NOTE = "continuing it "
-RESUME_CANCELLED = RESUME_NOTE + "was cancelled; --resume goes on from its checkpoint"
 
 
 @dataclass
@@ -177,7 +174,7 @@ def _run_scratch(ws: Workspace, run_id: int, cfg: TrainConfig,
     result = TrainResult(ws, run_id, recorder.dir, stats)
     if trainer.state.stop_reason == "cancelled":
         if finished is not None:
-            recorder.restore(finished, _resume_message(finished, RESUME_CANCELLED))
+            _restore(recorder, finished, "cancelled")
         else:
             recorder.finish("cancelled", f"cancelled after {trainer.state.step} steps; "
                             "continue with --resume")
@@ -230,30 +227,34 @@ def _guarded(ws: Workspace, run_id: int, mode: str, finished: RunInfo | None,
         return body(recorder)
     except BaseException as exc:
         if dist.is_main():
-            cancelled = isinstance(exc, KeyboardInterrupt)
-            if finished is not None:
-                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                recorder.restore(finished, _resume_message(
-                    finished, RESUME_CANCELLED if cancelled else RESUME_NOTE + f"failed ({why})"))
-            else:
+            if finished is None:
                 _fail(ws, run_id, mode, exc, recorder)
+            elif isinstance(exc, KeyboardInterrupt):
+                _restore(recorder, finished, "cancelled")
+            else:
+                _restore(recorder, finished, "failed", _first_line(exc))
         raise
 
 
 def _fail(ws: Workspace, run_id: int, mode: str, exc: BaseException,
           recorder: RunRecorder | None = None) -> None:
     status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = _first_line(exc)
     log.error("run %s %s: %s", run_id, status, message)
     (recorder or RunRecorder(ws, run_id, mode)).finish(status, message)
 
 
-def _resume_message(before: RunInfo, what: str) -> str:
-    """The finished run's message with the note about its continuation (an earlier note is
-    replaced, not repeated)."""
-    log.warning("run %d: %s; it stays done with its earlier predictions", before.id, what)
-    earlier = (before.message or "").split(RESUME_NOTE)[0].rstrip("; ")
-    return f"{earlier}; {what}" if earlier else what
+def _restore(recorder: RunRecorder, finished: RunInfo, status: str,
+             reason: str | None = None) -> None:
+    """The continuation of the ``finished`` run ended with ``status``: the run stays done as it
+    was, with the continuation's end recorded (replacing an earlier one)."""
+    log.warning("run %d: %s; it stays done with its earlier predictions", finished.id,
+                continuation_text({"status": status, "reason": reason}))
+    recorder.restore(finished, status, reason)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- helpers
