@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import selfclassifier_core as sc
 
 
@@ -10,6 +12,7 @@ def test_every_public_name_resolves():
     assert missing == []
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_core_never_imports_streamlit():
     code = (
         "import importlib, pkgutil, sys\n"

@@ -114,6 +114,7 @@ def export_labels(ws, run_id, head=None) -> pd.Series:
 
 
 # --------------------------------------------------------------------------- start / screen 1
+@pytest.mark.slow  # scans 306 images with worker processes
 def test_opens_the_demo_by_default(monkeypatch):
     at = start_app(monkeypatch)
     assert at.session_state.folder == str(ROOT / "assets" / "demo")
@@ -122,8 +123,10 @@ def test_opens_the_demo_by_default(monkeypatch):
     assert metrics["Ignored files"] == "1"            # LICENSE-emoji is not an image
     assert metrics["Unreadable"] == "0"
     assert at.selectbox(key="opt_mode").value in ("fast", "scratch")
-    if at.selectbox(key="opt_mode").value == "fast":   # the core's default length
-        assert at.number_input(key="opt_epochs").value == 0
+    if at.selectbox(key="opt_mode").value == "fast":   # the core's default length: empty
+        assert at.number_input(key="opt_epochs").value is None
+        assert at.number_input(key="opt_steps").value is None
+        assert at.number_input(key="opt_minutes").value is None
     assert recent.load_recent()[0]["folder"] == str((ROOT / "assets" / "demo").resolve())
     # no run yet: the other screens say so in words instead of failing
     for page in ("Clusters", "Map", "Neighbours", "Export"):
@@ -143,6 +146,39 @@ def test_training_choices_come_from_the_core(fixture_app):
     assert backbones[0] == "automatic" and backbones[1] == "resnet18"
     assert sorted(backbones[1:]) == sorted(BACKBONES)
     assert at.selectbox(key="opt_device").options == list(DEVICES)   # mps included
+
+
+@pytest.mark.parametrize("mode", ["fast", "scratch"])
+def test_training_form_has_one_input_per_option_of_the_mode(fixture_app, mode):
+    from selfclassifier_core.training.config import option_specs
+
+    at, ws, run_id = fixture_app
+    at.selectbox(key="opt_mode").set_value(mode).run()
+    assert_ok(at)
+    shown = {w.key[len("opt_"):] for kind in ("selectbox", "number_input", "text_input",
+                                               "checkbox")
+             for w in getattr(at, kind) if w.key and w.key.startswith("opt_")}
+    assert shown == {s.name for s in option_specs(mode)} | {"mode"}
+    helps = {w.key: w.help for w in at.number_input if w.key}
+    assert "--batch-size" in helps["opt_batch_size"]          # the help names the CLI flag
+
+
+def test_training_form_values_reach_the_job(fixture_app, monkeypatch):
+    started = []
+    monkeypatch.setattr(jobs, "start_training",
+                        lambda folder, ws, options: started.append(options) or 99)
+    at, ws, run_id = fixture_app
+    at.selectbox(key="opt_mode").set_value("scratch").run()
+    at.selectbox(key="opt_backbone").set_value("resnet18")
+    at.number_input(key="opt_classes").set_value(3)
+    at.number_input(key="opt_lr").set_value(0.25)            # under "More settings"
+    at.selectbox(key="opt_optimizer").set_value("adamw")
+    at.selectbox(key="opt_nn_positives").set_value(False)
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert_ok(at)
+    # what was set, and nothing left to the recipe (empty, "default", the field's default)
+    assert started == [{"mode": "scratch", "backbone": "resnet18", "classes": 3, "lr": 0.25,
+                        "optimizer": "adamw", "nn_positives": False, "minutes": 1.0}]
 
 
 def test_unreadable_images_listed_with_reasons(fixture_app):
@@ -221,6 +257,7 @@ def test_open_another_folder_and_recent(fixture_app, tmp_path, monkeypatch):
     assert folders[:2] == [str(other.resolve()), str(ws.root.resolve())]
 
 
+@pytest.mark.slow  # a background training process
 def test_start_short_training_from_the_app(tmp_path, monkeypatch):
     monkeypatch.setattr(jobs, "AFTER_TRAINING", ("neighbors",))  # no UMAP in the job here
     folder = tmp_path / "imgs"
@@ -232,19 +269,21 @@ def test_start_short_training_from_the_app(tmp_path, monkeypatch):
         arr = np.clip(base + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(folder / f"img_{i:02d}.png")
     at = start_app(monkeypatch, folder, tmp_path / "ws")
-    at.selectbox(key="opt_mode").set_value("scratch")
+    at.selectbox(key="opt_mode").set_value("scratch").run()   # the form follows the mode
     at.selectbox(key="opt_backbone").set_value("resnet18")
     at.selectbox(key="opt_device").set_value("cpu")
     at.number_input(key="opt_classes").set_value(2)
     at.number_input(key="opt_minutes").set_value(0.1)
-    at.number_input(key="opt_epochs").set_value(0)
-    at.number_input(key="opt_batch").set_value(16)
+    at.number_input(key="opt_epochs").set_value(None)
+    at.number_input(key="opt_batch_size").set_value(16)
     next(b for b in at.button if b.label == "Start training").click().run()
     assert_ok(at)
     from selfclassifier_core.store.workspace import Workspace
     ws = Workspace.open(tmp_path / "ws")
     run = ws.list_runs()[-1]
     assert (run.dir / jobs.JOB_FILE).exists()
+    assert {k: run.config.get(k) for k in ("backbone", "classes", "minutes", "batch_size")} == {
+        "backbone": "resnet18", "classes": 2, "minutes": 0.1, "batch_size": 16}
     try:
         assert any(s.value == f"Run {run.id}" for s in at.subheader)
         st = jobs.wait(ws, run.id, timeout=300)
@@ -386,6 +425,7 @@ def test_merge_selected_clusters(fixture_app):
     assert names[0] == names[2] == "animals" and names[1] == "cluster_1"
     cards = sorted(t.value for t in at.text_input if t.key.startswith("rn|"))
     assert cards == ["animals", "cluster_1"]
+    assert [e.op for e in Labels(ws, run_id).history()] == ["merge_labels"]   # one undo step
 
 
 def test_granularity_switch(fixture_app):

@@ -20,7 +20,7 @@ import pytest
 
 from workspace_fixtures import make_workspace_with_run
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a Streamlit server and Chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")

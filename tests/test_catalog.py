@@ -102,6 +102,7 @@ def test_first_scan_records_every_case(case_folder, tmp_path):
     assert report.root == str(root.resolve()) and report.workspace == str(ws)
 
 
+@pytest.mark.slow  # worker processes
 def test_parallel_workers_give_the_same_catalog(case_folder, tmp_path, monkeypatch):
     root, expected = case_folder
     monkeypatch.setattr(catalog, "INLINE_MAX", 0)
@@ -113,6 +114,7 @@ def test_parallel_workers_give_the_same_catalog(case_folder, tmp_path, monkeypat
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
 
 
+@pytest.mark.slow  # worker processes
 def test_workers_under_threads_use_a_fork_server(case_folder, tmp_path, monkeypatch):
     """The app scans from a server with threads, where fork is unsafe."""
     import threading
@@ -192,6 +194,7 @@ def test_rescan_is_incremental_and_ids_are_stable(case_folder, tmp_path, monkeyp
     assert report.missing == 1 and report.new == 2
 
 
+@pytest.mark.slow  # worker processes
 def test_image_folder_is_never_written(case_folder, tmp_path, monkeypatch):
     root, _ = case_folder
     monkeypatch.setattr(catalog, "INLINE_MAX", 0)
@@ -303,6 +306,7 @@ def _scan_twelve_in_forked_workers(tmp_path, monkeypatch, bad_name, misbehave):
     return scan(root, tmp_path / "ws", workers=2)
 
 
+@pytest.mark.slow  # worker processes
 def test_decoder_crash_in_a_worker_names_the_file(tmp_path, monkeypatch):
     report = _scan_twelve_in_forked_workers(tmp_path, monkeypatch, "img05.png",
                                             lambda: os._exit(1))  # like a segfault in a codec
@@ -311,6 +315,7 @@ def test_decoder_crash_in_a_worker_names_the_file(tmp_path, monkeypatch):
         ("img05.png", "the image decoder crashed on this file or took over 120 s")]
 
 
+@pytest.mark.slow  # worker processes
 def test_decoder_that_hangs_in_a_worker_is_ended_and_the_file_named(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog, "DECODE_TIMEOUT_S", 1)
     t0 = time.monotonic()
@@ -341,6 +346,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a killed process
 def test_killed_scan_leaves_a_usable_database(tmp_path):
     root = tmp_path / "images"
     root.mkdir()

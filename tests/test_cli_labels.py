@@ -171,6 +171,7 @@ def test_export_commands(ws_run, tmp_path, capsys):
     assert main(["export", str(ws.root), "--csv", str(tmp_path / "y.csv")]) == 2
 
 
+@pytest.mark.slow  # subprocesses
 def test_module_entry_point_exit_codes(ws_run, tmp_path):
     ws, _ = ws_run
 

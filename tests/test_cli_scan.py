@@ -11,6 +11,8 @@ from PIL import Image
 
 from image_cases import expected_counts, make_case_folder
 
+pytestmark = pytest.mark.slow  # the command line in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 
 

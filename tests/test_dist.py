@@ -103,6 +103,7 @@ def test_init_from_env_rejects_unknown_backend(monkeypatch):
         dist.init_from_env(backend="bogus")
 
 
+@pytest.mark.slow  # two gloo processes
 def test_two_gloo_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]

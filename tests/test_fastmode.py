@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,30 +21,7 @@ def train_fast(ws, run_id, options, progress=None, should_stop=None):
     """Train the fast-mode run ``run_id`` created earlier, as the background jobs do."""
     return train(None, ws, run_id=run_id, progress=progress, should_stop=should_stop, **options)
 
-SIZE = 32
-
-
-def _noise(path: Path, seed: int, bright: bool) -> None:
-    rng = np.random.default_rng(seed)
-    lo, hi = (170, 256) if bright else (0, 86)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(lo, hi, (16, 16, 3), dtype=np.uint8)).save(path)
-
-
-@pytest.fixture
-def dark_bright(tmp_path):
-    """16 dark and 16 bright noise images (interleaved names), one unreadable file."""
-    folder = tmp_path / "images"
-    kinds = {f"img_{j:02d}.png": j % 2 == 1 for j in range(32)}
-    for j, (name, bright) in enumerate(kinds.items()):
-        _noise(folder / name, j, bright)
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    ws = Workspace.for_folder(folder, tmp_path / "ws")
-    catalog.scan(folder, ws, workers=1)
-    torch.manual_seed(0)
-    weights = tmp_path / "r18.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
-    return folder, ws, weights, kinds
+SIZE = 32  # the cached views of the dark_bright fixture (conftest.DARK_BRIGHT_VIEWS)
 
 
 def _options(weights, **kw):
@@ -54,6 +30,7 @@ def _options(weights, **kw):
             "workers": 0, "nn_k": 3, **kw}
 
 
+@pytest.mark.slow  # trains
 def test_fast_mode_predicts_every_image_and_separates_kinds(dark_bright):
     folder, ws, weights, kinds = dark_bright
     opts = _options(weights)
@@ -91,6 +68,7 @@ def test_fast_mode_predicts_every_image_and_separates_kinds(dark_bright):
     assert cfg["mode"] == "fast" and cfg["heads"] == [2, 4, 8]
 
 
+@pytest.mark.slow  # trains
 def test_checkpoint_rebuilds_model_that_embeds_like_the_predictions(dark_bright):
     """The checkpoint holds the whole model (pretrained backbone included): a model rebuilt from
     it embeds raw images like the saved predictions (which came from cached features)."""
@@ -122,6 +100,7 @@ def test_checkpoint_rebuilds_model_that_embeds_like_the_predictions(dark_bright)
     assert np.array_equal(probs.argmax(1).numpy(), preds.head(2).cluster[:5])
 
 
+@pytest.mark.slow  # trains
 def test_second_run_reuses_features(dark_bright, monkeypatch):
     from selfclassifier_core.training import features
 
@@ -138,6 +117,7 @@ def test_second_run_reuses_features(dark_bright, monkeypatch):
     assert ws.get_run(run2).status == "done" and ws.get_run(run2).heads == [3, 6, 12]
 
 
+@pytest.mark.slow  # trains
 def test_cancel_keeps_a_usable_state(dark_bright):
     _, ws, weights, _ = dark_bright
     opts = _options(weights, steps=500)
@@ -155,8 +135,8 @@ def test_cancel_keeps_a_usable_state(dark_bright):
     assert len(preds.image_ids) == 32
 
 
-def test_cancel_file_during_extraction(dark_bright):
-    _, ws, weights, _ = dark_bright
+def test_cancel_file_during_extraction(dark_bright_cold):
+    _, ws, weights, _ = dark_bright_cold
     opts = _options(weights)
     run_id = ws.create_run("fast", opts)
     (ws.run_dir(run_id) / "CANCEL").write_text("")
@@ -242,6 +222,7 @@ def test_median_side_from_catalog(tmp_path):
     assert recipes.median_side(ws) == 40.0
 
 
+@pytest.mark.slow  # trains
 def test_training_seed_reuses_cached_views_feature_seed_does_not(dark_bright):
     _, ws, weights, _ = dark_bright
     keys, embeddings = [], []

@@ -11,7 +11,8 @@ from selfclassifier_core.store.predictions import load_predictions
 from selfclassifier_core.workflows.pipeline import train
 from train_fixtures import FAST, make_folder
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow,  # trains models
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from selfclassifier_core.workflows import jobs
 from selfclassifier_core.store import recent
 from selfclassifier_core.store.workspace import Workspace, WorkspaceError
 
+pytestmark = pytest.mark.slow  # background training processes
+
 FAST = {"classes": 2, "epochs": 1, "batch_size": 16, "backbone": "resnet18", "device": "cpu"}
 
 

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import importlinter.cli  # noqa: F401 - registers the contract types and the output settings
+import pytest
+from importlinter.application import use_cases
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,12 +20,17 @@ def _lint_imports() -> list[str]:
     return [exe, "--config", str(ROOT / "pyproject.toml")]
 
 
-def test_import_contracts_are_kept():
-    proc = subprocess.run(_lint_imports(), cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "0 broken" in proc.stdout
+def test_import_contracts_are_kept(capsys, monkeypatch):
+    # in this process, so the fast lane checks the layers too (the use case, not the command,
+    # which would reconfigure this process's logging)
+    monkeypatch.chdir(ROOT)
+    passed = use_cases.lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_logo=True)
+    out = capsys.readouterr().out
+    assert passed, out[-4000:]
+    assert "0 broken" in out
 
 
+@pytest.mark.slow  # lint-imports in a subprocess
 def test_a_climbing_import_breaks_the_contract(tmp_path):
     """The check can fail: a copy of the package whose engine imports the workspace store."""
     shutil.copytree(ROOT / "selfclassifier_core", tmp_path / "selfclassifier_core")

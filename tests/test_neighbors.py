@@ -297,6 +297,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow  # the command line in a subprocess
 def test_cli_neighbors_and_duplicates(tmp_path):
     ws, run_id = make_workspace_with_run(tmp_path, n_images=200, write_images=False)
     emb, group_a, group_b = planted_embeddings()

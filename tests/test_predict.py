@@ -41,6 +41,7 @@ def test_head_prediction_margin():
     assert np.allclose(h.confidence, [0.7, 0.45]) and np.allclose(h.margin, [0.5, 0.0])
 
 
+@pytest.mark.slow  # trains a model (fixture)
 def test_predict_reloads_checkpoint_and_matches(trained):
     _, res = trained
     stored = load_predictions(res.run_dir)
@@ -55,6 +56,7 @@ def test_predict_reloads_checkpoint_and_matches(trained):
     assert not model.training and info["image_size"] == 8 and info["heads"] == [2, 4, 8]
 
 
+@pytest.mark.slow  # trains a model (fixture)
 def test_embed_files_paths_and_bytes(trained):
     tmp, res = trained
     path = tmp / "imgs" / "dark_00.png"
@@ -72,6 +74,7 @@ def test_embed_files_paths_and_bytes(trained):
     assert np.allclose(emb[0], stored.embeddings[row].astype(np.float32), atol=2e-3)
 
 
+@pytest.mark.slow  # trains a model (fixture)
 def test_predict_new_folder(trained, tmp_path):
     _, res = trained
     new = tmp_path / "new"

@@ -19,7 +19,8 @@ from train_fixtures import FAST, assert_same_weights, make_folder, train_one_epo
 
 DEVICE_AUG = dict(FAST, augment="device")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow,  # trains models
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture

