@@ -327,25 +327,7 @@ def scan(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | N
 
         known = {row["path"]: row for row in conn.execute(
             "SELECT id, path, bytes, mtime_ns, status FROM images")}
-        todo: list[tuple[str, int, int]] = []
-        present = set()
-        for rel, size, mtime in walk.files:
-            present.add(rel)
-            row = known.get(rel)
-            if row is None or row["status"] == "missing":
-                report.new += 1
-                todo.append((rel, size, mtime))
-            elif row["bytes"] == size and row["mtime_ns"] == mtime:
-                if retry_unreadable and row["status"] == "unreadable":
-                    report.retried += 1
-                    todo.append((rel, size, mtime))
-                else:
-                    report.unchanged += 1
-            else:
-                report.changed += 1
-                todo.append((rel, size, mtime))
-        gone = [(row["id"],) for path, row in known.items()
-                if path not in present and row["status"] != "missing"]
+        todo, gone = _changes(walk.files, known, retry_unreadable, report)
         if gone:
             with ws.transaction(conn):
                 conn.executemany("UPDATE images SET status='missing', scanned_at=? WHERE id=?",
@@ -353,8 +335,8 @@ def scan(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | N
         log.debug("scan %s: %d images found, %d to decode, %d gone", root, len(walk.files),
                  len(todo), len(gone))
 
-        _decode_into(conn, ws, str(root), todo, known, workers or default_workers(len(todo), purpose="decode"),
-                     max_pixels, progress)
+        _decode_into(conn, ws, str(root), todo, known,
+                     workers or default_workers(len(todo), purpose="decode"), max_pixels, progress)
 
         counts = dict(conn.execute("SELECT status, COUNT(*) FROM images GROUP BY status")
                       .fetchall())
@@ -370,6 +352,33 @@ def scan(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | N
     finally:
         conn.close()
     return report
+
+
+def _changes(files: list[tuple[str, int, int]], known: dict, retry_unreadable: bool,
+             report: ScanReport) -> tuple[list[tuple[str, int, int]], list[tuple[int]]]:
+    """What this scan decodes (new, changed and, with ``retry_unreadable``, unchanged unreadable
+    files, as ``(path, bytes, mtime_ns)``) and the ids of catalogued files that are gone;
+    counts each kind in ``report``."""
+    todo: list[tuple[str, int, int]] = []
+    present = set()
+    for rel, size, mtime in files:
+        present.add(rel)
+        row = known.get(rel)
+        if row is None or row["status"] == "missing":
+            report.new += 1
+            todo.append((rel, size, mtime))
+        elif row["bytes"] == size and row["mtime_ns"] == mtime:
+            if retry_unreadable and row["status"] == "unreadable":
+                report.retried += 1
+                todo.append((rel, size, mtime))
+            else:
+                report.unchanged += 1
+        else:
+            report.changed += 1
+            todo.append((rel, size, mtime))
+    gone = [(row["id"],) for path, row in known.items()
+            if path not in present and row["status"] != "missing"]
+    return todo, gone
 
 
 def _decode_into(conn, ws: Workspace, root: str, todo: list[tuple[str, int, int]], known: dict,
