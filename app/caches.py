@@ -6,16 +6,27 @@ in place) or ``st.cache_data`` (frames and lists, copied out). Each is keyed by 
 path, the run id and a version of what it is made from (the modification time of the run file,
 the catalog version, the label edit marker), so a re-training, a re-scan or an edit is picked
 up and nothing stale is shown.
+
+What takes long the first time (the neighbour index, near-duplicates, the map, thumbnails) shows
+what it is doing: a spinner with the step's name and, once the core reports counts, a progress
+bar with the time left (:func:`progress_bar`). Those are built outside the cached function
+(:class:`_Slot`): Streamlit replays whatever a cached function drew on every later hit. The build
+runs in a thread of its own, so a click that reruns the page does not stop it: the page shows
+the same build's progress again, in every window that waits for it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import streamlit as st
 
 from selfclassifier_core.store.predictions import EMBEDDINGS_FILE, PREDICTIONS_FILE
+from selfclassifier_core.store.progress import Progress, TimeLeft, format_seconds
 from selfclassifier_core.store.workspace import Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from selfclassifier_core.curation.labels import Labels
 
 THUMB = 128
+BAR_EVERY_S = 0.25  # a progress bar is redrawn at most this often
 
 
 def _mtime(path: Path) -> int:
@@ -32,6 +44,90 @@ def _mtime(path: Path) -> int:
         return path.stat().st_mtime_ns
     except FileNotFoundError:
         return 0
+
+
+# --------------------------------------------------------------------------- progress
+@contextmanager
+def progress_bar(what: str, unit: str = "") -> Iterator[Progress]:
+    """A ``progress(done, total)`` callback drawn as ``st.progress`` where it is called: the
+    step's name, the count and the time left. Nothing is drawn until a report says something is
+    left to do (cached thumbnails show nothing); the bar is removed at the end."""
+    slot: Any = None
+    left = TimeLeft()
+    last = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal slot, last
+        seconds = left(done, total)
+        if slot is None and done >= total:
+            return
+        now = time.monotonic()
+        if slot is not None and now - last < BAR_EVERY_S and done < total:
+            return
+        if slot is None:
+            slot = st.empty()
+        last = now
+        text = f"{what}… {done:,}/{total:,} {unit}".rstrip()
+        if seconds is not None and done < total:
+            text += f" · about {format_seconds(seconds)} left"
+        slot.progress(min(1.0, done / total) if total else 1.0, text=text)
+
+    try:
+        yield progress
+    finally:
+        if slot is not None:
+            slot.empty()
+
+
+class _Build(threading.Thread):
+    """One attempt at building a slot's value: ``build(progress)`` in a thread of its own,
+    its last ``(done, total)`` in :attr:`counts`."""
+
+    def __init__(self, build: Callable[[Progress], Any], what: str):
+        super().__init__(name=f"build: {what}", daemon=True)
+        self.build = build
+        self.counts: tuple[int, int] | None = None
+        self.ok, self.value, self.error = False, None, None
+
+    def run(self) -> None:
+        try:
+            self.value = self.build(self._report)
+            self.ok = True
+        except BaseException as exc:  # noqa: BLE001 - raised in the pages that wait for it
+            self.error = exc
+
+    def _report(self, done: int, total: int) -> None:
+        self.counts = (done, total)
+
+
+@dataclass
+class _Slot:
+    """A value built once per cache key, outside the cached function that keys it."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    build: _Build | None = None
+
+
+def _built(slot: _Slot, what: str, unit: str, build: Callable[[Progress], Any]) -> Any:
+    """The slot's value. The first call starts ``build(progress)`` in a thread; every call made
+    while it runs shows a spinner and its progress. A failed build is raised in the pages that
+    waited for it, and the next call tries again."""
+    attempt = slot.build
+    if attempt is not None and attempt.ok:
+        return attempt.value
+    with slot.lock:
+        attempt = slot.build
+        if attempt is None or not (attempt.ok or attempt.is_alive()):
+            attempt = slot.build = _Build(build, what)
+            attempt.start()
+    with st.spinner(f"{what}…"), progress_bar(what, unit) as progress:
+        while attempt.is_alive():
+            if attempt.counts is not None:
+                progress(*attempt.counts)
+            attempt.join(BAR_EVERY_S)
+    if not attempt.ok:
+        raise attempt.error or RuntimeError(f"{what} failed")
+    return attempt.value
 
 
 @st.cache_resource(show_spinner=False)
@@ -53,45 +149,54 @@ def predictions(run_dir: str):
     return _predictions(run_dir, _mtime(Path(run_dir) / PREDICTIONS_FILE))
 
 
-@st.cache_resource(show_spinner="Building the neighbour index…", max_entries=4)
-def _neighbor_index(ws_path: str, run_id: int, mtime: int):
-    from selfclassifier_core.curation.neighbors import NeighborIndex
-
-    return NeighborIndex.for_run(Workspace.open(ws_path), run_id)
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _neighbor_index(ws_path: str, run_id: int, mtime: int) -> _Slot:
+    return _Slot()
 
 
 def neighbor_index(ctx: Context):
     """The run's neighbour index, cached per embeddings file version."""
-    return _neighbor_index(str(ctx.ws.path), ctx.run.id, _mtime(ctx.run.dir / EMBEDDINGS_FILE))
-
-
-@st.cache_data(show_spinner="Looking for near-duplicates…", max_entries=8)
-def _duplicate_groups(ws_path: str, run_id: int, mtime: int, threshold: float):
     from selfclassifier_core.curation.neighbors import NeighborIndex
 
-    return NeighborIndex.for_run(Workspace.open(ws_path), run_id).duplicates(threshold)
+    ws, run_id = ctx.ws, ctx.run.id
+    slot = _neighbor_index(str(ws.path), run_id, _mtime(ctx.run.dir / EMBEDDINGS_FILE))
+    return _built(slot, "Opening the neighbour index (built once per run)", "images",
+                  lambda progress: NeighborIndex.for_run(ws, run_id, progress=progress))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _duplicate_groups(ws_path: str, run_id: int, mtime: int, threshold: float) -> _Slot:
+    return _Slot()
 
 
 def duplicate_groups(ctx: Context, threshold: float) -> list[list[int]]:
-    """Groups of near-duplicate image ids at a similarity threshold, per embeddings version."""
-    return _duplicate_groups(str(ctx.ws.path), ctx.run.id,
+    """Groups of near-duplicate image ids at a similarity threshold, per embeddings version
+    (shared: do not change the lists)."""
+    index = neighbor_index(ctx)
+    slot = _duplicate_groups(str(ctx.ws.path), ctx.run.id,
                              _mtime(ctx.run.dir / EMBEDDINGS_FILE), float(threshold))
+    return _built(slot, "Comparing every image with its nearest neighbours", "images",
+                  lambda progress: index.duplicates(threshold, progress=progress))
 
 
-@st.cache_data(show_spinner="Computing the 2-D map (UMAP)…", max_entries=4)
-def _map_points(ws_path: str, run_id: int, mtime: int):
-    from selfclassifier_core.curation.projection import run_map
-
-    return run_map(Workspace.open(ws_path), run_id)
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _map_points(ws_path: str, run_id: int, mtime: int) -> _Slot:
+    return _Slot()
 
 
 def map_points(ctx: Context):
-    """The run's 2-D map points (a frame indexed by image id), per embeddings version."""
-    return _map_points(str(ctx.ws.path), ctx.run.id, _mtime(ctx.run.dir / EMBEDDINGS_FILE))
+    """The run's 2-D map points (a frame indexed by image id, the caller's copy), per
+    embeddings version."""
+    from selfclassifier_core.curation.projection import run_map
+
+    ws, run_id = ctx.ws, ctx.run.id
+    slot = _map_points(str(ws.path), run_id, _mtime(ctx.run.dir / EMBEDDINGS_FILE))
+    return _built(slot, "Computing the 2-D map (UMAP, once per run)", "points",
+                  lambda progress: run_map(ws, run_id, progress=progress)).copy()
 
 
 # --------------------------------------------------------------------------- catalog
-@st.cache_data(show_spinner=False, max_entries=4)
+@st.cache_data(show_spinner="Reading the catalog…", max_entries=4)
 def _image_paths(ws_path: str, version: str):
     return Workspace.open(ws_path).image_table("ok")["path"]
 
@@ -102,10 +207,13 @@ def image_paths(ctx: Context):
 
 
 def thumbs(ctx: Context, image_ids) -> dict[int, str]:
-    """Thumbnail file paths of a page of images (made once, cached in the workspace)."""
+    """Thumbnail file paths of a page of images (made once, cached in the workspace); a bar
+    shows while missing ones are made."""
     from selfclassifier_core.catalog.thumbnails import ensure_thumbnails
 
-    return {i: str(p) for i, p in ensure_thumbnails(ctx.ws, list(image_ids), THUMB).items()}
+    with progress_bar("Making thumbnails", "images") as progress:
+        made = ensure_thumbnails(ctx.ws, list(image_ids), THUMB, progress=progress)
+    return {i: str(p) for i, p in made.items()}
 
 
 # --------------------------------------------------------------------------- labels
@@ -127,7 +235,7 @@ class LabelView:
     marker: str
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner="Building the table of final labels…", max_entries=8)
 def _label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: int,
                 catalog: str) -> LabelView:
     import numpy as np

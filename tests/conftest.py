@@ -11,6 +11,7 @@ import multiprocessing.process
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,17 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SELFCLASSIFIER_HOME", str(home))
     monkeypatch.delenv("SELFCLASSIFIER_WORKSPACE", raising=False)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """Streamlit's AppTest leaves its script as ``sys.modules["__main__"]`` (from_function: a
+    temporary file it deletes); worker processes started later (the scan's fork server) import
+    ``__main__`` and crash on it. Put the real one back after each test."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
 
 
 @pytest.fixture(autouse=True)

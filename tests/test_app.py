@@ -37,7 +37,13 @@ def _fast_map(monkeypatch):
                         lambda emb, **kw: projection.pca_2d(np.asarray(emb, np.float32)))
 
 
-def start_app(monkeypatch, folder=None, workspace=None, query=None) -> AppTest:
+def start_app(monkeypatch, folder=None, workspace=None, query=None,
+              auto_group=False) -> AppTest:
+    """The app on ``folder`` (default: the demo). Auto-group is off unless asked for: a test
+    that opens a folder without runs would otherwise start a real training job."""
+    from selfclassifier_core.store.settings import set_setting
+
+    set_setting("auto_group", auto_group)
     argv = [APP]
     if folder is not None:
         argv += ["--folder", str(folder)]
@@ -432,7 +438,7 @@ def test_granularity_switch(fixture_app):
     at, ws, run_id = fixture_app
     goto(at, "Clusters")
     assert len([t for t in at.text_input if t.key.startswith("rn|")]) == 3
-    at.sidebar.select_slider(key="head").set_value(6).run()
+    at.sidebar.radio(key="head").set_value(6).run()
     assert_ok(at)
     cards = sorted(t.value for t in at.text_input if t.key.startswith("rn|"))
     assert cards == [f"cluster_{i}" for i in range(6)]
@@ -473,6 +479,29 @@ def test_map_selection_exclude(fixture_app):
     next(b for b in at.button if b.label == "Exclude all").click().run()
     assert_ok(at)
     assert Labels(ws, run_id).final_table().at[7, "excluded"]
+
+
+def test_clicking_a_map_point_shows_its_panel(fixture_app):
+    from selfclassifier_core.curation.neighbors import NeighborIndex
+
+    at, ws, run_id = fixture_app
+    goto(at, "Map")
+    key = next(k for k in at.session_state.keys() if str(k).startswith("map|"))
+    at.session_state[key] = {"selection": {"points": [{"customdata": [12]}],
+                                           "point_indices": [0]}}
+    at.run()
+    assert_ok(at)
+    row = Labels(ws, run_id).final_table().loc[12]
+    text = (" ".join(m.value for m in at.markdown) + " ".join(c.value for c in at.caption)
+            ).replace("\\", "")                                # markdown escapes
+    assert "img_0011.png" in text                               # image 12 is the 12th file
+    assert f"label **{row['label']}** · confidence {row['confidence']:.2f}" in text
+    want = NeighborIndex.for_run(ws, run_id).search(12, 6)["image_id"].tolist()
+    captions = [i.caption for img in at.get("image") for i in img.proto.imgs]
+    labels = Labels(ws, run_id).final_table()["label"]
+    assert [c for c in captions if " · " in c] == [            # one thumbnail per neighbour
+        f"{sim:.2f} · {str(labels[i])[:12]}" for i, sim in zip(
+            want, NeighborIndex.for_run(ws, run_id).search(12, 6)["similarity"])]
 
 
 # --------------------------------------------------------------------------- screen 4
@@ -586,3 +615,111 @@ def test_delete_selected_labels_with_confirmation(fixture_app):
     assert [e.op for e in lab.history()][-2:] == ["delete_label", "delete_label"]
     cards = sorted(t.value for t in at.text_input if t.key.startswith("rn|"))
     assert cards == ["cluster_0", "cluster_1", "cluster_2"]
+
+
+# --------------------------------------------------------------------------- auto-group
+def _recording_start(monkeypatch):
+    """jobs.start_training that records its call and creates the run, without a process."""
+    calls = []
+
+    def start(folder, ws, options):
+        calls.append((Path(folder), dict(options)))
+        return ws.create_run(options["mode"], dict(options))
+
+    monkeypatch.setattr(jobs, "start_training", start)
+    return calls
+
+
+def _plain_folder(path: Path, n: int = 6) -> Path:
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(path / f"{i}.png")
+    return path
+
+
+def test_a_folder_without_runs_groups_itself(tmp_path, monkeypatch):
+    from selfclassifier_core.training.recipes import default_run_options
+
+    calls = _recording_start(monkeypatch)
+    folder = _plain_folder(tmp_path / "imgs")
+    at = start_app(monkeypatch, folder, tmp_path / "ws", auto_group=True)
+    assert calls == [(folder, default_run_options(6))]       # the default grouping, at once
+    assert any("Grouping this folder" in i.value for i in at.info)
+    at.run()                                                  # once, not at every rerun
+    assert_ok(at)
+    assert len(calls) == 1
+
+
+def test_auto_group_switched_off_or_folder_with_a_run_waits(tmp_path, monkeypatch):
+    calls = _recording_start(monkeypatch)
+    folder = _plain_folder(tmp_path / "imgs")
+    at = start_app(monkeypatch, folder, tmp_path / "ws", auto_group=False)
+    assert calls == [] and at.toggle(key="auto_group").value is False
+    ws, _ = make_workspace_with_run(tmp_path / "with-run")
+    at = start_app(monkeypatch, ws.root, ws.path, auto_group=True)
+    assert calls == []                                        # it has a finished run
+
+
+def test_auto_group_switch_is_remembered(fixture_app):
+    from selfclassifier_core.store.settings import get_setting
+
+    at, ws, run_id = fixture_app
+    at.toggle(key="auto_group").set_value(False).run()
+    assert_ok(at)
+    assert get_setting("auto_group") is False
+    at.toggle(key="auto_group").set_value(True).run()
+    assert get_setting("auto_group") is True
+
+
+# --------------------------------------------------------------------------- run summary
+def _summary_script(ws_path: str, folder: str, run_id: int, head: int) -> None:
+    """A page that only draws the run summary (app/run_summary.py) for a fixture workspace."""
+    from pathlib import Path
+
+    import streamlit as st
+
+    from app.run_summary import render_summary
+    from app.session import Context
+    from selfclassifier_core.store.workspace import Workspace
+
+    ws = Workspace.open(ws_path)
+    st.session_state.setdefault("head", head)
+    render_summary(Context(Path(folder), ws, ws.get_run(run_id), st.session_state["head"]),
+                   run_id)
+
+
+def test_run_summary_shows_the_core_numbers_and_switches_granularity(tmp_path):
+    from selfclassifier_core.curation.summary import run_summary
+
+    ws, run_id = make_workspace_with_run(tmp_path, n_images=40, heads=(3, 6), n_unreadable=2,
+                                         write_images=False)
+    s = run_summary(ws, run_id)
+    assert s.suggested == 3           # the fixture's 6-group head is shuffled: it does not nest
+    at = AppTest.from_function(_summary_script, args=(str(ws.path), str(ws.root), run_id, 6),
+                               default_timeout=TIMEOUT)
+    at.run()
+    assert_ok(at)
+
+    def metrics():
+        return {m.label: m.value for m in at.metric}
+
+    h3, h6 = s.head(3), s.head(6)
+    shown = metrics()
+    assert shown["Groups of the 3-class head"] == str(h3.groups) == "3"
+    assert shown["Groups of the 6-class head"] == str(h6.groups) == "6"
+    assert shown["Low margin"] == f"{h6.low_margin:.0%}"           # the sidebar's head: 6
+    assert shown["Balance"] == f"{h6.balance:.2f}"
+    assert shown["Nesting in the 3-class head"] == f"{h6.agreement:.0%}"
+    assert any("Start with 3 classes" in i.value for i in at.info)
+    assert len(at.get("plotly_chart")) == 2                         # group sizes, confidence
+    switch = at.button(key=f"sum_switch|{run_id}")
+    assert not switch.disabled
+    switch.click().run()
+    assert_ok(at)
+    assert at.session_state["head"] == 3                             # the sidebar's granularity
+    shown = metrics()
+    assert shown["Low margin"] == f"{h3.low_margin:.0%}" and shown["Nesting"] == "—"
+    assert at.button(key=f"sum_switch|{run_id}").disabled            # already there
+    assert at.button(key=f"sum_clusters|{run_id}") and at.button(key=f"sum_export|{run_id}")

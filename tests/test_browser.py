@@ -7,6 +7,7 @@ under CI a missing browser is a failure.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -43,10 +44,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
-    _require_chromium()
-    ws, run_id = make_workspace_with_run(tmp_path, n_images=24, heads=(3, 6), image_size=16)
+@contextlib.contextmanager
+def _serve(tmp_path: Path, folder: Path, workspace: Path):
+    """``streamlit run app/main.py`` on ``folder``; yields its URL once it answers."""
     port = _free_port()
     env = dict(os.environ, SELFCLASSIFIER_HOME=str(tmp_path / "home"))
     log = open(tmp_path / "streamlit.log", "wb")
@@ -54,7 +54,7 @@ def server(tmp_path):
         [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port),
          "--server.headless", "true", "--server.address", "127.0.0.1",
          "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-         "--", "--folder", str(ws.root), "--workspace", str(ws.path)],
+         "--", "--folder", str(folder), "--workspace", str(workspace)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -71,7 +71,7 @@ def server(tmp_path):
                 pytest.fail("streamlit did not start:\n"
                             + (tmp_path / "streamlit.log").read_text()[-3000:])
             time.sleep(0.3)
-        yield url, ws, run_id
+        yield url
     finally:
         proc.terminate()
         try:
@@ -79,6 +79,15 @@ def server(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The app on a fixture workspace with a finished run (made-up predictions)."""
+    _require_chromium()
+    ws, run_id = make_workspace_with_run(tmp_path, n_images=24, heads=(3, 6), image_size=16)
+    with _serve(tmp_path, ws.root, ws.path) as url:
+        yield url, ws, run_id
 
 
 def _screenshot(page, tmp_path: Path, name: str) -> None:
@@ -138,3 +147,40 @@ def test_rename_then_download_csv_in_a_real_browser(server, tmp_path):
     renamed = [ln for ln in lines[1:] if NEW_NAME in ln]
     from selfclassifier_core.curation.labels import Labels
     assert len(renamed) == int((Labels(ws, run_id).final_table()["cluster"] == 1).sum()) > 0
+
+
+def test_a_fresh_folder_groups_itself_in_a_real_browser(tmp_path):
+    """Open a folder that was never grouped and press nothing: the groups appear."""
+    from playwright.sync_api import expect, sync_playwright
+
+    import numpy as np
+    from PIL import Image
+
+    _require_chromium()
+    folder = tmp_path / "fresh"            # four colours, eight noisy images of each
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    colours = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40)]
+    for i in range(32):
+        pixels = np.clip(np.array(colours[i % 4]) + rng.normal(0, 12, (32, 32, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img_{i:02d}.png")
+    with _serve(tmp_path, folder, tmp_path / "ws") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.goto(url)
+            expect(page.get_by_text("is done", exact=False).first).to_be_visible(
+                timeout=300_000)                           # the job, started on its own
+            expect(page.get_by_text("Start with", exact=False).first
+                   ).to_be_visible(timeout=60_000)        # the summary of the result
+            _screenshot(page, tmp_path, "browser-summary")
+            page.locator('[data-testid="stSidebar"]').get_by_text("Clusters", exact=True).click()
+            names = page.locator('[data-testid="stMain"] [aria-label="Name"]')
+            expect(names.first).to_be_visible(timeout=60_000)
+            assert names.count() >= 2
+        finally:
+            browser.close()
+    from selfclassifier_core.store.workspace import Workspace
+
+    runs = Workspace.open(tmp_path / "ws").list_runs()
+    assert [r.status for r in runs] == ["done"]

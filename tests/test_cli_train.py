@@ -34,8 +34,10 @@ def test_train_predict_runs_cli(tmp_path, capsys):
              "--augment", "device")
     assert r.returncode == 0, r.stderr
     assert f"run 1 done in workspace {ws}" in r.stdout
-    hint = next(line for line in r.stdout.splitlines() if line.startswith("next: "))
-    assert shlex.split(hint)[4:] == ["export", str(ws), "--csv", "labels.csv"]  # copy-pastable
+    hint = r.stdout.splitlines()[-1]                  # the summary ends with the export command
+    assert hint.strip().startswith("export the labels:")
+    assert shlex.split(hint.split(":", 1)[1])[3:] == ["export", str(ws), "--csv",
+                                                      "labels.csv"]  # copy-pastable
     run_dir = Workspace.open(ws).run_dir(1)
     assert json.loads((run_dir / "config.json").read_text())["augment"] == "device"
     stats = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]

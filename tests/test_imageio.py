@@ -207,3 +207,64 @@ def test_extensions():
     assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
     assert is_image_name("A.JPEG") and is_image_name("x.TiF") and not is_image_name("x.txt")
     assert not is_image_name("jpg")
+
+
+# --------------------------------------------------------------------------- printable reasons
+def test_printable_text_escapes_what_cannot_be_shown():
+    from selfclassifier_core.catalog.imageio import printable_text
+
+    assert printable_text(b"IDA\xc1") == "IDA\\xc1"                # an undecodable byte
+    assert printable_text(b"caf\xc3\xa9") == "café"                # valid UTF-8 stays
+    assert printable_text("f\udcff.png") == "f\\xff.png"           # surrogateescape'd byte
+    assert printable_text("a\x00b\tc\x7f") == "a\\x00b\\x09c\\x7f"  # control characters
+    assert printable_text("lost \ufffd byte, \u200b") == "lost \\ufffd byte, \\u200b"
+    assert printable_text("plain text (ok) — 10×20") == "plain text (ok) — 10×20"
+    once = printable_text("x\udcc1\x01")
+    assert printable_text(once) == once                          # cleaning twice changes nothing
+    err = ImageLoadError("/a.png", "cannot decode image: OSError: bad \x01\udcc1")
+    assert err.reason == "cannot decode image: OSError: bad \\x01\\xc1"
+    assert pickle.loads(pickle.dumps(err)).reason == err.reason
+
+
+def _png_with_chunk(name: bytes, good_crc: bool) -> bytes:
+    from image_cases import png_chunk
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(buf, "PNG")
+    data = buf.getvalue()
+    chunk = png_chunk(name, b"xx")
+    if not good_crc:
+        chunk = chunk[:-4] + bytes(4)
+    ihdr_end = 8 + 12 + 13          # signature, then IHDR: length, type, 13 bytes, CRC
+    return data[:ihdr_end] + chunk + data[ihdr_end:]
+
+
+def test_bad_crc_in_a_chunk_named_with_a_non_ascii_byte_is_printable(tmp_path):
+    """The reason used to read ``bad CRC in IDA\ufffd chunk`` (the byte lost, a glyph shown)."""
+    path = tmp_path / "odd.png"
+    path.write_bytes(_png_with_chunk(b"IDA\xc1", good_crc=False))
+    with pytest.raises(ImageLoadError) as info:
+        probe(path)
+    assert info.value.reason == "corrupt PNG (bad CRC in IDA\\xc1 chunk)"
+    assert info.value.reason.isprintable()
+
+
+def test_scan_stores_and_reports_printable_reasons(tmp_path):
+    """Through the scanner: the stored reason, and a link whose target name is not UTF-8."""
+    import os
+
+    from selfclassifier_core.catalog.scanner import scan
+    from selfclassifier_core.catalog.summary import catalog_summary
+
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "odd.png").write_bytes(_png_with_chunk(b"IDA\xc1", good_crc=False))
+    Image.new("RGB", (4, 4)).save(root / "fine.png")
+    os.symlink(b"/nowhere/\xff.png", os.path.join(bytes(root), b"link.png"))
+    report = scan(root, tmp_path / "ws", workers=1)
+    assert catalog_summary(tmp_path / "ws").unreadable == [
+        ("odd.png", "corrupt PNG (bad CRC in IDA\\xc1 chunk)")]
+    assert report.skipped_links == [("link.png", "broken link (-> /nowhere/\\xff.png)")]
+    text = report.summary()
+    assert "\\xff" in text and "\ufffd" not in text
+    text.encode("utf-8")                             # no lone surrogate left to crash a print

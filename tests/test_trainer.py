@@ -86,8 +86,11 @@ def test_end_to_end_predictions_stats_and_csv(tmp_path):
     lines = (res.run_dir / "stats.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2] == [s["epoch"] for s in res.stats]
     assert all(json.loads(x)["steps"] == 3 for x in lines)
-    assert seen and {"epoch", "step", "loss", "images_per_s", "eta_s",
-                     "classes_in_use"} <= set(seen[-1])
+    training = [r for r in seen if r.get("phase") == "training"]
+    assert training and {"epoch", "step", "loss", "images_per_s", "eta_s",
+                         "classes_in_use"} <= set(training[-1])
+    predicting = [(r["done"], r["total"]) for r in seen if r.get("phase") == "predicting"]
+    assert predicting[0] == (0, 24) and predicting[-1] == (24, 24)   # after the training
     prog = json.loads((res.run_dir / "progress.json").read_text())
     assert prog["status"] == "done"
     ckpt = load_checkpoint(res.run_dir / "checkpoint.pt")

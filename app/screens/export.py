@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import session, ui
+from app import caches, session, ui
 from app.session import Context
 
 PREVIEW_ROWS = 1000
@@ -20,8 +20,9 @@ def render(ctx: Context) -> None:
         return
     lab = ctx.labels()
     include = st.toggle("Include excluded images (with excluded=true)", key="exp_excluded")
-    table = export.export_table(ctx.ws, ctx.run.id, ctx.head, include_excluded=include,
-                                labels=lab)
+    with st.spinner(f"Building the final table of {len(lab.image_ids):,} images…"):
+        table = export.export_table(ctx.ws, ctx.run.id, ctx.head, include_excluded=include,
+                                    labels=lab)
     counts = (table.groupby("label").size().sort_values(ascending=False)
               .rename("images").reset_index())
     c1, c2 = st.columns([3, 2])
@@ -57,18 +58,15 @@ def render(ctx: Context) -> None:
         overwrite = c2.checkbox("Replace an earlier export there", key="exp_overwrite")
         go = st.form_submit_button("Write folders")
     if go:
-        bar = st.progress(0.0, text="Writing…")
         try:
-            report = export.export_imagefolder(
-                ctx.ws, Path(out).expanduser(), run_id, head, link=link, overwrite=overwrite,
-                include_excluded=include,
-                progress=lambda d, t: bar.progress(d / t if t else 1.0,
-                                                   text=f"Writing… {d:,}/{t:,}"))
+            with (st.spinner("Writing the ImageFolder tree…"),
+                  caches.progress_bar("Placing the images", "images") as progress):
+                report = export.export_imagefolder(
+                    ctx.ws, Path(out).expanduser(), run_id, head, link=link,
+                    overwrite=overwrite, include_excluded=include, progress=progress)
         except Exception as exc:  # noqa: BLE001 - in words
-            bar.empty()
             ui.show_error(exc, "The folders could not be written")
             return
-        bar.empty()
         st.success(f"Wrote {ui.esc(report)}")
         if report.missing:
             st.warning(f"{len(report.missing)} source image(s) were missing and not exported.")

@@ -6,7 +6,8 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app import session, training_form, ui
+from app import autogroup, session, training_form, ui
+from app.run_summary import render_summary
 from app.session import Context
 from selfclassifier_core.catalog.summary import CatalogSummary, catalog_summary
 from selfclassifier_core.workflows import jobs
@@ -17,10 +18,15 @@ POLL_S = 1.0
 def render(ctx: Context) -> None:
     st.header("Folder & training")
     summary = _scan_section(ctx)
+    if autogroup.maybe_start(ctx, summary.usable) is not None:
+        st.rerun()
     st.divider()
     watched = _watched_run(ctx)
     if watched is not None:
         _progress_section(ctx, watched)
+        st.divider()
+    elif ctx.run is not None:       # a run trained elsewhere (the command line, a past session)
+        render_summary(ctx, ctx.run.id)
         st.divider()
     _settings_section(ctx, summary.usable)
     _runs_table(ctx)
@@ -136,6 +142,7 @@ def _progress_body(ctx: Context, run_id: int, was_alive: bool) -> None:
         st.warning("Cancelling… the run stops after a clean checkpoint.")
     elif status == "done":
         st.success(f"Run {run_id} is done: open **Clusters** to see the groups.")
+        render_summary(ctx, run_id)
     elif status == "failed":
         st.error(f"Run {run_id} failed: {ui.esc(st_.message or 'no message')}")
     elif status == "cancelled":
@@ -144,21 +151,38 @@ def _progress_body(ctx: Context, run_id: int, was_alive: bool) -> None:
         phase = p.get("phase") or p.get("status") or status
         st.info(f"Training in the background ({phase}). Progress updates every second; "
                 "reloading the page is safe.")
+    if status == "done" and not st_.alive:
+        with st.expander("How the training went"):
+            _training_details(ctx, run_id, st_)
+    else:
+        _training_details(ctx, run_id, st_)
+
+
+PHASE_WORDS = {"features": "Embedding the images", "training": "Training",
+               "predicting": "Predicting every image", "scanning": "Reading the folder"}
+
+
+def _training_details(ctx: Context, run_id: int, st_: jobs.JobStatus) -> None:
+    """The live numbers of a run (step, loss, speed, time left), its loss chart, its buttons."""
+    p, status = st_.progress, st_.status
     epochs = p.get("epochs") or 0
     epoch = p.get("epoch") or 0
     steps, step = p.get("steps") or 0, p.get("step") or 0
     phase = p.get("phase")
+    eta = p.get("eta_s")
+    left = (f" · about {_duration(eta)} left" if isinstance(eta, (int, float)) and eta > 0
+            else "")
     if st_.alive and phase and phase != "training" and p.get("total"):
         done, total = int(p.get("done") or 0), int(p["total"])
-        st.progress(min(1.0, done / total), text=f"{phase}: {done:,} of {total:,} images")
+        st.progress(min(1.0, done / total), text=f"{PHASE_WORDS.get(phase, phase)}: "
+                                                  f"{done:,} of {total:,} images{left}")
     elif st_.alive and steps:
-        st.progress(min(1.0, step / steps), text=f"step {step:,} of {steps:,}")
+        st.progress(min(1.0, step / steps), text=f"Training: step {step:,} of {steps:,}{left}")
     c = st.columns(5)
     c[0].metric("Epoch", f"{epoch}" + (f" / {epochs}" if epochs else ""))
     c[1].metric("Loss", f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "—")
     c[2].metric("Images / s", f"{p['images_per_s']:.0f}"
                 if isinstance(p.get("images_per_s"), (int, float)) else "—")
-    eta = p.get("eta_s")
     c[3].metric("Time left", _duration(eta) if isinstance(eta, (int, float)) and st_.alive
                 else "—")
     in_use = p.get("classes_in_use") or {}

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 
 import streamlit as st
 
-from app import caches, session, ui
+from app import caches, image_panel, session, ui
 from app.caches import LabelView
 from app.session import Context
 from app.ui import NEW_LABEL, NEW_LABEL_PROMPT
@@ -67,11 +67,18 @@ def render(ctx: Context) -> None:
     fig.update_layout(dragmode="lasso", height=620, margin=dict(l=0, r=0, t=10, b=0),
                       legend=dict(itemsizing="constant", title="label"),
                       xaxis=dict(visible=False), yaxis=dict(visible=False))
-    st.caption("Drag a lasso or a box around points to select them (double-click clears). "
-               "Hover shows the file; the selection shows the images.")
-    event = st.plotly_chart(fig, key=f"map|{ctx.key}|{view.marker}", on_select="rerun",
-                            selection_mode=("points", "box", "lasso"))
+    st.caption("Click a point to see its image and neighbours beside the map; drag a lasso or "
+               "a box around points to select many (double-click clears).")
+    chart, panel = st.columns([3, 1])
+    with chart:
+        event = st.plotly_chart(fig, key=f"map|{ctx.key}|{view.marker}", on_select="rerun",
+                                selection_mode=("points", "box", "lasso"))
     ids = [i for i in selected_ids(event) if i in table.index]
+    if len(ids) == 1:
+        image_panel.show(ctx, ids[0], panel)
+    else:
+        panel.caption("Click a point to see the image, its label and its nearest neighbours "
+                      "here.")
     if not ids:
         return
     _selection(ctx, view, ids)

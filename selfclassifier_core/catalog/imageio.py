@@ -48,10 +48,39 @@ _ORIENTATION = {
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
+def printable_text(text: str | bytes) -> str:
+    """``text`` with every byte or character that cannot be shown written as an escape.
+
+    Reasons end up in the database, on the terminal and in the app, so they must be plain
+    printable text. Bytes are decoded as UTF-8, an undecodable byte becoming ``\\xNN``; in a
+    string, a lone surrogate from ``surrogateescape`` (an undecodable byte of a file name) becomes
+    ``\\xNN`` of that byte, and any other character that is not printable (control characters,
+    other surrogates, U+FFFD left by an earlier lossy decode) its ``\\xNN``/``\\uNNNN`` escape.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "backslashreplace")
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable() and code != 0xFFFD:
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
 class ImageLoadError(Exception):
-    """An image file cannot be used; ``reason`` says why in words (no traceback needed)."""
+    """An image file cannot be used; ``reason`` says why in words (no traceback needed).
+
+    The reason is cleaned with :func:`printable_text`: decoders' messages can carry raw bytes.
+    """
 
     def __init__(self, path: str | os.PathLike, reason: str):
+        reason = printable_text(reason)
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
@@ -244,8 +273,7 @@ def _png_problem(data: bytes) -> str | None:
         body = data[pos + 4:pos + 8 + length]
         (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
         if zlib.crc32(body) & 0xFFFFFFFF != crc:
-            name = ctype.decode("ascii", "replace")
-            return f"corrupt PNG (bad CRC in {name} chunk)"
+            return f"corrupt PNG (bad CRC in {printable_text(ctype)} chunk)"
         if ctype == b"IEND":
             return None
         pos += 12 + length

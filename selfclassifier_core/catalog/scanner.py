@@ -22,16 +22,15 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from ..engine.device import default_workers
 from ..store.fsutil import is_within
-from .imageio import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, probe
+from ..store.progress import Progress
+from .imageio import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, printable_text, probe
 from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-ProgressFn = Callable[[int, int], None]
 
 INLINE_MAX = 32          # decode in this process when there are at most this many files
 MAX_CHUNK = 64           # files per task sent to a worker process
@@ -127,6 +126,7 @@ def _link_problem(link: str, root: Path) -> str | None:
         shown = os.readlink(link)
     except OSError:
         shown = target
+    shown = printable_text(shown)  # a target name need not be valid UTF-8
     if not os.path.exists(target):
         return f"broken link (-> {shown})"
     if not is_within(target, root):
@@ -160,7 +160,7 @@ def _walk(root: Path) -> _Walk:
             try:
                 rel.encode("utf-8")
             except UnicodeEncodeError:
-                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                shown = printable_text(rel)  # the bad bytes as \xNN, the rest as it is
                 found.skipped_paths.append((shown, "file name is not valid UTF-8"))
                 continue
             try:
@@ -284,7 +284,7 @@ def _check_folder(folder: str | os.PathLike) -> Path:
 
 
 def scan(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | None = None,
-         progress: ProgressFn | None = None, workers: int | None = None,
+         progress: Progress | None = None, workers: int | None = None,
          max_pixels: int | None = DEFAULT_MAX_PIXELS, retry_unreadable: bool = False
          ) -> ScanReport:
     """Catalog every image under ``folder`` into the workspace and return a :class:`ScanReport`.
@@ -382,7 +382,7 @@ def _changes(files: list[tuple[str, int, int]], known: dict, retry_unreadable: b
 
 
 def _decode_into(conn, ws: Workspace, root: str, todo: list[tuple[str, int, int]], known: dict,
-                 workers: int, max_pixels: int | None, progress: ProgressFn | None) -> None:
+                 workers: int, max_pixels: int | None, progress: Progress | None) -> None:
     """Decode ``todo`` and upsert the results in batched transactions."""
     total = len(todo)
     if progress:

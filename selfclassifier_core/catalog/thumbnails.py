@@ -17,9 +17,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ..store.fsutil import atomic_open, is_within
+from ..store.progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -35,8 +36,6 @@ MIN_SIZE, MAX_SIZE = 16, 1024
 JPEG_QUALITY = 85
 PLACEHOLDER_NAME = "placeholder.jpg"
 _SQL_CHUNK = 500  # ids per IN (...) query, well under SQLite's parameter limit
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -210,20 +209,23 @@ def ensure_thumbnails(workspace: "Workspace", image_ids: Iterable[int], size: in
 
 
 def thumbnail_bytes(workspace: "Workspace", image_ids: Iterable[int], size: int = DEFAULT_SIZE,
-                    *, make_missing: bool = True, workers: int | None = None
-                    ) -> dict[int, bytes]:
+                    *, make_missing: bool = True, workers: int | None = None,
+                    progress: Progress | None = None) -> dict[int, bytes]:
     """JPEG bytes of many thumbnails at once (the app's fast path for a page of images).
 
     One indexed catalog query per 500 ids plus one file read per thumbnail; missing thumbnails
     are made first unless ``make_missing`` is False (then they are left out of the result).
+    ``progress(done, total)`` counts images made or found (as :func:`ensure_thumbnails`).
     """
     size = _check_size(size)
     ids = list(dict.fromkeys(int(i) for i in image_ids))
     if make_missing:
-        paths = ensure_thumbnails(workspace, ids, size, workers=workers)
+        paths = ensure_thumbnails(workspace, ids, size, workers=workers, progress=progress)
     else:
         rows = _rows(workspace, ids)
         paths = {i: _path_for(workspace, rows[i], size) for i in ids}
+        if progress:
+            progress(len(ids), len(ids))
     out: dict[int, bytes] = {}
     for i, path in paths.items():
         try:

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["scan", "train", "predict", "export", "labels", "neighbors", "duplicates", "runs"]
+COMMANDS = ["scan", "group", "train", "predict", "export", "labels", "neighbors", "duplicates", "runs"]
 
 
 class CliError(Exception):

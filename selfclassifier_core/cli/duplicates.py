@@ -22,14 +22,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..curation.neighbors import NeighborIndex
     from .neighbors import catalog_paths
+    from .progress import Reporter
 
     if not -1.0 <= args.threshold <= 1.0:
         raise CliError(f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}")
     if args.k < 1:
         raise CliError(f"-k must be at least 1, got {args.k}")
     ws = open_workspace(args.workspace)
-    index = NeighborIndex.for_run(ws, args.run)
-    groups = index.duplicates(threshold=args.threshold, k=args.k)
+    with Reporter() as shown:
+        index = NeighborIndex.for_run(
+            ws, args.run, progress=shown.step("building the neighbour index", "images"))
+        groups = index.duplicates(threshold=args.threshold, k=args.k,
+                                  progress=shown.step("comparing neighbours", "images"))
     conn = ws.connect()
     try:
         paths = catalog_paths(conn, [i for g in groups for i in g])

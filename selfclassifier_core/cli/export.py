@@ -29,20 +29,23 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..curation import export
     from . import CliError
+    from .progress import Reporter
 
     if not (args.csv or args.imagefolder or args.parquet or args.jsonl):
         raise CliError("export needs a target: --csv FILE, --imagefolder DIR, --parquet FILE "
                        "or --jsonl FILE")
     ws = open_workspace(args.workspace)
     common = dict(run_id=args.run, head=args.head, include_excluded=args.include_excluded)
-    if args.csv:
-        print(f"wrote {export.export_csv(ws, args.csv, **common)}")
-    if args.parquet:
-        print(f"wrote {export.export_parquet(ws, args.parquet, **common)}")
-    if args.jsonl:
-        print(f"wrote {export.export_jsonl(ws, args.jsonl, **common)}")
-    if args.imagefolder:
-        report = export.export_imagefolder(ws, args.imagefolder, link=args.link,
-                                           overwrite=args.overwrite, **common)
-        print(report)
+    with Reporter() as shown:
+        for target, write in ((args.csv, export.export_csv),
+                              (args.parquet, export.export_parquet),
+                              (args.jsonl, export.export_jsonl)):
+            if target:
+                step = shown.step(f"writing {target}", "rows")
+                print(f"wrote {write(ws, target, **common, progress=step)}")
+        if args.imagefolder:
+            report = export.export_imagefolder(
+                ws, args.imagefolder, link=args.link, overwrite=args.overwrite, **common,
+                progress=shown.step(f"placing images in {args.imagefolder}", "images"))
+            print(report)
     return 0

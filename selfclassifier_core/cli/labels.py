@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from . import CliError, open_workspace
 

@@ -60,6 +60,7 @@ def resolve_image(ws, conn: sqlite3.Connection, image: str) -> tuple[int | None,
 
 def run(args: argparse.Namespace) -> int:
     from ..curation.neighbors import NeighborIndex
+    from .progress import Reporter
 
     if args.k < 1:
         raise CliError(f"-k must be at least 1, got {args.k}")
@@ -67,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     conn = ws.connect()
     try:
         image_id, file = resolve_image(ws, conn, args.image)
-        index = NeighborIndex.for_run(ws, args.run)
+        with Reporter() as shown:
+            index = NeighborIndex.for_run(
+                ws, args.run, progress=shown.step("building the neighbour index", "images"))
         if image_id is not None and not index.contains(image_id):
             # catalogued after this run: embed its file instead
             file = ws.abspath(catalog_paths(conn, [image_id])[image_id])

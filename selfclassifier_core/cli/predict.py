@@ -24,17 +24,23 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..inference.predict import predict, predict_folder
+    from .progress import Reporter
 
     ws = open_workspace(args.workspace)
     if args.folder:
-        new_ws, run_id, preds = predict_folder(ws, args.folder, args.run,
-                                               out_workspace=args.out_workspace,
-                                               batch_size=args.batch_size, device=args.device)
+        with Reporter() as shown:
+            new_ws, run_id, preds = predict_folder(
+                ws, args.folder, args.run, out_workspace=args.out_workspace,
+                batch_size=args.batch_size, device=args.device,
+                scan_progress=shown.step("reading images", "files"),
+                progress=shown.step("predicting", "images"))
         print(f"{len(preds.image_ids)} images predicted: run {run_id} in workspace {new_ws.path}")
         print(f"next: python -m selfclassifier_core export {quote(str(new_ws.path))} "
               "--csv labels.csv")
         return 0
     run_id = ws.resolve_run(args.run).id
-    preds = predict(ws, run_id, batch_size=args.batch_size, device=args.device)
+    with Reporter() as shown:
+        preds = predict(ws, run_id, batch_size=args.batch_size, device=args.device,
+                        progress=shown.step("predicting", "images"))
     print(f"{len(preds.image_ids)} images predicted: run {run_id} in workspace {ws.path}")
     return 0

@@ -1,20 +1,29 @@
-"""``runs WS``: list the training runs of a workspace with status, mode and heads."""
+"""``runs WS``: list the training runs of a workspace with status, mode and heads;
+``runs WS --run N``: how good run N's grouping is and what to do next."""
 from __future__ import annotations
 
 import argparse
 import time
 
+from ..curation.summary import format_summary, run_summary
 from . import open_workspace
 
 
 def register(sub) -> None:
-    p = sub.add_parser("runs", help="list the training runs of a workspace")
+    p = sub.add_parser("runs", help="list the training runs of a workspace, or summarise one",
+                       description=__doc__)
     p.add_argument("workspace")
+    p.add_argument("--run", type=int, metavar="N",
+                   help="summarise run N: groups per head, their sizes, confidence, balance, "
+                        "how the heads nest, the granularity to start with and the next commands")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     ws = open_workspace(args.workspace)
+    if args.run is not None:
+        print(format_summary(run_summary(ws, args.run)))
+        return 0
     runs = ws.list_runs()
     if not runs:
         print(f"no runs in workspace {ws.path}")

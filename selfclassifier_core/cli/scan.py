@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _positive_int(text: str) -> int:
@@ -34,23 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _progress_printer():
-    """A one-line progress counter on stderr, only when it is a terminal."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        if total:
-            end = "\n" if done >= total else ""
-            print(f"\rdecoding {done:,}/{total:,}", end=end, file=sys.stderr, flush=True)
-
-    return show
-
-
 def run(args: argparse.Namespace) -> int:
     from ..catalog.scanner import scan
+    from .progress import Reporter
 
-    report = scan(args.folder, workspace=args.workspace, progress=_progress_printer(),
-                  workers=args.workers, retry_unreadable=args.retry_unreadable)
+    with Reporter() as shown:
+        report = scan(args.folder, workspace=args.workspace,
+                      progress=shown.step("reading images", "files"), workers=args.workers,
+                      retry_unreadable=args.retry_unreadable)
     print(report.summary())
     return 0

@@ -6,6 +6,8 @@ import signal
 import threading
 from shlex import quote
 
+from ..curation.summary import format_summary, run_summary
+from ..store.workspace import WorkspaceError
 from ..training.config import option_specs
 from . import CliError
 
@@ -47,6 +49,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine import dist
     from ..workflows.pipeline import TrainingError, train
+    from .progress import Reporter
 
     options = {spec.name: getattr(args, spec.name) for spec in option_specs()}
 
@@ -55,9 +58,11 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        result = train(None if args.resume else args.folder, args.workspace,
-                       resume=args.resume, run_id=args.run_id, should_stop=stop.is_set,
-                       **options)
+        with Reporter() as shown:
+            result = train(None if args.resume else args.folder, args.workspace,
+                           resume=args.resume, run_id=args.run_id, should_stop=stop.is_set,
+                           progress=shown.run_progress(),
+                           scan_progress=shown.step("reading images", "files"), **options)
     except TrainingError as exc:
         raise CliError(str(exc)) from exc
     finally:
@@ -81,5 +86,9 @@ def run(args: argparse.Namespace) -> int:
               f"--workspace {quote(str(ws))} --resume --run {result.run_id}")
         return 1
     print(f"run {result.run_id} done in workspace {ws}")
-    print(f"next: python -m selfclassifier_core export {quote(str(ws))} --csv labels.csv")
+    try:  # how good the grouping is, the granularity to start with and the next commands
+        print(format_summary(run_summary(result.workspace, result.run_id)))
+    except (WorkspaceError, FileNotFoundError) as exc:  # e.g. every image gone since the scan
+        print(f"no summary of run {result.run_id}: {exc}")
+        print(f"next: python -m selfclassifier_core export {quote(str(ws))} --csv labels.csv")
     return 0

@@ -21,14 +21,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks on directories
     fcntl = None
 
 from ..store.fsutil import atomic_write_bytes, atomic_write_json, is_within
+from ..store.progress import Progress, Tally
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
 from .foldernames import (MAPPING_CSV, MAPPING_JSON, MAX_FOLDER_BYTES, safe_folder_name,
                           unique_file_name)
@@ -74,7 +73,7 @@ class ExportReport:
 def export_imagefolder(workspace: Workspace | str | os.PathLike, out_dir: str | os.PathLike,
                        run_id: int | None = None, head: int | None = None, link: str = "copy",
                        overwrite: bool = False, include_excluded: bool = False,
-                       progress: Callable[[int, int], None] | None = None) -> ExportReport:
+                       progress: Progress | None = None) -> ExportReport:
     """Write ``OUT/<label>/<file>`` for every image, plus ``mapping.json`` and ``labels.csv``.
 
     Args:
@@ -87,6 +86,7 @@ def export_imagefolder(workspace: Workspace | str | os.PathLike, out_dir: str | 
             in OUT are removed once the new tree is complete; anything else there is left alone
             (new files never replace it: names are made unique instead).
         include_excluded: also export excluded images, under their label.
+        progress: ``progress(done, total)`` in images placed (from 0 once the table is built).
 
     The tree is built in a temporary folder beside OUT (``OUT.partial-*``; inside OUT as
     ``.partial-*`` when OUT is an existing symlink or mount point, or its parent is read-only)
@@ -156,15 +156,15 @@ def _check_same_device(out: Path, root: Path) -> None:
 
 
 def _build_tree(tree: Path, root: Path, table, link: str, labels: Labels, taken_folders: set[str],
-                report: ExportReport, progress: Callable[[int, int], None] | None) -> None:
+                report: ExportReport, progress: Progress | None) -> None:
     """Write the label folders, ``labels.csv`` and ``mapping.json`` into the empty ``tree``;
     ``taken_folders`` (case-folded) are names the tree's folders must not take."""
     folders: dict[str, str] = {}
     taken_files: dict[str, set[str]] = {}
     files: dict[str, str] = {}
     file_col: list[str | None] = []
-    total = len(table)
-    for done, (rel, label) in enumerate(zip(table["path"].tolist(), table["label"].tolist()), 1):
+    tally = Tally(progress, len(table))
+    for rel, label in zip(table["path"].tolist(), table["label"].tolist()):
         if label not in folders:
             folders[label] = safe_folder_name(label, taken_folders)
         folder = folders[label]
@@ -198,8 +198,8 @@ def _build_tree(tree: Path, root: Path, table, link: str, labels: Labels, taken_
             files[rel_target] = rel
             file_col.append(rel_target)
             report.files += 1
-        if progress is not None:
-            progress(done, total)
+        tally.add()
+    tally.finish()
     report.folders = {k: v for k, v in folders.items()}
     csv_table = table.copy()
     csv_table.insert(0, "file", file_col)

@@ -10,6 +10,9 @@ The CSV is UTF-8 without a byte-order mark, booleans written ``true``/``false``.
 spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
 return) get a leading ``'``; numbers are written as numbers (a spreadsheet does not run them), so
 they are never altered. Parquet and JSON lines carry the values unaltered.
+
+Each export takes ``progress(done, total)`` (:mod:`selfclassifier_core.store.progress`): rows
+written, reported from 0 once the table is built.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import os
 from pathlib import Path
 
 from ..store.fsutil import atomic_open, atomic_write_bytes, is_within
+from ..store.progress import Progress, Tally
 from ..store.workspace import Workspace, as_workspace
 from .labels import Labels
 
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["path", "label", "cluster", "confidence", "margin", "head", "edited"]
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+WRITE_CHUNK = 50_000  # rows written between two progress reports
 
 
 def export_table(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
@@ -62,16 +67,16 @@ def _neutralize_series(s):
 
 def build_csv_bytes(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
                     head: int | None = None, include_excluded: bool = False,
-                    labels: Labels | None = None) -> bytes:
+                    labels: Labels | None = None, *, progress: Progress | None = None) -> bytes:
     """The CSV export as UTF-8 bytes (what :func:`export_csv` writes; for download buttons).
 
-    ``workspace`` is a :class:`Workspace` or its directory (a path).
+    ``workspace`` is a :class:`Workspace` or its directory (a path); ``progress`` counts rows.
     """
     df = export_table(workspace, run_id, head, include_excluded, labels)
-    return _csv_bytes(df)
+    return _csv_bytes(df, progress)
 
 
-def _csv_bytes(df) -> bytes:
+def _csv_bytes(df, progress: Progress | None = None) -> bytes:
     df = df.copy()
     for col in ("path", "label"):
         df[col] = _neutralize_series(df[col])
@@ -79,19 +84,26 @@ def _csv_bytes(df) -> bytes:
         if col in df:
             df[col] = df[col].map({True: "true", False: "false"})
     buf = io.StringIO()
-    df.to_csv(buf, index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, na_rep="")
+    options = dict(index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, na_rep="")
+    df.iloc[:0].to_csv(buf, **options)  # the header; then the rows chunk by chunk
+    tally = Tally(progress, len(df))
+    for start in range(0, len(df), WRITE_CHUNK):
+        chunk = df.iloc[start:start + WRITE_CHUNK]
+        chunk.to_csv(buf, header=False, **options)
+        tally.add(len(chunk))
+    tally.finish()
     return buf.getvalue().encode("utf-8")
 
 
 def export_csv(workspace: Workspace | str | os.PathLike, out: str | os.PathLike,
                run_id: int | None = None, head: int | None = None,
-               include_excluded: bool = False) -> Path:
+               include_excluded: bool = False, *, progress: Progress | None = None) -> Path:
     """Write the labels CSV to ``out`` atomically; returns its path.
 
-    ``workspace`` is a :class:`Workspace` or its directory (a path).
+    ``workspace`` is a :class:`Workspace` or its directory (a path); ``progress`` counts rows.
     """
     workspace, out = _target_file(workspace, out)
-    data = build_csv_bytes(workspace, run_id, head, include_excluded)
+    data = build_csv_bytes(workspace, run_id, head, include_excluded, progress=progress)
     atomic_write_bytes(out, data)
     _usual_mode(out)
     log.info("wrote %s (%d bytes)", out, len(data))
@@ -100,15 +112,18 @@ def export_csv(workspace: Workspace | str | os.PathLike, out: str | os.PathLike,
 
 def export_parquet(workspace: Workspace | str | os.PathLike, out: str | os.PathLike,
                    run_id: int | None = None, head: int | None = None,
-                   include_excluded: bool = False) -> Path:
+                   include_excluded: bool = False, *, progress: Progress | None = None) -> Path:
     """Write the labels as Parquet (same columns, values unaltered); returns the path.
 
-    ``workspace`` is a :class:`Workspace` or its directory (a path).
+    ``workspace`` is a :class:`Workspace` or its directory (a path); ``progress`` counts rows
+    (written in one go: 0, then all).
     """
     workspace, out = _target_file(workspace, out)
     df = export_table(workspace, run_id, head, include_excluded).reset_index(drop=True)
+    tally = Tally(progress, len(df))
     with atomic_open(out, "wb") as fh:
         df.to_parquet(fh, index=False)
+    tally.finish()
     _usual_mode(out)
     log.info("wrote %s (%d rows)", out, len(df))
     return out
@@ -116,26 +131,32 @@ def export_parquet(workspace: Workspace | str | os.PathLike, out: str | os.PathL
 
 def export_jsonl(workspace: Workspace | str | os.PathLike, out: str | os.PathLike,
                  run_id: int | None = None, head: int | None = None,
-                 include_excluded: bool = False) -> Path:
+                 include_excluded: bool = False, *, progress: Progress | None = None) -> Path:
     """Write the labels as JSON lines, one object per image (UTF-8); returns the path.
 
-    ``workspace`` is a :class:`Workspace` or its directory (a path).
+    ``workspace`` is a :class:`Workspace` or its directory (a path); ``progress`` counts rows.
     """
     workspace, out = _target_file(workspace, out)
     df = export_table(workspace, run_id, head, include_excluded)
     cols = list(df.columns)
+    values = [df[c].tolist() for c in cols]
+    tally = Tally(progress, len(df))
     with atomic_open(out, "w") as fh:
-        for row in zip(*(df[c].tolist() for c in cols)):
-            rec = {}
-            for c, v in zip(cols, row):
-                if c == "cluster":
-                    v = None if _isna(v) else int(v)
-                elif c in ("edited", "excluded"):
-                    v = bool(v)
-                elif c == "head":
-                    v = int(v)
-                rec[c] = v
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        for start in range(0, len(df), WRITE_CHUNK):
+            stop = start + WRITE_CHUNK
+            for row in zip(*(v[start:stop] for v in values)):
+                rec = {}
+                for c, v in zip(cols, row):
+                    if c == "cluster":
+                        v = None if _isna(v) else int(v)
+                    elif c in ("edited", "excluded"):
+                        v = bool(v)
+                    elif c == "head":
+                        v = int(v)
+                    rec[c] = v
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            tally.add(min(stop, len(df)) - start)
+    tally.finish()
     _usual_mode(out)
     log.info("wrote %s (%d rows)", out, len(df))
     return out

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..store.fsutil import atomic_write_bytes, atomic_write_json, atomic_open
 from ..store.predictions import load_run_embeddings
+from ..store.progress import Progress, Tally
 from ..store.workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +48,6 @@ _CHUNK = 65_536                  # rows normalised / searched at a time
 _GPU_MAX_K = 2048                # faiss GPU indexes refuse larger k
 FEW_QUERIES = 16                 # searches of at most this many vectors run on one thread
 
-Progress = Callable[[int, int], None]
 EmbedFn = Callable[[list], np.ndarray]
 
 
@@ -169,6 +169,7 @@ class NeighborIndex:
 
     def _build(self, faiss, progress: Progress | None, seed: int):
         n, d = len(self.image_ids), self.dim
+        tally = Tally(progress, n)  # counts vectors added; an IVF index is trained first
         if n > self.ivf_threshold:
             # faiss wants >= 39 training points per list; keep nlist within what n supports.
             nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
@@ -187,8 +188,8 @@ class NeighborIndex:
         for start in range(0, n, _CHUNK):
             stop = min(n, start + _CHUNK)
             index.add(self._normalized_rows(start, stop))
-            if progress:
-                progress(stop, n)
+            tally.add(stop - start)
+        tally.finish()
         return index
 
     @staticmethod
@@ -214,7 +215,8 @@ class NeighborIndex:
 
         A saved index is used only if it was built from the same embeddings file (same size and
         mtime) with the same ``ivf_threshold`` decision; otherwise it is rebuilt. ``workspace``
-        is a :class:`Workspace` or its directory (a path).
+        is a :class:`Workspace` or its directory (a path). ``progress(done, total)`` counts the
+        vectors added to a new index (a saved one reports ``(n, n)`` once loaded).
         """
         workspace = as_workspace(workspace)
         run, preds, emb_identity = load_run_embeddings(workspace, run_id)
@@ -240,6 +242,8 @@ class NeighborIndex:
             self = cls(preds.embeddings, preds.image_ids, ivf_threshold=ivf_threshold,
                        nprobe=nprobe, use_gpu=use_gpu, _index=saved)
             self.loaded_from_disk = True
+            if progress:
+                progress(n, n)
         else:
             log.info("building neighbour index of run %s (%d vectors)", run.id, n)
             self = cls(preds.embeddings, preds.image_ids, ivf_threshold=ivf_threshold,
@@ -322,14 +326,15 @@ class NeighborIndex:
         m = q.shape[0]
         sims = np.empty((m, k), np.float32)
         ids = np.empty((m, k), np.int64)
+        tally = Tally(progress, m)
         for start in range(0, m, _CHUNK):
             stop = min(m, start + _CHUNK)
             with _threads_for(m):
                 s, p = self._search_raw(normalize(q[start:stop]), k)
             sims[start:stop] = s
             ids[start:stop] = np.where(p >= 0, self.image_ids[np.maximum(p, 0)], -1)
-            if progress:
-                progress(stop, m)
+            tally.add(stop - start)
+        tally.finish()
         return sims, ids
 
     def search(self, image_id: int, k: int = 10, *, include_self: bool = False) -> "pd.DataFrame":
@@ -401,12 +406,13 @@ class NeighborIndex:
         n = len(self)
         sims = np.empty((n, k), np.float32)
         pos = np.empty((n, k), np.int64)
+        tally = Tally(progress, n)
         for start in range(0, n, _CHUNK):
             stop = min(n, start + _CHUNK)
             sims[start:stop], pos[start:stop] = self._search_raw(
                 self._normalized_rows(start, stop), k)
-            if progress:
-                progress(stop, n)
+            tally.add(stop - start)
+        tally.finish()
         return sims, pos
 
     def duplicates(self, threshold: float = 0.95, k: int = 10, *,
@@ -425,6 +431,8 @@ class NeighborIndex:
             raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
         n = len(self)
         if n < 2:
+            if progress:
+                progress(n, n)
             return []
         sims, pos = self.knn_all(min(_check_k(k) + 1, n), progress=progress)
         rows = np.repeat(np.arange(n, dtype=np.int64), pos.shape[1])

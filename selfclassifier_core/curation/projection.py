@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..store.fsutil import atomic_open, atomic_write_json
 from ..store.predictions import load_run_embeddings
+from ..store.progress import Progress
 from ..store.workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,8 +32,6 @@ MAP_FILE = "umap.npy"
 MAP_KEY_FILE = "umap.json"
 MAP_FORMAT = 1                 # bump when the recipe changes so old caches are recomputed
 TRANSFORM_CHUNK = 20_000
-
-Progress = Callable[[int, int], None]
 
 
 def _import_umap():
@@ -83,6 +82,8 @@ def umap_2d(embeddings: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_di
                          f"got {max_fit}")
     n = x.shape[0]
     if n == 0:
+        if progress:
+            progress(0, 0)
         return np.zeros((0, 2), np.float32)
     if n < n_neighbors + 2:
         log.info("only %d points (< n_neighbors + 2 = %d): placing them by PCA instead of UMAP",
@@ -137,7 +138,9 @@ def run_map(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
 
     Loaded from ``runs/<id>/umap.npy`` when its key matches the current embeddings file and the
     parameters; computed with :func:`umap_2d` and saved (atomically) otherwise. ``workspace``
-    is a :class:`Workspace` or its directory (a path).
+    is a :class:`Workspace` or its directory (a path). ``progress(done, total)`` counts points
+    placed (the fit places its sample at once, then the rest come in chunks; a saved map
+    reports ``(n, n)``).
     """
     import pandas as pd
 

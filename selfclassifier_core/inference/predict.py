@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from ..catalog.datasets import EvalDataset, make_loader
 from ..catalog.scanner import scan
 from ..store.fsutil import atomic_open
 from ..store.predictions import HeadPrediction, Predictions, save_predictions
+from ..store.progress import Progress, Tally
 from ..engine.transforms import eval_transform
 from ..store.workspace import Workspace, as_workspace
 from ..training.config import DEFAULT_ROW_TAU, config_from_dict
@@ -71,10 +72,10 @@ def _model_info(state: dict[str, Any], run_id: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def _infer(model: nn.Module, dataset: EvalDataset, device: torch.device, batch_size: int,
-           row_tau: float, workers: int | None = None,
-           progress: Callable[[int, int], None] | None = None
+           row_tau: float, workers: int | None = None, progress: Progress | None = None
            ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Positions that loaded, their float32 embeddings, and per-head probabilities."""
+    """Positions that loaded, their float32 embeddings, and per-head probabilities;
+    ``progress`` counts images (read or not)."""
     model.eval()
     cuda = device.type == "cuda"
     loader = make_loader(dataset, batch_size, shuffle=False, drop_last=False,
@@ -82,9 +83,8 @@ def _infer(model: nn.Module, dataset: EvalDataset, device: torch.device, batch_s
                          pin_memory=cuda)
     positions, embeddings = [], []
     probs: list[list[np.ndarray]] | None = None
-    done = 0
+    tally = Tally(progress, len(dataset))
     for batch in loader:
-        done = min(len(dataset), done + batch_size)
         if batch is not None:
             x, pos = batch
             x = x.to(device, non_blocking=True)
@@ -97,8 +97,8 @@ def _infer(model: nn.Module, dataset: EvalDataset, device: torch.device, batch_s
                 probs = [[] for _ in p]
             for acc, ph in zip(probs, p):
                 acc.append(ph)
-        if progress is not None:
-            progress(done, len(dataset))
+        tally.add(batch_size)  # a batch of images that all failed comes as None
+    tally.finish()
     if not positions:
         heads = getattr(model, "head_sizes", [])
         return (np.zeros(0, np.int64), np.zeros((0, model.config.out_dim), np.float32),
@@ -120,7 +120,7 @@ def head_prediction(classes: int, probs: np.ndarray) -> HeadPrediction:
 
 def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None, *,
             batch_size: int = 256, device: str | torch.device = "auto",
-            progress: Callable[[int, int], None] | None = None, model: nn.Module | None = None,
+            progress: Progress | None = None, model: nn.Module | None = None,
             image_size: int | None = None, folder: str | os.PathLike | None = None,
             out_workspace: str | os.PathLike | None = None, workers: int | None = None,
             save: bool = True) -> Predictions:
@@ -130,7 +130,8 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
         workspace: the workspace of the trained run.
         batch_size: images per forward pass.
         device: ``auto``, ``cpu``, ``cuda``.
-        progress: ``progress(done, total)``.
+        progress: ``progress(done, total)`` in images (with ``folder``, of the prediction:
+            :func:`predict_folder` takes a ``scan_progress`` for the scan).
         model: an in-memory model to use instead of loading the run's checkpoint (the trainer
             passes its own); then ``image_size`` should be given too.
         folder: predict this *other* folder instead (see :func:`predict_folder`).
@@ -176,12 +177,14 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
 
 def predict_folder(workspace: Workspace | str | os.PathLike, folder: str | os.PathLike,
                    run_id: int | None = None, *, out_workspace: str | os.PathLike | None = None,
+                   scan_progress: Progress | None = None,
                    **kwargs: Any) -> tuple[Workspace, int, Predictions]:
     """Predict a new image folder with a trained run.
 
     The folder is scanned into its own workspace (``out_workspace`` or the folder's default),
     a run is created there holding a copy of the trained checkpoint, and predictions are
-    written to it. Returns ``(new workspace, new run id, predictions)``.
+    written to it. Returns ``(new workspace, new run id, predictions)``. ``scan_progress``
+    follows the scan, ``progress`` (in ``kwargs``, as for :func:`predict`) the prediction.
     """
     src = as_workspace(workspace)
     run = src.resolve_run(run_id)
@@ -189,7 +192,7 @@ def predict_folder(workspace: Workspace | str | os.PathLike, folder: str | os.Pa
     if not ckpt.exists():
         raise FileNotFoundError(f"run {run.id} of {src.path} has no checkpoint to predict with")
     dst = Workspace.for_folder(folder, out_workspace)
-    scan(folder, dst)
+    scan(folder, dst, progress=scan_progress)
     config = {**run.config, "source": {"workspace": str(src.path), "run": run.id}}
     new_id = dst.create_run(run.mode, config, heads=run.heads, main_head=run.main_head)
     dst.update_run(new_id, status="running", message=f"predicting with run {run.id} of {src.path}")

@@ -15,7 +15,7 @@ names are spelled here only.
     step          optimizer steps taken in the run
     steps         optimizer steps planned (None when budgeted by minutes)
     epoch_step    steps taken in the current epoch;  epoch_steps: steps per epoch
-    done / total  images processed in a non-training phase (features)
+    done / total  images processed in a non-training phase (features, predicting)
     loss, lr, images_per_s, eta_s, classes_in_use {K: n}, message, updated (unix time)
 
 ``stats.jsonl`` gets one JSON line per epoch (fast mode: per logging interval) with at least

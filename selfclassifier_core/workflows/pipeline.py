@@ -36,6 +36,7 @@ from ..engine.device import resolve_device
 from ..inference.predict import predict
 from ..store.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from ..store.predictions import PREDICTIONS_FILE, save_predictions
+from ..store.progress import Progress
 from ..store.runfiles import ProgressFn, RunRecorder
 from ..store.workspace import RunInfo, Workspace, as_workspace, continuation_text
 from ..training.config import RESUMABLE_MODES, TrainConfig, make_config
@@ -61,7 +62,7 @@ class TrainResult:
 def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.PathLike | None = None,
           *, mode: str | None = None, resume: bool = False, run_id: int | None = None,
           progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
-          **options: Any) -> TrainResult:
+          scan_progress: Progress | None = None, **options: Any) -> TrainResult:
     """Learn classes on ``folder`` and predict every usable image.
 
     Args:
@@ -77,6 +78,7 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         progress: called with every progress record (schema in
             :mod:`selfclassifier_core.store.runfiles`); ``progress.json`` gets it every 2 s.
         should_stop: polled every step; True cancels after a clean checkpoint.
+        scan_progress: ``(done, total)`` of the folder's scan.
         **options: fields of the mode's config (:class:`~.training.config.TrainConfig`,
             :class:`~.training.config.FastConfig`): classes, backbone, epochs, minutes,
             batch_size, device, pretrained, lr, optimizer, seed, ...
@@ -113,7 +115,7 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
             _fail(ws, handed.id, mode, exc)
             raise
     if folder is not None and dist.is_main():
-        log.info("%s", scan(folder, ws).summary())
+        log.info("%s", scan(folder, ws, progress=scan_progress).summary())
     dist.barrier()
     if mode == "fast":
         if dist.world_size() > 1:
@@ -182,8 +184,14 @@ def _run_scratch(ws: Workspace, run_id: int, cfg: TrainConfig,
         return result
     if dist.is_main():
         recorder.final_progress("predicting")
+
+        def predicting(done: int, total: int) -> None:
+            recorder.progress({"status": "predicting", "phase": "predicting", "done": done,
+                               "total": total}, force=done == total)
+
         predict(ws, run_id, model=trainer.model, device=trainer.device,
-                batch_size=max(64, cfg.batch_size), image_size=cfg.global_size)
+                batch_size=max(64, cfg.batch_size), image_size=cfg.global_size,
+                progress=predicting)
         result.predictions_path = recorder.dir / PREDICTIONS_FILE
         recorder.finish("done", "stopped at the time budget"
                         if trainer.state.stop_reason == "time" else None)
