@@ -8,15 +8,42 @@ Expected errors (bad folder, missing run, bad value) are raised as :class:`CliEr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 COMMANDS = ["scan", "group", "train", "predict", "export", "labels", "neighbors", "duplicates", "runs"]
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
+
+
+def add_folder_args(p: argparse.ArgumentParser) -> None:
+    """FOLDER and ``--workspace``, as every command that reads an image folder takes them."""
+    p.add_argument("folder", help="image folder (never written to)")
+    p.add_argument("--workspace", help="workspace directory (default: one per folder under "
+                                       "$SELFCLASSIFIER_HOME)")
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while the block runs (a training loop polls it and stops after a
+    clean checkpoint); the previous handler is put back after. Off the main thread (where
+    handlers cannot be set) the event is only set by the caller."""
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def open_workspace(path: str):

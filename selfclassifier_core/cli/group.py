@@ -2,11 +2,9 @@
 the neighbour index and the map, then a summary and the next commands."""
 from __future__ import annotations
 
-import signal
-import threading
 from shlex import quote
 
-from . import CliError
+from . import CliError, add_folder_args, sigterm_stops
 
 
 def register(sub) -> None:
@@ -17,9 +15,7 @@ def register(sub) -> None:
                                    "a time budget), build the neighbour index and the map, then "
                                    "print a summary. A folder that already has a finished run "
                                    "reuses it instead of training again.")
-    p.add_argument("folder", help="image folder (never written to)")
-    p.add_argument("--workspace", help="workspace directory (default: one per folder under "
-                                       "$SELFCLASSIFIER_HOME)")
+    add_folder_args(p)
     p.add_argument("--retrain", action="store_true",
                    help="train a new run even when the folder already has a finished one")
     p.add_argument("--no-views", action="store_true",
@@ -32,16 +28,12 @@ def run(args) -> int:
     from ..workflows.group import VIEWS, group
     from ..workflows.pipeline import TrainingError
 
-    stop = threading.Event()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     from .progress import Reporter
 
     view_words = {"neighbors": ("building the neighbour index", "vectors"),
                   "map": ("placing the map", "points")}
     try:
-        with Reporter() as shown:
+        with sigterm_stops() as stop, Reporter() as shown:
             result = group(args.folder, args.workspace, retrain=args.retrain,
                            views=() if args.no_views else VIEWS, should_stop=stop.is_set,
                            scan_progress=shown.step("reading images", "files"),
@@ -49,9 +41,6 @@ def run(args) -> int:
                            view_progress=lambda view: shown.step(*view_words[view]))
     except TrainingError as exc:
         raise CliError(str(exc)) from exc
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     ws = result.workspace.path
     folder = quote(str(args.folder))
     if result.status != "done":

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from shlex import quote
 
 from ..curation.summary import format_summary, run_summary
 from ..store.workspace import WorkspaceError
 from ..training.config import option_specs
-from . import CliError
+from . import CliError, add_folder_args, sigterm_stops
 
 
 def register(sub) -> None:
@@ -17,9 +15,7 @@ def register(sub) -> None:
                        description="Scan FOLDER (incrementally), train Self-Classifier on it and "
                                    "predict every usable image. Defaults follow the folder and "
                                    "the device.")
-    p.add_argument("folder", help="image folder (never written to)")
-    p.add_argument("--workspace", help="workspace directory (default: one per folder under "
-                                       "$SELFCLASSIFIER_HOME)")
+    add_folder_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the newest scratch or finetune run with a checkpoint (or "
                         "--run); fast runs are not resumed")
@@ -53,12 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     options = {spec.name: getattr(args, spec.name) for spec in option_specs()}
 
-    stop = threading.Event()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        with Reporter() as shown:
+        with sigterm_stops() as stop, Reporter() as shown:
             result = train(None if args.resume else args.folder, args.workspace,
                            resume=args.resume, run_id=args.run_id, should_stop=stop.is_set,
                            progress=shown.run_progress(),
@@ -66,8 +58,6 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         raise CliError(str(exc)) from exc
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         main = dist.is_main()
         dist.cleanup()
     if not main:
