@@ -126,22 +126,27 @@ def _watched_run(ctx: Context) -> int | None:
 
 def _progress_section(ctx: Context, run_id: int) -> None:
     st.subheader(f"Run {run_id}")
-    alive = jobs.job_status(ctx.ws, run_id).alive
+    now = jobs.job_status(ctx.ws, run_id)
     # Poll only while the job runs; the fragment reruns alone, not the whole page.
-    st.fragment(run_every=POLL_S if alive else None)(_progress_body)(ctx, run_id, alive)
+    st.fragment(run_every=POLL_S if now.alive else None)(_progress_body)(
+        ctx, run_id, now.alive, now.status == "done")
 
 
-def _progress_body(ctx: Context, run_id: int, was_alive: bool) -> None:
+def _progress_body(ctx: Context, run_id: int, was_alive: bool, was_done: bool) -> None:
     st_ = jobs.job_status(ctx.ws, run_id)
     p = st_.progress
-    if was_alive and not st_.alive:
+    if (was_alive and not st_.alive) or (not was_done and st_.status == "done"):
         # finished while we watched: rerun the whole app so the new run shows everywhere
+        # (the sidebar's run picker, the other screens)
         st.rerun(scope="app")
     status = st_.status
     if st_.alive and st_.cancel_requested:
         st.warning("Cancelling… the run stops after a clean checkpoint.")
     elif status == "done":
         st.success(f"Run {run_id} is done: open **Clusters** to see the groups.")
+        if st_.alive:
+            st.caption("Preparing the neighbour index and the map in the background, so those "
+                       "screens open at once…")
         render_summary(ctx, run_id)
     elif status == "failed":
         st.error(f"Run {run_id} failed: {ui.esc(st_.message or 'no message')}")
@@ -151,7 +156,7 @@ def _progress_body(ctx: Context, run_id: int, was_alive: bool) -> None:
         phase = p.get("phase") or p.get("status") or status
         st.info(f"Training in the background ({phase}). Progress updates every second; "
                 "reloading the page is safe.")
-    if status == "done" and not st_.alive:
+    if status == "done":
         with st.expander("How the training went"):
             _training_details(ctx, run_id, st_)
     else:
@@ -191,8 +196,8 @@ def _training_details(ctx: Context, run_id: int, st_: jobs.JobStatus) -> None:
                      f"(heads {', '.join(in_use) or '—'}).")
     _loss_chart(st_)
     b1, b2, _ = st.columns([1, 1, 4])
-    if st_.alive and not st_.cancel_requested and b1.button("Cancel training",
-                                                             key=f"cancel_{run_id}"):
+    if st_.alive and status != "done" and not st_.cancel_requested and b1.button(
+            "Cancel training", key=f"cancel_{run_id}"):
         jobs.cancel(ctx.ws, run_id)
         st.rerun(scope="fragment")
     if st_.alive and st_.cancel_requested and b1.button(
