@@ -548,6 +548,19 @@ def test_neighbours_upload_is_handled(fixture_app, monkeypatch):
 
 
 # --------------------------------------------------------------------------- screen 5
+def test_clicking_an_export_row_shows_its_image(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Export")
+    at.session_state["exp_table"] = {"selection": {"rows": [4], "columns": []}}
+    at.run()
+    assert_ok(at)
+    row = Labels(ws, run_id).final_table().loc[5]                 # the 5th row is image 5
+    text = (" ".join(m.value for m in at.markdown) + " ".join(c.value for c in at.caption)
+            ).replace("\\", "")
+    assert "img_0004.png" in text
+    assert f"label **{row['label']}** · confidence {row['confidence']:.2f}" in text
+
+
 def test_export_imagefolder_from_the_app(fixture_app, tmp_path):
     at, ws, run_id = fixture_app
     goto(at, "Export")

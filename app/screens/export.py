@@ -5,10 +5,19 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import caches, session, ui
+from app import caches, image_panel, session, ui
 from app.session import Context
 
 PREVIEW_ROWS = 1000
+
+
+def _selected_rows(event) -> list[int]:
+    """Row positions selected in a dataframe (``on_select``), as a mapping or an object."""
+    sel = event.get("selection") if isinstance(event, dict) else getattr(event, "selection", None)
+    if not sel:
+        return []
+    rows = sel.get("rows") if isinstance(sel, dict) else getattr(sel, "rows", None)
+    return [int(r) for r in rows or []]
 
 
 def render(ctx: Context) -> None:
@@ -26,13 +35,19 @@ def render(ctx: Context) -> None:
     counts = (table.groupby("label").size().sort_values(ascending=False)
               .rename("images").reset_index())
     c1, c2 = st.columns([3, 2])
+    preview = table.head(PREVIEW_ROWS)
     with c1:
         st.markdown(f"**Final table** — {len(table):,} rows, {len(counts):,} labels "
                     f"(run {ctx.run.id}, head of {ctx.head} classes)")
-        st.dataframe(table.head(PREVIEW_ROWS), width="stretch", height=420, key="exp_table")
-        if len(table) > PREVIEW_ROWS:
-            st.caption(f"Showing the first {PREVIEW_ROWS:,} rows; the export has all.")
+        event = st.dataframe(preview, width="stretch", height=420, key="exp_table",
+                             on_select="rerun", selection_mode="single-row")
+        st.caption("Click a row to see its image and neighbours."
+                   + (f" Showing the first {PREVIEW_ROWS:,} rows; the export has all."
+                      if len(table) > PREVIEW_ROWS else ""))
+    rows = _selected_rows(event)
     with c2:
+        if rows and rows[0] < len(preview):
+            image_panel.show(ctx, int(preview.index[rows[0]]))
         st.markdown("**Images per label**")
         st.dataframe(counts, hide_index=True, width="stretch", height=420, key="exp_counts")
 
