@@ -184,3 +184,39 @@ def test_a_fresh_folder_groups_itself_in_a_real_browser(tmp_path):
 
     runs = Workspace.open(tmp_path / "ws").list_runs()
     assert [r.status for r in runs] == ["done"]
+
+
+def test_a_real_lasso_on_the_map_selects_points(server, tmp_path):
+    """A mouse drag on the plotly map (its drag mode is lasso) selects points; their thumbnails
+    and the labelling form appear below the map."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, ws, run_id = server
+    expect.set_options(timeout=120_000)                  # the map is computed on first view
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.set_default_timeout(120_000)
+            page.goto(url)
+            page.locator('[data-testid="stSidebar"]').get_by_text("Map", exact=True).click()
+            plot = page.locator(".js-plotly-plot .nsewdrag").first   # the drawing area
+            expect(plot).to_be_visible()
+            box = plot.bounding_box()
+            x0, y0, w, h = box["x"], box["y"], box["width"], box["height"]
+            ring = [(0.03, 0.03), (0.97, 0.03), (0.97, 0.97), (0.03, 0.97), (0.03, 0.05)]
+            page.mouse.move(x0 + w * ring[0][0], y0 + h * ring[0][1])
+            page.mouse.down()
+            for fx, fy in ring[1:]:
+                page.mouse.move(x0 + w * fx, y0 + h * fy, steps=12)
+            page.mouse.up()
+            heading = page.get_by_text("selected", exact=False).first
+            expect(heading).to_be_visible()
+            assert heading.inner_text().strip() == "24 selected"   # every point was inside
+            expect(page.get_by_role("button", name="Apply label")).to_be_visible()
+            thumbs = page.locator('[data-testid="stMain"] [data-testid="stImage"] img')
+            expect(thumbs.first).to_be_visible()
+            assert thumbs.count() == 24
+            _screenshot(page, tmp_path, "browser-lasso")
+        finally:
+            browser.close()
