@@ -19,7 +19,7 @@ from selfclassifier_core.curation import export
 from selfclassifier_core.workflows import jobs
 from selfclassifier_core.store import recent
 from selfclassifier_core.curation.labels import Labels
-from workspace_fixtures import make_workspace_with_run
+from workspace_fixtures import cluster_assignments, make_workspace_with_run
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -302,7 +302,17 @@ def test_start_short_training_from_the_app(tmp_path, monkeypatch):
     assert any("is done" in s.value for s in at.success)
     assert at.sidebar.selectbox(key="run_id").value == run.id
     goto(at, "Clusters")
-    assert len([t for t in at.text_input if t.key and t.key.startswith("rn|")]) >= 1
+    from selfclassifier_core.store.predictions import load_predictions
+    preds = load_predictions(run.dir)
+    groups = set()
+    for head in ws.get_run(run.id).heads:                  # every granularity of the new run
+        at.sidebar.radio(key="head").set_value(head).run()
+        assert_ok(at)
+        used = np.unique(preds.head(head).cluster)
+        groups.add(len(used))
+        cards = [t.value for t in at.text_input if t.key and t.key.startswith("rn|")]
+        assert sorted(cards) == sorted(f"cluster_{k}" for k in used), head  # a card per group
+    assert max(groups) > 1                                 # so a missing card would show
 
 
 # --------------------------------------------------------------------------- screen 2
@@ -384,10 +394,14 @@ def test_move_images_undo_redo(fixture_app):
     table = Labels(ws, run_id).final_table()
     assert list(table.loc[moved, "label"]) == ["cluster_2", "cluster_2"]
     assert table.loc[moved, "edited"].all()
-    assert len(_image_boxes(at)) == len(in_c0) - 2       # gone from the open group
+    def shown_ids() -> set[int]:
+        return {int(b.key.rsplit("|", 1)[1]) for b in _image_boxes(at)}
+
+    assert shown_ids() == in_c0 - set(moved)             # exactly those left the open group
     at.sidebar.button(key="undo").click().run()
     assert_ok(at)
     assert list(Labels(ws, run_id).final_table().loc[moved, "label"]) == ["cluster_0"] * 2
+    assert shown_ids() == in_c0                          # and are back in it
     at.sidebar.button(key="redo").click().run()
     assert list(Labels(ws, run_id).final_table().loc[moved, "label"]) == ["cluster_2"] * 2
 
@@ -520,7 +534,13 @@ def test_neighbours_listed(fixture_app):
     # the neighbours of image 4 are mostly of its own (fixture) cluster
     from selfclassifier_core.curation.neighbors import NeighborIndex
     expected = NeighborIndex.for_run(ws, run_id).search(4, 12)
-    assert [at.button(key=f"nn_again_{i}") for i in expected["image_id"]]
+    shown = grid_order([int(b.key.rsplit("_", 1)[1]) for b in at.button
+                        if b.key and b.key.startswith("nn_again_")], RESULT_COLUMNS)
+    assert shown == expected["image_id"].tolist()      # the index's neighbours, in its order
+    assert [float(s.split()[1]) for s in sims] == pytest.approx(
+        expected["similarity"].tolist(), abs=1e-3)     # each under its own similarity
+    cluster = cluster_assignments(40, 3)               # the fixture's; image id i is row i - 1
+    assert [cluster[i - 1] for i in shown[:4]] == [cluster[4 - 1]] * 4  # its own cluster first
     # near-duplicates view runs on the same index
     at.toggle(key="dup_on").set_value(True).run()
     assert_ok(at)
@@ -736,3 +756,33 @@ def test_run_summary_shows_the_core_numbers_and_switches_granularity(tmp_path):
     assert shown["Low margin"] == f"{h3.low_margin:.0%}" and shown["Nesting"] == "—"
     assert at.button(key=f"sum_switch|{run_id}").disabled            # already there
     assert at.button(key=f"sum_clusters|{run_id}") and at.button(key=f"sum_export|{run_id}")
+
+
+def test_interrupted_run_shows_with_its_resume(tmp_path, monkeypatch):
+    """A background run whose process is gone: the Folder screen says interrupted, with the
+    command that continues it and a Resume button; the runs table says interrupted too."""
+    from selfclassifier_core.store import liveness
+    from selfclassifier_core.store.fsutil import atomic_write_json
+
+    ws, _ = make_workspace_with_run(tmp_path, n_images=12, heads=(3,))
+    run_id = ws.create_run("scratch", {"folder": str(ws.root)})
+    ws.update_run(run_id, status="running")
+    dead = {"pid": 2 ** 22 + 41, "host": liveness.this_host(), "proc_start": None,
+            "started": 1.0, "updated": 1.0}                   # beyond pid_max: no such process
+    atomic_write_json(ws.run_dir(run_id) / liveness.JOB_FILE, {**dead, "argv": []})
+    atomic_write_json(ws.run_dir(run_id) / liveness.HEARTBEAT_FILE, dead)
+    (ws.run_dir(run_id) / "checkpoint.pt").write_bytes(b"")
+    resumed = []
+    monkeypatch.setattr(jobs, "resume", lambda w, r: resumed.append(r))
+    at = start_app(monkeypatch, ws.root, ws.path)
+    shown = [w.value.replace("\\", "") for w in at.warning]   # the markdown, unescaped
+    warning = [w for w in shown if w.startswith(f"Run {run_id} was interrupted: its training "
+                                                f"process (pid {dead['pid']}")]
+    assert len(warning) == 1, shown
+    assert (f"python -m selfclassifier_core train {ws.root} --workspace {ws.path} --resume "
+            f"--run {run_id}") in warning[0]
+    assert warning[0].endswith("Resume (below) continues it from its last checkpoint.")
+    table = at.dataframe[0].value
+    assert table.set_index("run").at[run_id, "status"] == "interrupted"
+    at.button(key=f"resume_{run_id}").click().run()
+    assert resumed == [run_id]

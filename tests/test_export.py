@@ -406,7 +406,86 @@ def test_imagefolder_builds_inside_out_when_its_parent_is_read_only(ws_run, tmp_
         assert link.is_symlink() and link.resolve() == (ws.root / source).resolve()
 
 
-def test_imagefolder_removes_staging_left_by_a_killed_export(ws_run, tmp_path):
+# An export in a child process that stops after placing this many files, until it is killed.
+# The pause only makes the moment of the SIGKILL certain; the kill itself is real (the kernel
+# drops the export's lock on its staging folder, nothing of the export's cleanup runs).
+_PAUSED_EXPORT = """
+import sys, time
+from pathlib import Path
+from selfclassifier_core.curation import export as ex
+from selfclassifier_core.store.workspace import Workspace
+
+ws, out, marker, n = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+real, placed = ex._place, []
+
+def place(src, target, link):
+    real(src, target, link)
+    placed.append(target)
+    if len(placed) == n:
+        marker.write_text(str(target))
+        time.sleep(600)
+
+ex._place = place
+ex.export_imagefolder(Workspace.open(ws), out, overwrite=True)
+"""
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow  # starts a subprocess
+@pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "over-an-earlier-export"])
+def test_imagefolder_after_an_export_killed_midway(ws_run, tmp_path, earlier):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ws, _ = ws_run
+    out = tmp_path / "export" / "out"
+    if earlier:
+        export_imagefolder(ws, out)
+        (out / "keep.txt").write_text("mine")
+    before = tree_digest(out) if earlier else None
+    Labels(ws).merge([0, 1, 2], name="All")               # the killed export differs
+    marker = tmp_path / "placed"
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-c", _PAUSED_EXPORT, str(ws.path), str(out),
+                              str(marker), "5"], env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, "the export ended before it was killed"
+            assert time.monotonic() < deadline, "the export did not start placing files"
+            time.sleep(0.05)
+        staging = [p for p in out.parent.iterdir() if p.name.startswith("out.partial-")]
+        assert len(staging) == 1 and len(_files(staging[0])) == 5   # mid-way
+        with pytest.raises(ValueError, match="another export into .* is running"):
+            export_imagefolder(ws, out, overwrite=True)         # while it lives: refused
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    # killed: OUT is as it was (the earlier export, whole, or nothing), the staging is left
+    if earlier:
+        assert tree_digest(out) == before
+    else:
+        assert not out.exists()
+    assert staging[0].is_dir() and len(_files(staging[0])) == 5
+    report = export_imagefolder(ws, out, overwrite=True)  # the next export clears it, and works
+    assert report.files == 24 and not staging[0].exists()
+    assert sorted(os.listdir(out.parent)) == ["out"]
+    assert sorted(os.listdir(out)) == ["All", *(["keep.txt"] if earlier else []), "labels.csv",
+                                       "mapping.json"]
+    assert len(os.listdir(out / "All")) == 24
+
+
+def test_imagefolder_removes_only_its_own_stale_staging(ws_run, tmp_path):
+    """Leftover staging folders are recognised by name (OUT.partial-XXXXXXXX beside OUT,
+    .partial-XXXXXXXX inside it); similar names of other folders are left alone."""
     ws, _ = ws_run
     out = tmp_path / "export" / "out"
     stale = tmp_path / "export" / "out.partial-k1lled_9"     # as tempfile.mkdtemp names it

@@ -94,8 +94,12 @@ def test_checkpoint_rebuilds_model_that_embeds_like_the_predictions(dark_bright)
     x = torch.stack([eval_transform(SIZE)(load_rgb(folder / rel[int(i)])) for i in ids])
     with torch.no_grad():
         out = model(x)
+    # Both sides see the same pixels (view 0 of the feature cache is eval_transform(SIZE)), so
+    # the gap is float16 rounding only: the cached features and the saved embeddings are
+    # float16 (2^-11 relative, under 2.5e-4 for the elements of a unit vector); measured about
+    # 8e-5. A different eval view (e.g. bilinear instead of bicubic resizing) gives ~2e-2.
     np.testing.assert_allclose(out.embedding.numpy(), preds.embeddings[:5].astype(np.float32),
-                               atol=3e-2)
+                               rtol=0, atol=1e-3)
     probs = torch.softmax(out.logits[0] / ckpt["train_config"]["row_tau"], dim=1)
     assert np.array_equal(probs.argmax(1).numpy(), preds.head(2).cluster[:5])
 

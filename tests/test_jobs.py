@@ -1,6 +1,8 @@
-"""Background training jobs: a real short run reaches done, cancel works, a dead process is reported."""
+"""Background training jobs: a real short run reaches done, cancel works, a dead process reads
+interrupted."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -82,15 +84,24 @@ def test_cancel_stops_a_running_job(tiny_folder, tmp_path):
     assert st.cancel_requested
     # a cancelled run can be resumed, and the resumed process is tracked again
     assert st.can_resume
+    log_before = (ws.run_dir(run_id) / jobs.LOG_FILE).read_text()
     jobs.resume(ws, run_id)
-    assert jobs.job_status(ws, run_id).alive or jobs.job_status(ws, run_id).finished
+    again = jobs.job_status(ws, run_id)
+    job = json.loads((ws.run_dir(run_id) / jobs.JOB_FILE).read_text())
+    assert job["pid"] == again.pid != st.pid                 # a new process, recorded
+    assert job["argv"][-1] == "--resume" and job["cli"]      # the spec kept, the command new
+    assert again.alive and again.status in ("created", "running") and not again.cancel_requested
+    log_after = (ws.run_dir(run_id) / jobs.LOG_FILE).read_text()
+    assert log_after.startswith(log_before)                  # appended, not replaced
+    assert f"$ {' '.join(job['argv'])}" in log_after[len(log_before):]
     jobs.cancel(ws, run_id)
     st = jobs.wait(ws, run_id, timeout=120)
     assert st.status == "cancelled"
 
 
-def test_dead_process_is_reported_as_failed(tmp_path, tiny_folder):
-    """A run the database calls running whose process died shows as failed with the log tail."""
+def test_dead_process_is_reported_as_interrupted(tmp_path, tiny_folder):
+    """A run the database calls running whose process died reads interrupted, with the signal,
+    the log's last error and the command that resumes it; the database is not rewritten."""
     ws = Workspace.for_folder(tiny_folder, tmp_path / "ws")
     run_id = ws.create_run("scratch", {"folder": str(tiny_folder)})
     # stand-in for a training process that crashes hard (killed by the OOM killer, say)
@@ -103,12 +114,18 @@ def test_dead_process_is_reported_as_failed(tmp_path, tiny_folder):
     st = jobs.job_status(ws, run_id)
     assert st.alive and st.status == "running"
     os.killpg(pid, signal.SIGKILL)
-    st = _wait_until(lambda: (s := jobs.job_status(ws, run_id)).status == "failed" and s, 30)
-    assert not st.alive
-    assert "stopped unexpectedly" in st.message and "signal 9" in st.message
-    assert "out of memory" in st.message and "out of memory" in st.log_tail
-    assert ws.get_run(run_id).status == "failed"  # recorded, not just displayed
-    assert st.can_resume
+    st = _wait_until(lambda: (s := jobs.job_status(ws, run_id)).status == "interrupted" and s,
+                     30)
+    assert not st.alive and st.finished
+    assert st.message.startswith("interrupted: its training process (pid "
+                                 f"{pid} on {os.uname().nodename}) is gone")
+    assert "killed by signal 9" in st.message
+    assert "Last message: error: out of memory" in st.message and "out of memory" in st.log_tail
+    assert f"--resume --run {run_id}" in st.message
+    assert ws.get_run(run_id).status == "interrupted"    # every reader sees the same
+    assert not st.can_resume                             # no checkpoint was ever written
+    (ws.run_dir(run_id) / "checkpoint.pt").write_bytes(b"")
+    assert jobs.job_status(ws, run_id).can_resume
 
 
 def test_dead_process_of_another_server_is_reported(tmp_path, tiny_folder):
@@ -119,7 +136,7 @@ def test_dead_process_of_another_server_is_reported(tmp_path, tiny_folder):
     from selfclassifier_core.store.fsutil import atomic_write_json
     atomic_write_json(ws.run_dir(run_id) / jobs.JOB_FILE, {"pid": 2 ** 22 - 3, "argv": []})
     st = jobs.job_status(ws, run_id)
-    assert st.status == "failed" and not st.alive
+    assert st.status == "interrupted" and not st.alive
 
 
 def test_unknown_option_and_missing_folder_rejected(tmp_path, tiny_folder):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from selfclassifier_core.engine.loss import SelfClassifierLoss, self_classifier_loss
+from selfclassifier_core.engine.loss import SelfClassifierLoss, self_classifier_loss, view_pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,13 +161,25 @@ def test_local_local_pairs_excluded():
     assert abs(included.item() - excluded.item()) > 1e-3   # the exclusion is visible
 
 
-def test_local_view_interaction_does_not_matter():
-    # Two local views are only compared with the globals; swapping which local view is which
-    # changes local/local terms' inputs but not the global/local terms -> same loss.
+def test_two_local_views_meet_the_globals_only():
+    # 2 global + 2 local views: the 10 ordered pairs that involve a global view, written out.
+    assert view_pairs(4, 2) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3),
+                                (2, 0), (2, 1), (3, 0), (3, 1)]
     g0, g1, l0, l1 = (_logits(6, 3, seed=50 + v) for v in range(4))
-    a = self_classifier_loss([[g0, g1, l0, l1]], n_global=2)
-    b = self_classifier_loss([[g0, g1, l1, l0]], n_global=2)
-    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    got = self_classifier_loss([[g0, g1, l0, l1]], n_global=2)
+    assert got.item() == pytest.approx(reference_loss([[g0, g1, l0, l1]], n_global=2).item(),
+                                       rel=1e-5)
+    with_local_pairs = reference_loss([[g0, g1, l0, l1]], n_global=2, include_local_pairs=True)
+    assert abs(got.item() - with_local_pairs.item()) > 1e-3
+    # Without a (l0, l1) or (l1, l0) term, l1's gradient cannot depend on l0 at all.
+    grads = []
+    for other in (l0, _logits(6, 3, seed=99, scale=3.0)):
+        l1_ = l1.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(self_classifier_loss([[g0, g1, other, l1_]], n_global=2),
+                                   [l1_])
+        grads.append(g)
+    assert grads[0].abs().sum() > 1e-6
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-7)
     # and with all four marked global the local/local pairs enter the mean
     c = self_classifier_loss([[g0, g1, l0, l1]], n_global=4)
     assert c.item() == pytest.approx(reference_loss([[g0, g1, l0, l1]], n_global=4).item(), rel=1e-5)

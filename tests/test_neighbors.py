@@ -360,3 +360,72 @@ def test_cli_neighbors_of_a_file_outside_the_catalog(tmp_path, monkeypatch, caps
     assert calls == [(ws.path, run_id, [str(outside)])]
     rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[2:]]
     assert rows[0][1] == "100" and float(rows[0][2]) == pytest.approx(1.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------------- use_gpu=True
+def _faiss():
+    return neighbors._import_faiss()
+
+
+def _no_build(monkeypatch):
+    """Fail the test if the index gets built: a GPU that cannot be had is refused first."""
+    def build(*args, **kwargs):
+        raise AssertionError("the index was built before use_gpu=True was refused")
+    monkeypatch.setattr(NeighborIndex, "_build", build)
+
+
+def test_use_gpu_with_a_cpu_only_faiss_is_refused_in_words(monkeypatch):
+    monkeypatch.delattr(_faiss(), "StandardGpuResources", raising=False)  # as faiss-cpu has
+    _no_build(monkeypatch)
+    with pytest.raises(ValueError, match=r"use_gpu=True but the installed faiss .*CPU-only "
+                                         r"build \(faiss-cpu\)"):
+        NeighborIndex(unit(np.eye(4)), [1, 2, 3, 4], use_gpu=True)
+    assert neighbors.gpu_available() is False
+
+
+def test_use_gpu_without_a_cuda_device_is_refused_in_words(monkeypatch):
+    faiss = _faiss()
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)  # a GPU build
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)      # ... no GPU
+    _no_build(monkeypatch)
+    with pytest.raises(ValueError, match="use_gpu=True but faiss has GPU support but sees no "
+                                         "CUDA device"):
+        NeighborIndex(unit(np.eye(4)), [1, 2, 3, 4], use_gpu=True)
+
+    def broken():
+        raise RuntimeError("CUDA driver version is insufficient")
+    monkeypatch.setattr(faiss, "get_num_gpus", broken)
+    with pytest.raises(ValueError, match="could not query CUDA devices .*insufficient"):
+        NeighborIndex(unit(np.eye(4)), [1, 2, 3, 4], use_gpu=True)
+    assert neighbors.gpu_available() is False
+
+
+def test_use_gpu_none_chooses_the_cpu_when_no_gpu_can_be_had(monkeypatch):
+    monkeypatch.delattr(_faiss(), "StandardGpuResources", raising=False)
+    index = NeighborIndex(unit(np.eye(4)), [1, 2, 3, 4])
+    assert index.device == "cpu"
+    assert index.search(1, 1, include_self=True)["image_id"].tolist() == [1]
+
+
+def test_gpu_index_that_cannot_be_made_is_an_error_in_words(monkeypatch, caplog):
+    """A GPU is there but faiss fails to move the index onto it (out of memory, say)."""
+    faiss = _faiss()
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+
+    def to_gpu(res, device, index):
+        raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl::"
+                           "allocMemory(...) at faiss/gpu/StandardGpuResources.cpp:452: "
+                           "Error: 'err == cudaSuccess' failed: out of memory\n(C++ trace)")
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    with pytest.raises(RuntimeError, match="use_gpu=True but the index could not be moved to "
+                                           "the GPU: .*out of memory$"):
+        NeighborIndex(unit(np.eye(4)), [1, 2, 3, 4], use_gpu=True)
+    index = NeighborIndex(unit(np.eye(4)), [1, 2, 3, 4])     # automatic: the CPU, said so
+    assert index.device == "cpu"
+    assert any("searching on the CPU" in r.getMessage() for r in caplog.records)
+
+
+def test_use_gpu_must_be_none_or_a_bool():
+    with pytest.raises(ValueError, match="use_gpu must be None .* got 'yes'"):
+        NeighborIndex(unit(np.eye(4)), [1, 2, 3, 4], use_gpu="yes")

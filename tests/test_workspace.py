@@ -293,3 +293,83 @@ def test_catalog_queries_follow_the_scan(folder, tmp_path):
     Image.new("RGB", (5, 5)).save(folder / "b.png")
     scan(folder, ws_path, workers=1)
     assert ws.catalog_version() != v1 and len(ws.usable_images()) == 2
+
+
+# ------------------------------------------------------------------ opened by several at once
+def test_wal_switch_waits_for_a_writer_instead_of_failing(tmp_path):
+    """Switching a database that is not in WAL mode yet while another connection holds its
+    write lock: SQLite answers "database is locked" at once, without its busy wait; connect
+    retries until the lock is gone, and gives up in words after its timeout."""
+    import time
+
+    ws = Workspace.open(tmp_path / "ws", create=True)
+    holder = sqlite3.connect(ws.db_path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA journal_mode=DELETE")  # as a new database is before its first open
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(WorkspaceError, match="database is locked"):
+        ws.connect(timeout=0.05)                  # bounded: still held after the timeout
+    release = threading.Timer(0.2, holder.execute, ("COMMIT",))
+    t0 = time.monotonic()
+    release.start()
+    try:
+        conn = ws.connect()
+    finally:
+        release.join()
+        holder.close()
+    assert time.monotonic() - t0 >= 0.15          # it waited for the writer
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_failed_creation_leaves_no_database(tmp_path, monkeypatch):
+    from selfclassifier_core.store import workspace as workspace_module
+
+    monkeypatch.setattr(workspace_module, "_SCHEMA", workspace_module._SCHEMA + "CREATE TABLE (;")
+    with pytest.raises(WorkspaceError, match="cannot open workspace database"):
+        Workspace.open(tmp_path / "ws", create=True)
+    assert list((tmp_path / "ws").iterdir()) == []   # no half-made workspace.db, no temporary
+    with pytest.raises(WorkspaceError, match="no workspace"):
+        Workspace.open(tmp_path / "ws")
+    monkeypatch.undo()
+    assert Workspace.open(tmp_path / "ws", create=True).get_meta("schema_version") == "2"
+
+
+OPENERS, ROUNDS = 8, 40
+
+
+def _open_new_workspaces(root: str, start, results) -> None:
+    """In each round, at the barrier with the other processes: open the brand-new workspace
+    ``root/ws<round>`` (as ``train`` does); report what failed and the creation time seen."""
+    seen, failed = [], []
+    for r in range(ROUNDS):
+        start.wait()
+        try:
+            seen.append(Workspace.for_folder(root, Path(root).parent / f"ws{r}").get_meta("created"))
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            seen.append(None)
+            failed.append(f"round {r}: {exc}")
+    results.put((seen, failed))
+
+
+@pytest.mark.slow  # starts processes
+def test_new_workspace_opened_by_many_processes_at_once(tmp_path):
+    """OPENERS processes open the same new workspace at the same moment, ROUNDS times over:
+    every open succeeds and all see one database (one creation time). Before the fix about one
+    round in six failed with "database is locked"."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    (tmp_path / "images").mkdir()
+    start, results = ctx.Barrier(OPENERS), ctx.Queue()
+    procs = [ctx.Process(target=_open_new_workspaces,
+                         args=(str(tmp_path / "images"), start, results))
+             for _ in range(OPENERS)]
+    for p in procs:
+        p.start()
+    reports = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert [f for _, failed in reports for f in failed] == []
+    for r in range(ROUNDS):
+        assert len({seen[r] for seen, _ in reports}) == 1, f"round {r}: more than one database"
+    assert list(tmp_path.glob("ws*/.workspace.db.*")) == []   # the losers' temporaries gone

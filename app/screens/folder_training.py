@@ -152,6 +152,12 @@ def _progress_body(ctx: Context, run_id: int, was_alive: bool, was_done: bool) -
         st.error(f"Run {run_id} failed: {ui.esc(st_.message or 'no message')}")
     elif status == "cancelled":
         st.warning(f"Run {run_id} was cancelled. Resume continues from its last checkpoint.")
+    elif status == "interrupted":  # its process is gone (killed, machine restarted)
+        then = ("Resume (below) continues it from its last checkpoint." if st_.can_resume
+                else "Start it again from the form above." if st_.mode == "fast"
+                else "It has no checkpoint to resume from: start a new run.")
+        why = (st_.message or "").removeprefix("interrupted: ")
+        st.warning(f"Run {run_id} was interrupted: {ui.esc(why)}. {then}")
     elif status in ("running", "created"):
         phase = p.get("phase") or p.get("status") or status
         st.info(f"Training in the background ({phase}). Progress updates every second; "
@@ -213,7 +219,7 @@ def _training_details(ctx: Context, run_id: int, st_: jobs.JobStatus) -> None:
         else:
             st.rerun(scope="app")
     if st_.log_tail:
-        with st.expander("Log (last lines)", expanded=status == "failed"):
+        with st.expander("Log (last lines)", expanded=status in ("failed", "interrupted")):
             st.code(st_.log_tail, language=None)
 
 

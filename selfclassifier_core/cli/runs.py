@@ -1,4 +1,5 @@
-"""``runs WS``: list the training runs of a workspace with status, mode and heads;
+"""``runs WS``: list the training runs of a workspace with status, mode and heads (a run whose
+training process is gone shows ``interrupted`` and the command that continues it);
 ``runs WS --run N``: how good run N's grouping is and what to do next."""
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs in workspace {ws.path}")
         return 0
-    print(f"{'run':>4}  {'status':<9}  {'mode':<8}  {'heads':<14}  {'created':<16}  message")
+    print(f"{'run':>4}  {'status':<11}  {'mode':<8}  {'heads':<14}  {'created':<16}  message")
     for r in runs:
         heads = ",".join(str(k) for k in r.heads)
         if r.main_head is not None and len(r.heads) > 1:
             heads = heads.replace(str(r.main_head), f"{r.main_head}*", 1)
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created))
-        print(f"{r.id:>4}  {r.status:<9}  {r.mode:<8}  {heads:<14}  {created:<16}  "
+        print(f"{r.id:>4}  {r.status:<11}  {r.mode:<8}  {heads:<14}  {created:<16}  "
               f"{r.summary or ''}")
     return 0

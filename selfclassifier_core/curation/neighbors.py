@@ -63,13 +63,28 @@ def _import_faiss():
     return faiss
 
 
+def gpu_missing() -> str | None:
+    """What stops a GPU index, in words (None when the installed faiss has GPU support and sees
+    a CUDA device)."""
+    faiss = _import_faiss()
+    if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "get_num_gpus"):
+        version = getattr(faiss, "__version__", "")
+        return (f"the installed faiss{' ' + version if version else ''} is a CPU-only build "
+                "(faiss-cpu): it has no GPU support; install a GPU build (faiss-gpu) to search "
+                "on the GPU")
+    try:
+        n = faiss.get_num_gpus()
+    except Exception as exc:  # noqa: BLE001 - a broken CUDA runtime means "no GPU", not a crash
+        return f"faiss has GPU support but could not query CUDA devices ({exc})"
+    if n < 1:
+        return ("faiss has GPU support but sees no CUDA device (no GPU, no driver, or "
+                "CUDA_VISIBLE_DEVICES hides them)")
+    return None
+
+
 def gpu_available() -> bool:
     """True when the installed faiss was built with GPU support and sees a GPU."""
-    faiss = _import_faiss()
-    try:
-        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    except Exception:  # noqa: BLE001 - a broken CUDA runtime means "no GPU", not a crash
-        return False
+    return gpu_missing() is None
 
 
 @contextmanager
@@ -133,6 +148,13 @@ class NeighborIndex:
             raise ValueError(f"ivf_threshold must be >= 1, got {ivf_threshold}")
         if nprobe is not None and nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        if use_gpu not in (None, True, False):
+            raise ValueError(f"use_gpu must be None (automatic), True or False, got {use_gpu!r}")
+        if use_gpu:  # before the index is built: a GPU that cannot be had fails at once
+            missing = gpu_missing()
+            if missing is not None:
+                raise ValueError(f"use_gpu=True but {missing}; use use_gpu=None to choose "
+                                 "automatically or False for the CPU")
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         if len(ids) > 1 and np.any(sorted_ids[1:] == sorted_ids[:-1]):
@@ -194,14 +216,18 @@ class NeighborIndex:
 
     @staticmethod
     def _place(faiss, cpu_index, use_gpu: bool | None):
-        want = gpu_available() if use_gpu is None else use_gpu
+        want = gpu_available() if use_gpu is None else use_gpu  # True: checked in __init__
         if not want:
             return cpu_index, "cpu"
-        if not gpu_available():
-            raise ValueError("use_gpu=True but the installed faiss has no GPU support or no GPU "
-                             "is visible")
-        res = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(res, 0, cpu_index)
+        try:
+            res = faiss.StandardGpuResources()
+            gpu_index = faiss.index_cpu_to_gpu(res, 0, cpu_index)
+        except Exception as exc:  # noqa: BLE001 - faiss raises a bare RuntimeError with C++ text
+            if use_gpu is None:
+                log.warning("GPU index failed (%s); searching on the CPU", _first_line(exc))
+                return cpu_index, "cpu"
+            raise RuntimeError(f"use_gpu=True but the index could not be moved to the GPU: "
+                               f"{_first_line(exc)}") from exc
         gpu_index._sc_resources = res  # keep the resources alive with the index
         return gpu_index, "cuda"
 
@@ -454,6 +480,10 @@ class NeighborIndex:
 
 def _describe(item: str | os.PathLike | bytes) -> str:
     return f"({len(item)} bytes)" if isinstance(item, (bytes, bytearray)) else str(item)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _check_k(k: int) -> int:

@@ -110,7 +110,8 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. Without
     them (a plain ``python`` run) nothing happens. The backend defaults to ``nccl`` when CUDA is
-    available and ``gloo`` otherwise; with nccl the CUDA device is set to ``LOCAL_RANK``.
+    available and ``gloo`` otherwise; with nccl the CUDA device is set to ``LOCAL_RANK`` and
+    CPU tensors go through gloo in the same group.
 
     Returns:
         True when a process group is (now) initialised.
@@ -126,10 +127,15 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("nccl", "gloo", "mpi"):
         raise ValueError(f"unknown distributed backend {backend!r}; use 'nccl', 'gloo' or 'mpi'")
+    group_backend = backend
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
+        # NCCL takes CUDA tensors only; the small CPU tensors that keep the ranks in step (the
+        # run id, the stop flag) go through gloo, else they fail ("No backend type associated
+        # with device type cpu")
+        group_backend = "cpu:gloo,cuda:nccl"
     torch_dist.init_process_group(
-        backend=backend,
+        backend=group_backend,
         rank=int(os.environ["RANK"]),
         world_size=size,
         timeout=datetime.timedelta(seconds=timeout_s),

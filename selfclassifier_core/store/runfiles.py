@@ -2,7 +2,8 @@
 
 Every mode's loop and the run pipeline write through a :class:`RunRecorder`; the app, the CLI
 and the background jobs read through :func:`read_progress` and :func:`read_stats`. The file
-names are spelled here only.
+names are spelled here only (``heartbeat.json`` and ``job.json`` in :mod:`.liveness`, which reads
+them, imported here).
 
 ``progress.json`` has one schema for every mode (missing keys are unknown, not zero):
 
@@ -21,19 +22,28 @@ names are spelled here only.
 ``stats.jsonl`` gets one JSON line per epoch (fast mode: per logging interval) with at least
 ``epoch``, ``step``, ``steps`` (steps in this row), ``loss``, ``lr``, ``images_per_s``,
 ``seconds`` and ``classes_in_use``.
+
+``heartbeat.json`` names the process training the run (schema and the rule that reads it in
+:mod:`selfclassifier_core.store.liveness`). :func:`claim_run` writes it, refusing a run that
+another live process trains; :meth:`RunRecorder.start` claims the run and refreshes the record
+from a background thread every few seconds until :meth:`RunRecorder.finish` (or ``restore``)
+removes it. A run whose record outlives its process reads as ``interrupted``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from . import liveness
 from .fsutil import atomic_write_json
-from .workspace import RunInfo, Workspace
+from .liveness import HEARTBEAT_FILE
+from .workspace import RunBusyError, RunInfo, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +51,7 @@ CONFIG_FILE = "config.json"
 STATS_FILE = "stats.jsonl"
 PROGRESS_FILE = "progress.json"
 CANCEL_FILE = "CANCEL"
-JOB_FILE = "job.json"
+JOB_FILE = liveness.JOB_FILE  # read by the liveness rule too (runs from before heartbeats)
 LOG_FILE = "train.log"
 PROGRESS_EVERY_S = 2.0
 
@@ -77,6 +87,80 @@ def read_stats(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+# --------------------------------------------------------------------------- who trains the run
+def other_trainer(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The heartbeat record of a live process other than this one that trains the run, if any."""
+    record = liveness.read_heartbeat(run_dir)
+    if record is None or liveness.is_this_process(record) or liveness.gone_reason(record):
+        return None
+    return record
+
+
+def busy_message(run_id: int, record: dict[str, Any]) -> str:
+    return (f"run {run_id} is being trained by {liveness.describe(record)}; wait for it to "
+            "finish or cancel it first (two processes never train one run)")
+
+
+def claim_run(workspace: Workspace, run_id: int,
+              launch: Callable[[], int] | None = None) -> dict[str, Any]:
+    """Make this process (or, with ``launch``, the process it starts and whose pid it returns)
+    the one that trains run ``run_id``: its heartbeat record is written and returned.
+
+    The check and the write happen inside one workspace transaction (``BEGIN IMMEDIATE``), so of
+    two processes claiming a run at once one wins and the other gets :class:`RunBusyError`.
+
+    Raises:
+        RunBusyError: another live process trains the run (named by pid and host).
+    """
+    run_dir = workspace.run_dir(run_id)
+    with workspace.transaction():
+        other = other_trainer(run_dir)
+        if other is not None:
+            raise RunBusyError(busy_message(run_id, other))
+        record = liveness.process_record(launch() if launch is not None else None)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / HEARTBEAT_FILE, record)
+    return record
+
+
+class _Heartbeat:
+    """Refreshes one run's heartbeat record every ``liveness.HEARTBEAT_EVERY_S`` from a daemon
+    thread (it dies with the process, which is the point)."""
+
+    def __init__(self, path: Path, record: dict[str, Any]):
+        self.path, self.record = path, dict(record)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name=f"heartbeat {path.parent.name}")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(liveness.HEARTBEAT_EVERY_S):
+            self.beat()
+
+    def beat(self, record: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            if self._stop.is_set() or not self.path.parent.is_dir():
+                return
+            if record is not None:
+                self.record = dict(record)
+            self.record["updated"] = time.time()
+            try:
+                atomic_write_json(self.path, self.record)
+            except OSError as exc:  # advisory between beats; a reader allows STALE_AFTER_S
+                log.debug("cannot write %s: %s", self.path, exc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop.set()
+        self._thread.join(timeout=10)
+
+
+_BEATING: dict[Path, _Heartbeat] = {}  # this process's heartbeats, by run directory
+_BEATING_LOCK = threading.Lock()
+
+
 class RunRecorder:
     """Writes one run's record: its row in the database and the files in its directory.
 
@@ -102,9 +186,11 @@ class RunRecorder:
               resume: bool = False) -> None:
         """The run begins (or, with ``resume``, continues): its config is recorded and its
         message and continuation record cleared. A CANCEL written before a new run started still
-        cancels it; a resumed run's old one is removed."""
+        cancels it; a resumed run's old one is removed. The run is claimed first
+        (:meth:`claim`): a run another live process trains raises :class:`RunBusyError`."""
         if not self.main:
             return
+        self.claim()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.write_config(config)
         fields: dict[str, Any] = {"status": "running", "message": None, "continuation": None,
@@ -128,7 +214,34 @@ class RunRecorder:
         if not self.main:
             return
         self.ws.update_run(self.run_id, status=status, message=message)
+        self.release()
         self.final_progress(status, message, **info)
+
+    def claim(self) -> None:
+        """This process trains the run: it is claimed (:func:`claim_run`) and its heartbeat
+        refreshed every few seconds until :meth:`release`. Claiming a run this process already
+        holds only refreshes the record."""
+        if not self.main:
+            return
+        record = claim_run(self.ws, self.run_id)
+        with _BEATING_LOCK:
+            beat = _BEATING.get(self.dir)
+            if beat is None:
+                _BEATING[self.dir] = _Heartbeat(self.dir / HEARTBEAT_FILE, record)
+        if beat is not None:
+            beat.beat(record)
+
+    def release(self) -> None:
+        """The run is no longer trained here: the heartbeat stops and its record goes (only
+        this process's own record)."""
+        if not self.main:
+            return
+        with _BEATING_LOCK:
+            beat = _BEATING.pop(self.dir, None)
+        if beat is not None:
+            beat.stop()
+        if liveness.is_this_process(liveness.read_heartbeat(self.dir)):
+            (self.dir / HEARTBEAT_FILE).unlink(missing_ok=True)
 
     def final_progress(self, status: str, message: str | None = None, **info: Any) -> None:
         """The last progress record: what the run reached, with its final status."""
@@ -153,6 +266,7 @@ class RunRecorder:
         self.ws.update_run(before.id, status="done", finished=before.finished,
                            message=before.message, config=before.config,
                            continuation=continuation)
+        self.release()
         self.write_config(before.config)
         self.final_progress("done", replace(before, continuation=continuation).summary)
 

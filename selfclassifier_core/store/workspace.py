@@ -21,14 +21,18 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from shlex import quote
 from typing import Any, Iterator
 
+from . import liveness
 from .fsutil import is_within
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,8 @@ DB_NAME = "workspace.db"
 HOME_ENV = "SELFCLASSIFIER_HOME"
 WORKSPACE_ENV = "SELFCLASSIFIER_WORKSPACE"
 
-RUN_STATUSES = ("created", "running", "done", "failed", "cancelled")
+RUN_STATUSES = ("created", "running", "done", "failed", "cancelled")  # stored
+INTERRUPTED = "interrupted"  # read, never stored: created/running and its process is gone
 CONTINUATION_STATUSES = ("failed", "cancelled")
 
 _SCHEMA = """
@@ -121,6 +126,10 @@ class WorkspaceError(Exception):
     """A workspace cannot be opened or used; the message says why in words."""
 
 
+class RunBusyError(WorkspaceError):
+    """Another live process trains the run (the message names its pid and host)."""
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """One row of the ``runs`` table.
@@ -130,6 +139,11 @@ class RunInfo:
     cancelled: ``{"status": "failed" | "cancelled", "reason": str | None, "at": unix time}``
     (``at`` is None for a record moved over from a schema-1 workspace). Show people
     :attr:`summary`, which puts both into words.
+
+    ``status`` is the stored one, except ``interrupted``: the database says ``created`` or
+    ``running`` but the process recorded as training the run is gone
+    (:func:`~selfclassifier_core.store.liveness.gone_reason`); that is decided each time the run
+    is read, so it cannot go stale, and ``interrupted`` then says why and what to do next.
     """
 
     id: int
@@ -143,12 +157,15 @@ class RunInfo:
     message: str | None
     dir: Path
     continuation: dict[str, Any] | None = None
+    interrupted: str | None = None
 
     @property
     def summary(self) -> str | None:
-        """What to show a person about the run in one line: its message, then what happened
-        to its continuation, if it did not finish (None when there is nothing to say)."""
-        parts = [p for p in (self.message, continuation_text(self.continuation)) if p]
+        """What to show a person about the run in one line: why it is interrupted and how to
+        go on, its message, then what happened to its continuation, if it did not finish (None
+        when there is nothing to say)."""
+        parts = [p for p in (self.interrupted, self.message,
+                             continuation_text(self.continuation)) if p]
         return "; ".join(parts) or None
 
 
@@ -181,6 +198,50 @@ def as_workspace(workspace: "Workspace | str | os.PathLike") -> "Workspace":
     """A :class:`Workspace` from itself or its directory: every public function that works on
     a workspace accepts both."""
     return workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
+
+
+def _connect(db_path: Path, timeout: float) -> sqlite3.Connection:
+    """A connection to ``db_path`` in WAL mode (see :meth:`Workspace.connect`)."""
+    conn = sqlite3.connect(db_path, timeout=timeout, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        _set_wal(conn, timeout)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _set_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried with a growing, jittered pause for up to ``timeout``
+    seconds while the database is locked.
+
+    Switching a database that is not in WAL mode yet needs an exclusive lock, and when another
+    connection holds the write lock SQLite answers "database is locked" at once instead of
+    waiting (its busy handler is skipped where waiting could deadlock): two processes opening
+    a database that is not WAL yet would otherwise fail. On a WAL database this is a no-op.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause * random.uniform(0.5, 1.5))
+        pause = min(2 * pause, 0.1)
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # extended codes too
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 class Workspace:
@@ -224,6 +285,7 @@ class Workspace:
                 raise WorkspaceError(f"no workspace at {path} (missing {DB_NAME}); run `scan` or "
                                      "`train` on an image folder first")
             path.mkdir(parents=True, exist_ok=True)
+            cls(path)._create_db(root)
         ws = cls(path)
         ws._init_db(root)
         return ws
@@ -236,9 +298,46 @@ class Workspace:
         ws_path = Path(workspace).expanduser() if workspace else default_workspace_for(folder)
         return cls.open(ws_path, root=folder, create=True)
 
-    def _init_db(self, root: Path | None) -> None:
+    def _create_db(self, root: Path | None) -> None:
+        """Make ``workspace.db`` in one piece, safe when several processes create it at once.
+
+        The database is built under a temporary name of this process's own (WAL mode, the whole
+        schema, checkpointed into the file), then hard-linked to ``workspace.db``; the link fails
+        if another process got there first, and its database is used. So nobody ever opens a
+        half-made database, none has to switch a shared one to WAL (SQLite does not retry that),
+        and a creator killed half-way leaves only its temporary file, never ``workspace.db``.
+        Where the file system has no hard links the caller creates it in place instead
+        (:meth:`_init_db`, which is safe too, but a creator killed before its first commit leaves
+        an empty ``workspace.db``, made up on the next open).
+        """
+        tmp = self.path / f".{DB_NAME}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
-            with self.transaction() as conn:
+            try:
+                conn = _connect(tmp, 30.0)
+                try:
+                    self._init_db(root, conn)
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything into the file
+                finally:
+                    conn.close()
+            except sqlite3.DatabaseError as exc:  # e.g. the directory is not writable
+                raise WorkspaceError(f"cannot create workspace database {self.db_path}: "
+                                     f"{exc}") from exc
+            try:
+                os.link(tmp, self.db_path)
+            except FileExistsError:
+                log.debug("workspace %s: created by another process at the same time", self.path)
+            except OSError as exc:  # no hard links here (some network and FAT file systems)
+                log.debug("workspace %s: no hard link (%s); creating the database in place",
+                          self.path, exc)
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+    def _init_db(self, root: Path | None, conn: sqlite3.Connection | None = None) -> None:
+        """Check the schema version and bring the database to the current schema (creating it
+        when new), in one ``BEGIN IMMEDIATE`` transaction, on ``conn`` or a new connection."""
+        try:
+            with self.transaction(conn) as conn:
                 tables = {r[0] for r in conn.execute(
                     "SELECT name FROM sqlite_master WHERE type='table'")}
                 version = SCHEMA_VERSION  # a new database is made at the current schema
@@ -283,16 +382,10 @@ class Workspace:
         :meth:`transaction` for grouped writes.
         """
         try:
-            conn = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            return _connect(self.db_path, timeout)
         except sqlite3.DatabaseError as exc:
             raise WorkspaceError(f"cannot open workspace database {self.db_path}: {exc}. "
                                  "Move it aside to start a fresh workspace.") from exc
-        return conn
 
     @contextmanager
     def transaction(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
@@ -442,13 +535,32 @@ class Workspace:
             conn.execute(f"UPDATE runs SET {sets} WHERE id=?", (*values.values(), int(run_id)))
 
     def _run_from_row(self, row: sqlite3.Row) -> RunInfo:
-        return RunInfo(id=row["id"], created=row["created"], finished=row["finished"],
-                       status=row["status"], mode=row["mode"], config=json.loads(row["config"]),
-                       heads=json.loads(row["heads"]) if row["heads"] else [],
-                       main_head=row["main_head"], message=row["message"],
-                       dir=self.run_dir(row["id"]),
-                       continuation=json.loads(row["continuation"]) if row["continuation"]
-                       else None)
+        run = RunInfo(id=row["id"], created=row["created"], finished=row["finished"],
+                      status=row["status"], mode=row["mode"], config=json.loads(row["config"]),
+                      heads=json.loads(row["heads"]) if row["heads"] else [],
+                      main_head=row["main_head"], message=row["message"],
+                      dir=self.run_dir(row["id"]),
+                      continuation=json.loads(row["continuation"]) if row["continuation"]
+                      else None)
+        if run.status not in ("created", "running"):
+            return run
+        record = liveness.recorded_process(run.dir)  # None: no process was started for it
+        why = liveness.gone_reason(record) if record is not None else None
+        if why is None:
+            return run
+        return replace(run, status=INTERRUPTED,
+                       interrupted=f"interrupted: {why}; {self._go_on(run)}")
+
+    def _go_on(self, run: RunInfo) -> str:
+        """What to do with an interrupted run, in words: the resume command (scratch,
+        finetune) or start it again (fast mode)."""
+        if run.mode == "fast":
+            return ("start it again (fast mode is not resumed; it re-runs in seconds from its "
+                    "cached features)")
+        folder = run.config.get("folder") or self.root or "FOLDER"
+        return (f"continue it from its last checkpoint: python -m selfclassifier_core train "
+                f"{quote(str(folder))} --workspace {quote(str(self.path))} --resume "
+                f"--run {run.id}")
 
     def get_run(self, run_id: int) -> RunInfo:
         with self._conn() as conn:

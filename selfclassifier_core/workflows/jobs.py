@@ -7,8 +7,10 @@ launches ``python -m selfclassifier_core.workflows.jobs WS N`` (which calls
 output in ``runs/<id>/train.log`` and its process id in ``runs/<id>/job.json``. Everything the
 app shows about a job is read back from disk by :func:`job_status`: the run row in the
 database, ``progress.json`` and ``stats.jsonl`` written by the trainer, and whether the recorded
-process is still alive. A run the database calls running whose process has died is reported
-(and recorded) as failed, with the end of its log.
+process is still alive. A run whose process has died reads as ``interrupted`` (the workspace's
+rule, :mod:`selfclassifier_core.store.liveness`), with how it ended (the signal, when this
+process started it) and the end of its log; resume continues it. The launch claims the run for
+the new process, so a run another live process trains is refused.
 """
 from __future__ import annotations
 
@@ -23,17 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..store.checkpoint import CHECKPOINT_FILE
 from ..store.fsutil import atomic_write_json
-from ..store.runfiles import (CANCEL_FILE, JOB_FILE, LOG_FILE, read_json, read_progress,
-                              read_stats, request_cancel)
-from ..store.workspace import Workspace, WorkspaceError, as_workspace
+from ..store.liveness import process_alive
+from ..store.runfiles import (CANCEL_FILE, JOB_FILE, LOG_FILE, RunRecorder, busy_message,
+                              claim_run, other_trainer, read_json, read_progress, read_stats,
+                              request_cancel)
+from ..store.workspace import INTERRUPTED, RunBusyError, Workspace, WorkspaceError, as_workspace
 from ..training.config import flag_name, make_config, option_specs
 from .group import VIEWS, prepare_views
 from .pipeline import train
 
 log = logging.getLogger(__name__)
 
-_FINAL = ("done", "failed", "cancelled")
+_FINAL = ("done", "failed", "cancelled", INTERRUPTED)
+_RESUMABLE = ("failed", "cancelled", INTERRUPTED)
 AFTER_TRAINING = VIEWS
 
 # Popen objects of the jobs this process started, so finished children are reaped (no zombies).
@@ -45,7 +51,7 @@ class JobStatus:
     """What is known about one training run, read from disk."""
 
     run_id: int
-    status: str                 # created | running | done | failed | cancelled
+    status: str                 # created | running | done | failed | cancelled | interrupted
     alive: bool                 # the recorded training process is running
     progress: dict[str, Any] = field(default_factory=dict)
     stats: list[dict[str, Any]] = field(default_factory=list)
@@ -53,6 +59,8 @@ class JobStatus:
     log_tail: str = ""
     pid: int | None = None
     cancel_requested: bool = False
+    mode: str | None = None
+    has_checkpoint: bool = False
 
     @property
     def finished(self) -> bool:
@@ -60,7 +68,10 @@ class JobStatus:
 
     @property
     def can_resume(self) -> bool:
-        return self.status in ("failed", "cancelled") and not self.alive
+        """A failed, cancelled or interrupted scratch/finetune run with a checkpoint, whose
+        process has ended (fast runs are started again instead)."""
+        return (self.status in _RESUMABLE and not self.alive and self.mode != "fast"
+                and self.has_checkpoint)
 
 
 def build_command(workspace: Workspace, run_id: int, resume: bool = False) -> list[str]:
@@ -102,23 +113,31 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _launch(ws: Workspace, run_id: int, cmd: list[str], spec: dict[str, Any] | None = None) -> int:
+    """Start ``cmd`` as the process that trains run ``run_id``, claimed for it (the run's
+    heartbeat names it from the start); raises :class:`RunBusyError` when another live process
+    trains the run."""
     run_dir = ws.run_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding the package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-    with open(run_dir / LOG_FILE, "ab") as logfh:
-        logfh.write(f"\n$ {' '.join(cmd)}\n".encode())
-        logfh.flush()
-        proc = subprocess.Popen(cmd, stdout=logfh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-                                cwd=str(run_dir), close_fds=True)
-    _CHILDREN[proc.pid] = proc
+
+    def start() -> int:
+        with open(run_dir / LOG_FILE, "ab") as logfh:
+            logfh.write(f"\n$ {' '.join(cmd)}\n".encode())
+            logfh.flush()
+            proc = subprocess.Popen(cmd, stdout=logfh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                    cwd=str(run_dir), close_fds=True)
+        _CHILDREN[proc.pid] = proc
+        return proc.pid
+
+    record = claim_run(ws, run_id, launch=start)
     atomic_write_json(run_dir / JOB_FILE, dict(
-        spec or read_json(run_dir / JOB_FILE), pid=proc.pid, started=time.time(), argv=cmd,
-        proc_start=_proc_start_time(proc.pid), host=os.uname().nodename))
-    log.info("started training run %s (pid %s)", run_id, proc.pid)
-    return proc.pid
+        spec or read_json(run_dir / JOB_FILE), pid=record["pid"], started=record["started"],
+        argv=cmd, proc_start=record["proc_start"], host=record["host"]))
+    log.info("started training run %s (pid %s)", run_id, record["pid"])
+    return record["pid"]
 
 
 def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | None,
@@ -162,21 +181,24 @@ def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.Pa
 
 
 def resume(workspace: Workspace | str | os.PathLike, run_id: int) -> int:
-    """Continue a cancelled or failed run from its last checkpoint in a new background process."""
+    """Continue a cancelled, failed or interrupted run from its last checkpoint in a new
+    background process (the process that trained it must have ended)."""
     ws = as_workspace(workspace)
     st = job_status(ws, run_id)
     if st.alive:
-        raise WorkspaceError(f"run {run_id} is still running")
-    if st.status not in ("failed", "cancelled"):
-        raise WorkspaceError(f"run {run_id} is {st.status}; only a cancelled or failed run "
-                             "can be resumed")
-    run = ws.get_run(run_id)
-    if run.mode == "fast":
+        raise WorkspaceError(f"run {run_id} is still running (pid {st.pid})")
+    other = other_trainer(ws.run_dir(run_id))
+    if other is not None:
+        raise RunBusyError(busy_message(run_id, other))
+    if st.status not in _RESUMABLE:
+        raise WorkspaceError(f"run {run_id} is {st.status}; only a cancelled, failed or "
+                             "interrupted run can be resumed")
+    if st.mode == "fast":
         raise WorkspaceError("a fast-mode run is not resumed: start a new one, it reuses the "
                              "cached features and takes seconds")
     (ws.run_dir(run_id) / CANCEL_FILE).unlink(missing_ok=True)
+    _launch(ws, run_id, build_command(ws, run_id, resume=True))  # claims it: never two trainers
     ws.update_run(run_id, status="created", message=None)
-    _launch(ws, run_id, build_command(ws, run_id, resume=True))
     return run_id
 
 
@@ -201,13 +223,20 @@ def cancel(workspace: Workspace | str | os.PathLike, run_id: int, force: bool = 
                 os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    elif ws.get_run(run_id).status in ("created", "running"):
+        return
+    run = ws.get_run(run_id)  # another live trainer (a `train` in a terminal) reads the CANCEL
+    if run.status == INTERRUPTED:
+        ws.update_run(run_id, status="cancelled",
+                      message="cancelled after its training process had stopped")
+    elif run.status == "created" and other_trainer(run_dir) is None:
         ws.update_run(run_id, status="cancelled", message="cancelled before it started")
 
 
 def job_status(workspace: Workspace | str | os.PathLike, run_id: int,
                log_lines: int = 20) -> JobStatus:
-    """Everything about run ``run_id`` from disk; repairs the status of a run whose process died."""
+    """Everything about run ``run_id`` from disk. A run whose process died reads as
+    ``interrupted`` (with how the process ended, when known, and the last error in its log);
+    one that was asked to stop first (CANCEL, "Stop now") is recorded as cancelled."""
     ws = as_workspace(workspace)
     run_dir = ws.run_dir(run_id)
     job = read_json(run_dir / JOB_FILE)
@@ -216,26 +245,26 @@ def job_status(workspace: Workspace | str | os.PathLike, run_id: int,
     run = ws.get_run(run_id)  # read after the liveness check: a dead process wrote its last word
     status, message = run.status, run.summary
     tail = _tail(run_dir / LOG_FILE, log_lines)
-    if status in ("created", "running") and pid and not alive:
-        code = _exit_code(pid)
-        why = ("it is no longer running" if code is None
-               else f"killed by signal {-code}" if code < 0 else f"exit code {code}")
-        message = (f"the training process stopped unexpectedly ({why}) before finishing; "
-                   "resume it to continue from the last checkpoint")
-        if (run_dir / CANCEL_FILE).exists():
-            status, message = "cancelled", "cancelled"
-        else:
-            status = "failed"
-            last = _last_error_line(tail)
-            if last:
-                message += f". Last message: {last}"
+    if status == INTERRUPTED and alive:  # it died between the two looks: look again
+        alive = _alive(pid, job.get("proc_start"))
+    if status == INTERRUPTED and (run_dir / CANCEL_FILE).exists():
+        status, message = "cancelled", "cancelled"
         ws.update_run(run_id, status=status, message=message)
+    elif status == INTERRUPTED:
+        code = _exit_code(pid) if pid else None
+        if code is not None:
+            message += (f". The process was killed by signal {-code}" if code < 0
+                        else f". The process ended with exit code {code}")
+        last = _last_error_line(tail)
+        if last:
+            message += f". Last message: {last}"
     elif status == "created" and alive:
         status = "running"
     return JobStatus(run_id=int(run_id), status=status, alive=alive,
                      progress=read_progress(run_dir),
                      stats=read_stats(run_dir), message=message, log_tail=tail, pid=pid,
-                     cancel_requested=(run_dir / CANCEL_FILE).exists())
+                     cancel_requested=(run_dir / CANCEL_FILE).exists(), mode=run.mode,
+                     has_checkpoint=(run_dir / CHECKPOINT_FILE).exists())
 
 
 def active_run(workspace: Workspace | str | os.PathLike) -> int | None:
@@ -268,43 +297,26 @@ def wait(workspace: Workspace | str | os.PathLike, run_id: int, timeout: float =
 
 
 # --------------------------------------------------------------------------- helpers
-def _proc_start_time(pid: int) -> str | None:
-    """Start time of a process (Linux /proc), to tell a reused pid from our job."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _alive(pid: int, proc_start: str | None = None) -> bool:
-    pid = int(pid)
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
+    """The store's rule (:func:`~selfclassifier_core.store.liveness.process_alive`); a job this
+    process started is reaped first, so it leaves no zombie and its exit code is known."""
+    child = _CHILDREN.get(int(pid))
+    if child is not None and child.poll() is not None:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead; a different start time means the pid was reused
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] in ("Z", "X"):
-            return False
-        if proc_start is not None and fields[19] != proc_start:
-            return False
-    except (OSError, IndexError):
-        pass
-    return True
+    return process_alive(pid, proc_start)
 
 
 def _exit_code(pid: int) -> int | None:
+    """How a job this process started ended (None for another process's job). Called once the
+    run reads interrupted: the process is gone, but the kernel may not have handed over its
+    exit status yet, so wait for it a moment."""
     child = _CHILDREN.get(int(pid))
-    return child.returncode if child is not None else None
+    if child is None:
+        return None
+    try:
+        return child.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -346,6 +358,14 @@ def _child(argv: list[str] | None = None) -> int:
     spec = read_json(ws.run_dir(args.run_id) / JOB_FILE)
     options = dict(spec.get("options") or {})
     print(f"equivalent command: {spec.get('cli', '?')}", flush=True)
+    # the heartbeat beats from here on (the scan before training can be long); the launch
+    # claimed the run for this process already, so this only fails for a second, stray start
+    recorder = RunRecorder(ws, args.run_id, ws.get_run(args.run_id).mode)
+    try:
+        recorder.claim()
+    except RunBusyError as exc:  # the run is another process's: leave its record alone
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         if args.resume:
             opts = {k: v for k, v in options.items() if k in ("device",)}
@@ -354,6 +374,9 @@ def _child(argv: list[str] | None = None) -> int:
         else:
             result = train(spec.get("folder"), ws, run_id=args.run_id, should_stop=stop.is_set,
                            **options)
+    except RunBusyError as exc:  # another process trains the run: not this one's to record
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except BaseException as exc:  # noqa: BLE001 - recorded in words for the app, then re-raised
         message = str(exc) or type(exc).__name__
         status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -366,6 +389,8 @@ def _child(argv: list[str] | None = None) -> int:
         if isinstance(exc, (ValueError, WorkspaceError, FileNotFoundError)):
             return 2
         raise
+    finally:
+        recorder.release()  # the pipeline released it already unless it failed before starting
     status = getattr(result, "status", "done")
     print(f"run {result.run_id}: {status}", flush=True)
     if status == "done":

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -37,14 +37,17 @@ from ..inference.predict import predict
 from ..store.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from ..store.predictions import PREDICTIONS_FILE, save_predictions
 from ..store.progress import Progress
-from ..store.runfiles import ProgressFn, RunRecorder
-from ..store.workspace import RunInfo, Workspace, as_workspace, continuation_text
+from ..store.runfiles import ProgressFn, RunRecorder, busy_message, other_trainer
+from ..store.workspace import (RunBusyError, RunInfo, Workspace, WorkspaceError, as_workspace,
+                               continuation_text)
 from ..training.config import RESUMABLE_MODES, TrainConfig, make_config
 from ..training.fast import fit_fast
 from ..training.recipes import resolve_augment, resolve_config
 from ..training.scratch import Trainer, TrainingError, Stopper
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 __all__ = ["TrainResult", "TrainingError", "as_workspace", "train"]
 
@@ -114,9 +117,9 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         except ValueError as exc:
             _fail(ws, handed.id, mode, exc)
             raise
-    if folder is not None and dist.is_main():
-        log.info("%s", scan(folder, ws, progress=scan_progress).summary())
-    dist.barrier()
+    if folder is not None:  # rank 0 scans, the others wait for it
+        _main_first(lambda: log.info("%s", scan(folder, ws, progress=scan_progress).summary()),
+                    "scan the image folder")
     if mode == "fast":
         if dist.world_size() > 1:
             raise ValueError("fast mode runs in one process; start it without torchrun")
@@ -134,9 +137,9 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         raise
     if handed is not None:
         run_id = handed.id
-    elif dist.is_main():
-        run_id = ws.create_run(mode, cfg.to_dict(), heads=cfg.heads, main_head=cfg.classes)
-    run_id = _broadcast_int(run_id)
+    else:  # rank 0 creates the run and tells the others its id
+        run_id = _broadcast_int(_main_first(lambda: ws.create_run(
+            mode, cfg.to_dict(), heads=cfg.heads, main_head=cfg.classes), "create the run"))
     return _guarded(ws, run_id, mode, None, lambda rec: _run_scratch(
         ws, run_id, cfg, None, rec, should_stop), progress)
 
@@ -233,6 +236,8 @@ def _guarded(ws: Workspace, run_id: int, mode: str, finished: RunInfo | None,
     recorder = RunRecorder(ws, run_id, mode, progress, main=dist.is_main())
     try:
         return body(recorder)
+    except RunBusyError:  # another live process trains the run: its record is not ours
+        raise
     except BaseException as exc:
         if dist.is_main():
             if finished is None:
@@ -249,7 +254,7 @@ def _fail(ws: Workspace, run_id: int, mode: str, exc: BaseException,
     status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
     message = _first_line(exc)
     log.error("run %s %s: %s", run_id, status, message)
-    (recorder or RunRecorder(ws, run_id, mode)).finish(status, message)
+    (recorder or RunRecorder(ws, run_id, mode, main=dist.is_main())).finish(status, message)
 
 
 def _restore(recorder: RunRecorder, finished: RunInfo, status: str,
@@ -268,8 +273,16 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- helpers
 def _open_workspace(folder: str | os.PathLike | None,
                     workspace: Workspace | str | os.PathLike | None) -> Workspace:
+    """The run's workspace (created when new). Under torchrun rank 0 opens it first and the
+    other ranks once it is there, so a new workspace is created by one process."""
     if isinstance(workspace, Workspace):
         return workspace
+    opened = _main_first(lambda: _open_one(folder, workspace), "open the workspace")
+    return opened if opened is not None else _open_one(folder, workspace)
+
+
+def _open_one(folder: str | os.PathLike | None,
+              workspace: str | os.PathLike | None) -> Workspace:
     if folder is None:
         if workspace is None:
             raise ValueError("give an image folder or a workspace")
@@ -279,7 +292,9 @@ def _open_workspace(folder: str | os.PathLike | None,
 
 def _find_resume_run(ws: Workspace, run_id: int | None) -> RunInfo:
     """The run ``--resume`` continues: ``run_id``, else the newest scratch or finetune run with a
-    checkpoint. Fast runs are never resumed. Raises before anything is changed."""
+    checkpoint, whatever its status (an ``interrupted`` one included). Fast runs are never
+    resumed, nor a run another live process trains (:class:`RunBusyError`, naming it; the
+    recorder's claim makes that check atomic). Raises before anything is changed."""
     if run_id is not None:
         run = ws.get_run(run_id)
         if run.mode not in RESUMABLE_MODES:
@@ -294,10 +309,31 @@ def _find_resume_run(ws: Workspace, run_id: int | None) -> RunInfo:
             raise CheckpointError(f"--resume: no run with a checkpoint in workspace {ws.path}"
                                   f"{hint}")
         run = runs[-1]
+    other = other_trainer(run.dir)
+    if other is not None:
+        raise RunBusyError(f"--resume: {busy_message(run.id, other)}")
     if not (run.dir / CHECKPOINT_FILE).exists():
         raise CheckpointError(f"--resume: run {run.id} has no checkpoint ({run.dir / CHECKPOINT_FILE}"
                               " missing); start a new run without --resume")
     return run
+
+
+def _main_first(work: Callable[[], _T], what: str) -> _T | None:
+    """``work()`` on rank 0 while the other ranks wait (they get None); in one process, just
+    ``work()``. A failure on rank 0 is raised there and stops the other ranks too, with a
+    message naming ``what``, instead of leaving them at a barrier until its timeout."""
+    result, failure = None, None
+    if dist.is_main():
+        try:
+            result = work()
+        except BaseException as exc:  # noqa: BLE001 - raised again below, after the others know
+            failure = exc
+    if dist.is_dist() and not _broadcast_int(0 if failure is not None else 1) \
+            and not dist.is_main():
+        raise WorkspaceError(f"rank 0 could not {what}; its log says why")
+    if failure is not None:
+        raise failure
+    return result
 
 
 def _broadcast_int(value: int | None) -> int:
