@@ -322,9 +322,9 @@ def test_wal_switch_waits_for_a_writer_instead_of_failing(tmp_path):
 
 
 def test_failed_creation_leaves_no_database(tmp_path, monkeypatch):
-    from selfclassifier_core.store import workspace as workspace_module
+    from selfclassifier_core.store import database
 
-    monkeypatch.setattr(workspace_module, "_SCHEMA", workspace_module._SCHEMA + "CREATE TABLE (;")
+    monkeypatch.setattr(database, "SCHEMA", database.SCHEMA + "CREATE TABLE (;")
     with pytest.raises(WorkspaceError, match="cannot open workspace database"):
         Workspace.open(tmp_path / "ws", create=True)
     assert list((tmp_path / "ws").iterdir()) == []   # no half-made workspace.db, no temporary

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import sqlite3
@@ -32,12 +31,12 @@ from pathlib import Path
 from shlex import quote
 from typing import Any, Iterator
 
-from . import liveness
+from . import database, liveness
+from .database import SCHEMA_VERSION
 from .fsutil import is_within
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: runs.continuation
 DB_NAME = "workspace.db"
 HOME_ENV = "SELFCLASSIFIER_HOME"
 WORKSPACE_ENV = "SELFCLASSIFIER_WORKSPACE"
@@ -45,82 +44,6 @@ WORKSPACE_ENV = "SELFCLASSIFIER_WORKSPACE"
 RUN_STATUSES = ("created", "running", "done", "failed", "cancelled")  # stored
 INTERRUPTED = "interrupted"  # read, never stored: created/running and its process is gone
 CONTINUATION_STATUSES = ("failed", "cancelled")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT
-);
-CREATE TABLE IF NOT EXISTS images (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,   -- AUTOINCREMENT: ids are never reused
-    path       TEXT NOT NULL UNIQUE,                -- relative to the root, POSIX form
-    bytes      INTEGER,
-    mtime_ns   INTEGER,
-    width      INTEGER,
-    height     INTEGER,
-    mode       TEXT,                                -- original PIL mode (before RGB conversion)
-    status     TEXT NOT NULL CHECK (status IN ('ok', 'unreadable', 'missing')),
-    reason     TEXT,                                -- human-readable, for unreadable images
-    scanned_at REAL
-);
-CREATE INDEX IF NOT EXISTS images_status ON images(status);
-CREATE TABLE IF NOT EXISTS scans (
-    id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    started  REAL NOT NULL,
-    finished REAL,
-    report   TEXT                                   -- JSON summary of the scan
-);
-CREATE TABLE IF NOT EXISTS runs (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    created   REAL NOT NULL,
-    finished  REAL,
-    status    TEXT NOT NULL CHECK (status IN ('created', 'running', 'done', 'failed', 'cancelled')),
-    mode      TEXT NOT NULL,                        -- scratch | fast | finetune
-    config    TEXT NOT NULL,                        -- JSON of the training options
-    heads     TEXT,                                 -- JSON list of class counts, e.g. [10, 20, 40]
-    main_head INTEGER,                              -- class count of the default head
-    message   TEXT,                                 -- error or cancellation message
-    continuation TEXT                               -- JSON, a done run whose continuation did
-                                                    -- not finish: {"status", "reason", "at"}
-);
-"""
-
-
-def _migrate(conn: sqlite3.Connection, version: int) -> None:
-    """Bring a database written at schema ``version`` up to :data:`SCHEMA_VERSION`, inside the
-    caller's ``BEGIN IMMEDIATE`` transaction. Each step checks what is there, so a second
-    process that opened the same old workspace at the same moment finds nothing left to do."""
-    if version < 2:
-        columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
-        if "continuation" not in columns:
-            conn.execute("ALTER TABLE runs ADD COLUMN continuation TEXT")
-        _move_v1_continuation_notes(conn)
-
-
-# schema 1 appended how a done run's continuation ended to its message, after this
-_V1_NOTE = "continuing it "
-
-
-def _move_v1_continuation_notes(conn: sqlite3.Connection) -> None:
-    """Schema 1 -> 2: the note schema 1 appended to a done run's ``message`` ("continuing it
-    failed (why)" / "continuing it was cancelled; ...") becomes its ``continuation`` record, so a
-    later continuation replaces it instead of adding a second one (the time is not known)."""
-    rows = conn.execute("SELECT id, message FROM runs WHERE status='done' AND "
-                        "instr(message, ?) > 0", (_V1_NOTE,)).fetchall()
-    for run_id, message in rows:
-        earlier, _, note = message.partition(_V1_NOTE)
-        if note.startswith("was cancelled"):
-            record = {"status": "cancelled", "reason": None, "at": None}
-        elif note.startswith("failed"):
-            reason = note[len("failed"):].strip()
-            if reason.startswith("(") and reason.endswith(")"):
-                reason = reason[1:-1]
-            record = {"status": "failed", "reason": reason or None, "at": None}
-        else:
-            continue
-        conn.execute("UPDATE runs SET message=?, continuation=? WHERE id=?",
-                     (earlier.rstrip("; ") or None, json.dumps(record), run_id))
-
 
 class WorkspaceError(Exception):
     """A workspace cannot be opened or used; the message says why in words."""
@@ -200,50 +123,6 @@ def as_workspace(workspace: "Workspace | str | os.PathLike") -> "Workspace":
     return workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
 
 
-def _connect(db_path: Path, timeout: float) -> sqlite3.Connection:
-    """A connection to ``db_path`` in WAL mode (see :meth:`Workspace.connect`)."""
-    conn = sqlite3.connect(db_path, timeout=timeout, isolation_level=None)
-    try:
-        conn.row_factory = sqlite3.Row
-        _set_wal(conn, timeout)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _set_wal(conn: sqlite3.Connection, timeout: float) -> None:
-    """``PRAGMA journal_mode=WAL``, retried with a growing, jittered pause for up to ``timeout``
-    seconds while the database is locked.
-
-    Switching a database that is not in WAL mode yet needs an exclusive lock, and when another
-    connection holds the write lock SQLite answers "database is locked" at once instead of
-    waiting (its busy handler is skipped where waiting could deadlock): two processes opening
-    a database that is not WAL yet would otherwise fail. On a WAL database this is a no-op.
-    """
-    deadline = time.monotonic() + timeout
-    pause = 0.002
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if not _is_locked(exc) or time.monotonic() + pause > deadline:
-                raise
-        time.sleep(pause * random.uniform(0.5, 1.5))
-        pause = min(2 * pause, 0.1)
-
-
-def _is_locked(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # extended codes too
-    return "locked" in str(exc) or "busy" in str(exc)
-
-
 class Workspace:
     """A workspace directory and its SQLite database.
 
@@ -313,7 +192,7 @@ class Workspace:
         tmp = self.path / f".{DB_NAME}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
             try:
-                conn = _connect(tmp, 30.0)
+                conn = database.connect(tmp, 30.0)
                 try:
                     self._init_db(root, conn)
                     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything into the file
@@ -353,11 +232,11 @@ class Workspace:
                 elif tables:
                     raise WorkspaceError(f"{self.db_path} is not a selfclassifier workspace "
                                          f"database (tables: {', '.join(sorted(tables))})")
-                for stmt in _SCHEMA.split(";"):
+                for stmt in database.SCHEMA.split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
                 if version < SCHEMA_VERSION:
-                    _migrate(conn, version)
+                    database.migrate(conn, version)
                     log.info("workspace %s: schema %d -> %d", self.path, version, SCHEMA_VERSION)
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                              (str(SCHEMA_VERSION),))
@@ -382,7 +261,7 @@ class Workspace:
         :meth:`transaction` for grouped writes.
         """
         try:
-            return _connect(self.db_path, timeout)
+            return database.connect(self.db_path, timeout)
         except sqlite3.DatabaseError as exc:
             raise WorkspaceError(f"cannot open workspace database {self.db_path}: {exc}. "
                                  "Move it aside to start a fresh workspace.") from exc
