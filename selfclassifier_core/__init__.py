@@ -4,6 +4,7 @@ The public Python API (heavy modules are imported on first use)::
 
     import selfclassifier_core as sc
     report = sc.scan("photos/")                       # catalog the folder
+    grouped = sc.group("photos/")                     # or: the one-step default grouping
     result = sc.train("photos/", classes=10, minutes=5)  # learn classes, predict
     sc.export_csv(result.workspace, "labels.csv")     # labels as CSV
 """
@@ -26,6 +27,8 @@ _API = {
     "probe": ("catalog.imageio", "probe"),
     "ImageLoadError": ("catalog.imageio", "ImageLoadError"),
     "train": ("workflows.pipeline", "train"),
+    "group": ("workflows.group", "group"),
+    "GroupResult": ("workflows.group", "GroupResult"),
     "predict": ("inference.predict", "predict"),
     "load_predictions": ("store.predictions", "load_predictions"),
     "export_csv": ("curation.export", "export_csv"),
