@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import liveness
-from .fsutil import atomic_write_json
+from .fsutil import atomic_open, atomic_write_json
 from .liveness import HEARTBEAT_FILE
 from .workspace import RunBusyError, RunInfo, Workspace
 
@@ -286,6 +286,22 @@ class RunRecorder:
         if force or now - self._last_write >= PROGRESS_EVERY_S:
             self._last_write = now
             self._write(record)
+
+    def trim_stats(self, step: int) -> int:
+        """Drop the statistics lines of steps after ``step`` (a resumed run's checkpoint): an
+        epoch's line is written just before its checkpoint, so a run killed between the two
+        would otherwise have that epoch twice once resumed. Returns the lines dropped."""
+        if not self.main:
+            return 0
+        rows = read_stats(self.dir)
+        keep = [r for r in rows if not isinstance(r.get("step"), int) or r["step"] <= step]
+        if len(keep) < len(rows):
+            text = "".join(json.dumps(r) + "\n" for r in keep)
+            with atomic_open(self.dir / STATS_FILE, "w") as fh:
+                fh.write(text)
+            log.info("run %s: %d statistics line(s) after step %d dropped (not in the "
+                     "checkpoint)", self.run_id, len(rows) - len(keep), step)
+        return len(rows) - len(keep)
 
     def append_stats(self, row: dict[str, Any]) -> None:
         if not self.main:

@@ -165,6 +165,8 @@ def _run_scratch(ws: Workspace, run_id: int, cfg: TrainConfig,
     """Train, then predict and mark the run done; a cancelled run is marked cancelled, or, when
     it continued the ``finished`` run, left done as that run was."""
     recorder.start(cfg.to_dict(), heads=cfg.heads, resume=resume_state is not None)
+    if resume_state is not None:
+        recorder.trim_stats(int(resume_state["step"]))
     trainer = Trainer(ws, run_id, cfg, recorder, should_stop)
     trainer.prepare(resume_state)
     deadline = None
