@@ -94,6 +94,15 @@ def _gather_all(head_logits: Sequence[Sequence[torch.Tensor]]) -> list[list[torc
     return out
 
 
+def _check_temperatures(row_tau: float, col_tau: float, eps: float) -> None:
+    if row_tau <= 0:
+        raise ValueError(f"row_tau must be > 0, got {row_tau}")
+    if col_tau <= 0:
+        raise ValueError(f"col_tau must be > 0, got {col_tau}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
 def self_classifier_loss(
     head_logits: Sequence[Sequence[torch.Tensor]],
     n_global: int = 2,
@@ -115,12 +124,7 @@ def self_classifier_loss(
     Returns:
         A float32 scalar (float64 when the logits are float64).
     """
-    if row_tau <= 0:
-        raise ValueError(f"row_tau must be > 0, got {row_tau}")
-    if col_tau <= 0:
-        raise ValueError(f"col_tau must be > 0, got {col_tau}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_temperatures(row_tau, col_tau, eps)
     n_views, _ = _check_inputs(head_logits, n_global)
     device_type = head_logits[0][0].device.type
     with torch.autocast(device_type=device_type, enabled=False):
@@ -154,12 +158,7 @@ class SelfClassifierLoss(nn.Module):
 
     def __init__(self, row_tau: float = 0.1, col_tau: float = 0.05, eps: float = 1e-8) -> None:
         super().__init__()
-        if row_tau <= 0:
-            raise ValueError(f"row_tau must be > 0, got {row_tau}")
-        if col_tau <= 0:
-            raise ValueError(f"col_tau must be > 0, got {col_tau}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        _check_temperatures(row_tau, col_tau, eps)
         self.row_tau = float(row_tau)
         self.col_tau = float(col_tau)
         self.eps = float(eps)

@@ -253,6 +253,12 @@ class FastConfig(_Common):
 AnyConfig = Union[TrainConfig, FastConfig]
 
 
+def run_mode(mode: str | None, options: dict[str, Any]) -> str:
+    """The mode of a new run: ``mode`` when given, else ``fast`` with ``pretrained`` weights,
+    else ``scratch``."""
+    return mode or ("fast" if options.get("pretrained") else "scratch")
+
+
 def config_class(mode: str) -> type[TrainConfig] | type[FastConfig]:
     _choice("mode", mode, MODES)
     return FastConfig if mode == "fast" else TrainConfig

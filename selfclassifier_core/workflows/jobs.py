@@ -32,7 +32,7 @@ from ..store.runfiles import (CANCEL_FILE, JOB_FILE, LOG_FILE, RunRecorder, busy
                               claim_run, other_trainer, read_json, read_progress, read_stats,
                               request_cancel)
 from ..store.workspace import INTERRUPTED, RunBusyError, Workspace, WorkspaceError, as_workspace
-from ..training.config import flag_name, make_config, option_specs
+from ..training.config import flag_name, make_config, option_specs, run_mode
 from .group import VIEWS, prepare_views
 from .pipeline import train
 
@@ -99,7 +99,7 @@ def cli_equivalent(folder: str | os.PathLike, workspace: Workspace, options: dic
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options without empty values, checked as ``train`` will check them."""
     options = {k: v for k, v in options.items() if v is not None and v != ""}
-    mode = options.get("mode") or ("fast" if options.get("pretrained") else "scratch")
+    mode = run_mode(options.get("mode"), options)
     fields = {spec.name: spec.modes for spec in option_specs()}
     unknown = sorted(set(options) - set(fields) - {"mode"})
     if unknown:
@@ -163,12 +163,12 @@ def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.Pa
     if active is not None:
         raise WorkspaceError(f"run {active} is still training in this workspace; "
                              "wait for it or cancel it first")
-    mode = options.get("mode") or ("fast" if options.get("pretrained") else "scratch")
-    run_id = ws.create_run(mode, dict(options, folder=str(folder.resolve())))
     after = AFTER_TRAINING if after is None else tuple(after)
     bad = set(after) - set(VIEWS)
-    if bad:
+    if bad:  # before the run is created: a bad call leaves no run behind
         raise ValueError(f"unknown after-training step(s) {sorted(bad)}; valid: {VIEWS}")
+    run_id = ws.create_run(run_mode(options.get("mode"), options),
+                           dict(options, folder=str(folder.resolve())))
     spec = {"folder": str(folder.resolve()), "options": options, "after": list(after),
             "cli": cli_equivalent(folder, ws, options)}
     atomic_write_json(ws.run_dir(run_id) / JOB_FILE, spec)

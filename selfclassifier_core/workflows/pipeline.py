@@ -40,7 +40,7 @@ from ..store.progress import Progress
 from ..store.runfiles import ProgressFn, RunRecorder, busy_message, other_trainer
 from ..store.workspace import (RunBusyError, RunInfo, Workspace, WorkspaceError, as_workspace,
                                continuation_text)
-from ..training.config import RESUMABLE_MODES, TrainConfig, make_config
+from ..training.config import RESUMABLE_MODES, TrainConfig, make_config, run_mode
 from ..training.fast import fit_fast
 from ..training.recipes import resolve_augment, resolve_config
 from ..training.scratch import Trainer, TrainingError, Stopper
@@ -102,7 +102,7 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
                        options)
     handed: RunInfo | None = None
     if run_id is None:  # checked before anything touches the disk
-        mode = mode or ("fast" if options.get("pretrained") else "scratch")
+        mode = run_mode(mode, options)
         config = make_config(mode, options)
         ws = _open_workspace(folder, workspace)
     else:
