@@ -100,7 +100,7 @@ def _suggestion(ctx: Context, summary: RunSummary, on_sidebar: bool) -> None:
                  key=f"sum_switch|{summary.run_id}", disabled=here,
                  on_click=_switch_to, args=(summary.run_id, k),
                  help="Switches the sidebar's granularity to the suggested head."):
-        st.rerun()  # drawn inside a fragment, a click reruns only that: redraw the sidebar too
+        st.rerun()  # redraw the sidebar too (within a fragment a click reruns only that)
 
 
 def _next_steps(summary: RunSummary, head: int) -> None:

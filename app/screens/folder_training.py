@@ -127,9 +127,13 @@ def _watched_run(ctx: Context) -> int | None:
 def _progress_section(ctx: Context, run_id: int) -> None:
     st.subheader(f"Run {run_id}")
     now = jobs.job_status(ctx.ws, run_id)
+    done = now.status == "done"
+    if done:  # drawn once, outside the polling fragment: a finished run's summary is fixed
+        st.success(f"Run {run_id} is done: open **Clusters** to see the groups.")
+        render_summary(ctx, run_id)
     # Poll only while the job runs; the fragment reruns alone, not the whole page.
     st.fragment(run_every=POLL_S if now.alive else None)(_progress_body)(
-        ctx, run_id, now.alive, now.status == "done")
+        ctx, run_id, now.alive, done)
 
 
 def _progress_body(ctx: Context, run_id: int, was_alive: bool, was_done: bool) -> None:
@@ -142,12 +146,10 @@ def _progress_body(ctx: Context, run_id: int, was_alive: bool, was_done: bool) -
     status = st_.status
     if st_.alive and st_.cancel_requested:
         st.warning("Cancelling… the run stops after a clean checkpoint.")
-    elif status == "done":
-        st.success(f"Run {run_id} is done: open **Clusters** to see the groups.")
+    elif status == "done":  # its message and summary are above the fragment
         if st_.alive:
             st.caption("Preparing the neighbour index and the map in the background, so those "
                        "screens open at once…")
-        render_summary(ctx, run_id)
     elif status == "failed":
         st.error(f"Run {run_id} failed: {ui.esc(st_.message or 'no message')}")
     elif status == "cancelled":
