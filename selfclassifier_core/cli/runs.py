@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..curation.summary import format_summary, run_summary
 from . import open_workspace
 
 
@@ -23,6 +22,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     ws = open_workspace(args.workspace)
     if args.run is not None:
+        from ..curation.summary import format_summary, run_summary  # numpy: only when asked
+
         print(format_summary(run_summary(ws, args.run)))
         return 0
     runs = ws.list_runs()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 from shlex import quote
 
-from ..curation.summary import format_summary, run_summary
 from ..store.workspace import WorkspaceError
 from ..training.config import option_specs
 from . import CliError, add_folder_args, sigterm_stops
@@ -43,6 +42,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..curation.summary import format_summary, run_summary  # numpy: not for --help
     from ..engine import dist
     from ..workflows.pipeline import TrainingError, train
     from .progress import Reporter
