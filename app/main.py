@@ -30,6 +30,7 @@ from app import session, sidebar, ui  # noqa: E402
 SCREENS = (
     ("screens/folder_training.py", "Folder & training", "folder"),
     ("screens/clusters.py", "Clusters", "clusters"),
+    ("screens/review.py", "Review", "review"),
     ("screens/map.py", "Map", "map"),
     ("screens/neighbours.py", "Neighbours", "neighbours"),
     ("screens/export.py", "Export", "export"),

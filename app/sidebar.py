@@ -61,7 +61,9 @@ def _run_picker(ctx: Context) -> None:
     by_id = {r.id: r for r in session.done_runs(ctx.ws)}
     sb.selectbox("Run", list(by_id), key="run_id",
                  format_func=lambda i: f"run {i} · {by_id[i].mode} · "
-                                       f"{'/'.join(map(str, by_id[i].heads)) or '?'} classes")
+                                       f"{'/'.join(map(str, by_id[i].heads)) or '?'} classes"
+                                       + (f" · refit of run {by_id[i].refit_of}"
+                                          if by_id[i].refit_of is not None else ""))
     heads = session.available_heads(ctx.run)
     if len(heads) > 1:
         # a radio, not a slider: every head's class count is in view, not just the ends

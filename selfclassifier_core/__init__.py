@@ -7,6 +7,8 @@ The public Python API (heavy modules are imported on first use)::
     grouped = sc.group("photos/")                     # or: the one-step default grouping
     result = sc.train("photos/", classes=10, minutes=5)  # learn classes, predict
     sc.export_csv(result.workspace, "labels.csv")     # labels as CSV
+    sc.review_queue(sc.Labels(result.workspace), 20)  # the images worth checking next
+    sc.refit(result.workspace)                        # learn from your names and fixes
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ _API = {
     "ImageLoadError": ("catalog.imageio", "ImageLoadError"),
     "train": ("workflows.pipeline", "train"),
     "group": ("workflows.group", "group"),
+    "refit": ("workflows.refit", "refit"),
+    "RefitResult": ("workflows.refit", "RefitResult"),
+    "review_queue": ("curation.review", "review_queue"),
+    "read_feedback": ("curation.feedback", "read_feedback"),
     "GroupResult": ("workflows.group", "GroupResult"),
     "predict": ("inference.predict", "predict"),
     "load_predictions": ("store.predictions", "load_predictions"),

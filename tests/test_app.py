@@ -64,6 +64,7 @@ def assert_ok(at: AppTest) -> None:
 
 # the screens by title, with their page files (relative to app/main.py)
 PAGE_FILES = {"Folder & training": "screens/folder_training.py", "Clusters": "screens/clusters.py",
+              "Review": "screens/review.py",
               "Map": "screens/map.py", "Neighbours": "screens/neighbours.py",
               "Export": "screens/export.py"}
 
@@ -786,3 +787,88 @@ def test_interrupted_run_shows_with_its_resume(tmp_path, monkeypatch):
     assert table.set_index("run").at[run_id, "status"] == "interrupted"
     at.button(key=f"resume_{run_id}").click().run()
     assert resumed == [run_id]
+
+
+# --------------------------------------------------------------------------- review
+def _review_ids(at: AppTest) -> list[int]:
+    return [int(b.key.rsplit("|", 1)[1]) for b in at.button
+            if b.key and b.key.startswith("rv_ok|")]
+
+
+def test_review_confirms_and_moves_and_never_shows_a_checked_image_again(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Review")
+    shown = _review_ids(at)
+    assert len(shown) == 12
+    lab = Labels(ws, run_id)
+    at.button(key=f"rv_ok|{ws.path}|{run_id}|3|{shown[0]}").click().run()
+    assert_ok(at)
+    assert lab.confirmed_ids().tolist() == [shown[0]]
+    target = next(n for n in lab.label_names() if n != lab.final_table().loc[shown[1], "label"])
+    at.selectbox(key=f"rv_to|{ws.path}|{run_id}|3|{shown[1]}").set_value(target).run()
+    assert_ok(at)
+    assert lab.final_table().loc[shown[1], "label"] == target
+    again = _review_ids(at)
+    assert shown[0] not in again and shown[1] not in again
+    assert [m.value for m in at.metric][0] == "2"              # checked
+    at.sidebar.button(key="undo").click().run()                # an ordinary undoable edit
+    assert lab.final_table().loc[shown[1], "label"] != target
+    page = _review_ids(at)
+    assert shown[1] in page                                    # unchecked again: back in the queue
+    at.button(key="rv_all_right").click().run()
+    assert set(_review_ids(at)).isdisjoint(page)
+    assert set(page) <= set(lab.confirmed_ids().tolist())
+
+
+def test_review_refit_button_waits_for_something_to_learn(fixture_app):
+    at, ws, run_id = fixture_app
+    goto(at, "Review")
+    assert at.button(key="rv_refit").disabled                  # nothing named or checked yet
+    Labels(ws, run_id).rename(0, "first")
+    at.run()
+    assert not at.button(key="rv_refit").disabled
+
+
+@pytest.mark.slow
+def test_retrain_with_my_corrections_from_the_app(tmp_path, monkeypatch):
+    """The app's button path: a fast run on a real folder, a correction, the refit job."""
+    monkeypatch.setattr(jobs, "AFTER_TRAINING", ())
+    import selfclassifier_core as sc
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        base = 40 if i % 2 else 210
+        arr = np.clip(base + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img_{i:02d}.png")
+    import torch
+    import torchvision
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    first = sc.train(folder, tmp_path / "ws", mode="fast", backbone="resnet18",
+                     pretrained=str(weights), views=2, image_size=32, classes=2, steps=20,
+                     device="cpu", workers=0)
+    lab = Labels(first.workspace, first.run_id)
+    used = int(lab.final_table()["cluster"].iloc[0])
+    lab.rename(used, "one")
+    at = start_app(monkeypatch, folder, tmp_path / "ws")
+    goto(at, "Review")
+    at.button(key="rv_refit").click().run()
+    assert_ok(at)
+    ws = first.workspace
+    new = ws.list_runs()[-1]
+    assert new.refit_of == first.run_id
+    try:
+        st = jobs.wait(ws, new.id, timeout=300)
+    finally:
+        if jobs.job_status(ws, new.id).alive:
+            jobs.cancel(ws, new.id)
+    assert st.status == "done", st.log_tail
+    at.run()
+    assert_ok(at)
+    done = [s.value for s in at.success if f"Refit run {new.id} is done" in s.value]
+    assert done and "images changed group" in done[0]
+    at.button(key="rv_open_refit").click().run()
+    assert at.sidebar.selectbox(key="run_id").value == new.id
+    assert "one" in Labels(ws, new.id).cluster_names().values()  # the name came along

@@ -16,7 +16,8 @@ import sys
 import threading
 from collections.abc import Iterator
 
-COMMANDS = ["scan", "group", "train", "predict", "export", "labels", "neighbors", "duplicates", "runs"]
+COMMANDS = ["scan", "group", "train", "refit", "predict", "export", "labels", "neighbors",
+            "duplicates", "runs"]
 
 
 class CliError(Exception):

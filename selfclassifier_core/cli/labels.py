@@ -11,6 +11,8 @@ Actions::
     labels WS delete NAME                     clusters named NAME get default names back, images
                                               given NAME fall back to their cluster
     labels WS exclude ID... / include ID...
+    labels WS next [-n 20]                    the images worth checking next (review queue)
+    labels WS confirm ID... / unconfirm ID... their label is right (a refit learns from it)
     labels WS undo [--steps N] / redo [--steps N]
     labels WS history [--all]
     labels WS carry --from RUN [--from-head K]   carry labels of an earlier run to this one
@@ -27,7 +29,7 @@ import os
 from . import CliError, open_workspace
 
 ACTIONS = ("list", "rename", "merge", "move", "create", "rename-label", "delete", "exclude",
-           "include", "undo", "redo", "history", "carry")
+           "include", "next", "confirm", "unconfirm", "undo", "redo", "history", "carry")
 
 
 def add_run_head(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
@@ -76,6 +78,12 @@ def register(sub) -> None:
     a = act("exclude", "exclude images (junk, outliers)")
     a.add_argument("images", nargs="+", metavar="ID")
     a = act("include", "include excluded images again")
+    a.add_argument("images", nargs="+", metavar="ID")
+    a = act("next", "the images whose check would teach a refit most (none checked before)")
+    a.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    a = act("confirm", "mark images whose label is right (checked)")
+    a.add_argument("images", nargs="+", metavar="ID")
+    a = act("unconfirm", "take the check mark off images")
     a.add_argument("images", nargs="+", metavar="ID")
     for name in ("undo", "redo"):
         a = act(name, f"{name} the last operation(s)")
@@ -143,7 +151,20 @@ def run(args) -> int:
         return _done(lab.rename_label(args.old, args.new))
     if a == "delete":
         return _done(lab.delete_label(args.name))
-    if a in ("exclude", "include"):
+    if a == "next":
+        from ..curation.review import review_queue
+
+        q = review_queue(lab, args.n)
+        if q.empty:
+            print("nothing left to check: every usable image is checked or excluded")
+            return 0
+        print(f"run {lab.run_id}, head {lab.head}: {len(q)} images to check "
+              f"(confirm the right ones, move the wrong ones)")
+        for image_id, r in q.iterrows():
+            print(f"{image_id}\t{r['path']}\t{r['label']}\tconfidence {r['confidence']:.3f}"
+                  f"\tmargin {r['margin']:.3f}")
+        return 0
+    if a in ("exclude", "include", "confirm", "unconfirm"):
         ids = _image_ids(ws, args.images)
         return _done(getattr(lab, a)(ids))
     if a in ("undo", "redo"):

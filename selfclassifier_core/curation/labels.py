@@ -15,7 +15,8 @@ ids are kept, so a merge can be undone, or split again by renaming one of the cl
 removes a name everywhere: clusters carrying it get their default names back, images given it
 fall back to their cluster. :meth:`Labels.move_to_label` moves images to a label by its name (to
 its cluster when a single cluster carries it, so they follow later renames).
-:meth:`Labels.merge_labels` gives several labels one name.
+:meth:`Labels.merge_labels` gives several labels one name. :meth:`Labels.confirm` marks images
+whose label the person checked and found right (a refit learns from them as from moved images).
 
 Every operation is one transaction with one history row, so one undo takes back exactly one
 operation, whoever made it. The tables, the history and undo/redo are in
@@ -30,7 +31,8 @@ Columns of :meth:`Labels.final_table` (indexed by image id):
   name; ``<NA>`` if none does); ``predicted_cluster`` the model's cluster;
 - ``confidence``, ``margin`` the model's (for its predicted cluster); ``head`` the class count;
 - ``edited`` True if the person changed this image individually (moved or excluded; renames and
-  merges of whole clusters do not set it); ``excluded`` True if excluded.
+  merges of whole clusters do not set it); ``excluded`` True if excluded; ``confirmed`` True if
+  the person checked that its label is right (:meth:`Labels.confirm`).
 """
 from __future__ import annotations
 
@@ -251,6 +253,42 @@ class Labels(LabelStore):
                                  "is nothing to delete (rename the cluster instead)")
             return self._commit(conn, "delete_label", {"name": name_n}, ops)
 
+    def confirm(self, image_ids: Iterable[int]) -> int | None:
+        """Mark images as checked: their current label is right (what a refit learns from).
+
+        Confirming is about the image's label as it is now, moved or not; a later move gives
+        the image its new label and it stays checked. Raises ValueError for an excluded image
+        (include it first: an excluded image has no label to confirm). Returns the history id
+        (None if they were all confirmed already).
+        """
+        ids = self._check_images(image_ids)
+        with self.workspace.transaction() as conn:
+            excluded = [i for i, ov in self._overrides(conn, ids).items() if ov[2]]
+            if excluded:
+                shown = ", ".join(str(i) for i in sorted(excluded)[:10])
+                raise ValueError(f"image(s) {shown} are excluded; include them before "
+                                 "confirming their label")
+            return self._set_confirmed(conn, ids, True)
+
+    def unconfirm(self, image_ids: Iterable[int]) -> int | None:
+        """Take the check mark off images again (their label is not changed)."""
+        ids = self._check_images(image_ids)
+        with self.workspace.transaction() as conn:
+            return self._set_confirmed(conn, ids, False)
+
+    def _set_confirmed(self, conn, ids: np.ndarray, flag: bool) -> int | None:
+        have = self._confirmed(conn, ids)
+        ops = ChangeSet()
+        for i in ids.tolist():
+            ops.set("confirmed", i, i in have, flag)
+        return self._commit(conn, "confirm" if flag else "unconfirm",
+                            {"image_ids": ids.tolist()}, ops)
+
+    def confirmed_ids(self) -> np.ndarray:
+        """The confirmed image ids, sorted."""
+        with self.workspace._conn() as conn:
+            return np.array(sorted(self._confirmed(conn)), dtype=np.int64)
+
     def exclude(self, image_ids: Iterable[int]) -> int | None:
         """Mark images as excluded (junk/outlier): left out of exports unless asked for."""
         return self._set_excluded(image_ids, 1)
@@ -263,11 +301,14 @@ class Labels(LabelStore):
         ids = self._check_images(image_ids)
         with self.workspace.transaction() as conn:
             current = self._overrides(conn, ids)
+            confirmed = self._confirmed(conn, ids) if flag else set()
             ops = ChangeSet()
             for i in ids.tolist():
                 cur = current.get(i)
                 cl, lab = (cur[0], cur[1]) if cur else (None, None)
                 self._set_override(ops, i, cur, cl, lab, flag)
+                if i in confirmed:  # an excluded image has no label to be right about
+                    ops.set("confirmed", i, True, False)
             return self._commit(conn, "exclude" if flag else "include",
                                 {"image_ids": ids.tolist()}, ops)
 
@@ -294,17 +335,18 @@ class Labels(LabelStore):
                               "WHERE run_id=? AND head=? ORDER BY image_id",
                               self._key()).fetchall()
             created = self._created(conn)
+            confirmed = np.array(sorted(self._confirmed(conn)), dtype=np.int64)
             cat_ids, cat_paths, usable = cached_catalog(self.workspace, conn)
             conn.execute("COMMIT")
         finally:
             conn.close()
-        return names, ov, created, (cat_ids, cat_paths, usable)
+        return names, ov, created, confirmed, (cat_ids, cat_paths, usable)
 
     def final_table(self):
         """The final labels: one row per usable image with a prediction (see module docs)."""
         import pandas as pd
 
-        names, ov, _created, cat = self._state()
+        names, ov, _created, confirmed_ids, cat = self._state()
         name_arr = np.array([names.get(c, self._defaults[c]) for c in range(self.head)],
                             dtype=object)
         first_cluster: dict[str, int] = {}
@@ -343,6 +385,7 @@ class Labels(LabelStore):
         if not usable.all():
             log.info("run %s: %d predicted images are no longer usable in the catalog; left out",
                      self.run_id, int((~usable).sum()))
+        confirmed = np.isin(self.image_ids, confirmed_ids) & ~excluded
         cl = pd.array(np.where(has_cluster, cluster, 0), dtype="Int64")
         cl[~has_cluster] = pd.NA
         df = pd.DataFrame({
@@ -355,6 +398,7 @@ class Labels(LabelStore):
             "head": np.full(n, self.head, dtype=np.int64),
             "edited": edited,
             "excluded": excluded,
+            "confirmed": confirmed,
             "predicted_cluster": self.predicted,
         }, index=pd.Index(self.image_ids, name="id"))
         return df[usable]

@@ -58,6 +58,12 @@ CREATE TABLE IF NOT EXISTS label_created (
     name   TEXT NOT NULL,
     PRIMARY KEY (run_id, head, name)
 );
+CREATE TABLE IF NOT EXISTS label_confirmed (
+    run_id   INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    head     INTEGER NOT NULL,
+    image_id INTEGER NOT NULL,             -- the person checked the image's label: it is right
+    PRIMARY KEY (run_id, head, image_id)
+);
 CREATE TABLE IF NOT EXISTS label_history (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id  INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -65,7 +71,8 @@ CREATE TABLE IF NOT EXISTS label_history (
     time    REAL NOT NULL,
     op      TEXT NOT NULL,
     args    TEXT NOT NULL,                 -- JSON of the operation's arguments
-    changes TEXT NOT NULL,                 -- JSON {names|overrides|created: [[key, before, after]]}
+    changes TEXT NOT NULL,                 -- JSON {names|overrides|created|confirmed:
+                                           --        [[key, before, after]]}
     state   TEXT NOT NULL CHECK (state IN ('applied', 'undone', 'discarded'))
 );
 CREATE INDEX IF NOT EXISTS label_history_stack ON label_history(run_id, head, state, id);
@@ -117,12 +124,14 @@ class ChangeSet:
     """Accumulates the changes of one operation: ``{kind: {key: (before, after)}}``.
 
     Kinds: ``names`` (cluster -> stored name, None for the default), ``overrides`` (image id ->
-    ``[cluster, label, excluded]``, None for no edit), ``created`` (name -> created or not).
+    ``[cluster, label, excluded]``, None for no edit), ``created`` (name -> created or not),
+    ``confirmed`` (image id -> confirmed or not).
     """
 
+    KINDS = ("names", "overrides", "created", "confirmed")
+
     def __init__(self) -> None:
-        self.changes: dict[str, dict[Any, list[Any]]] = {"names": {}, "overrides": {},
-                                                          "created": {}}
+        self.changes: dict[str, dict[Any, list[Any]]] = {k: {} for k in self.KINDS}
 
     def set(self, kind: str, key: Any, before: Any, after: Any) -> None:
         if kind in self.changes and key in self.changes[kind]:
@@ -177,8 +186,8 @@ class LabelStore:
         with workspace._conn() as conn:
             have = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table' AND name "
                                 "IN ('label_names', 'label_overrides', 'label_created', "
-                                "'label_history')").fetchone()[0]
-        if have < 4:  # take the write lock only when the tables are missing
+                                "'label_confirmed', 'label_history')").fetchone()[0]
+        if have < 5:  # take the write lock only when the tables are missing
             with workspace.transaction() as conn:
                 ensure_schema(conn)
 
@@ -240,6 +249,19 @@ class LabelStore:
             "SELECT name FROM label_created WHERE run_id=? AND head=? ORDER BY rowid",
             self._key())]
 
+    def _confirmed(self, conn, ids: Sequence[int] | None = None) -> set[int]:
+        """Confirmed image ids (of ``ids`` when given)."""
+        q = "SELECT image_id FROM label_confirmed WHERE run_id=? AND head=?"
+        if ids is None:
+            return {int(r[0]) for r in conn.execute(q, self._key())}
+        out: set[int] = set()
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            out.update(int(r[0]) for r in conn.execute(
+                q + f" AND image_id IN ({','.join('?' * len(chunk))})", (*self._key(), *chunk)))
+        return out
+
     def _label_names(self, conn) -> list[str]:
         """Every label name: cluster names (cluster order), created labels, image labels."""
         names = self._names(conn)
@@ -273,6 +295,13 @@ class LabelStore:
             else:
                 conn.execute("DELETE FROM label_created WHERE run_id=? AND head=? AND name=?",
                              (*rh, key))
+        elif kind == "confirmed":
+            if value:
+                conn.execute("INSERT OR IGNORE INTO label_confirmed VALUES (?, ?, ?)",
+                             (*rh, int(key)))
+            else:
+                conn.execute("DELETE FROM label_confirmed WHERE run_id=? AND head=? "
+                             "AND image_id=?", (*rh, int(key)))
         else:  # pragma: no cover - programming error
             raise ValueError(f"unknown change kind {kind!r}")
 
@@ -283,6 +312,9 @@ class LabelStore:
         if kind == "overrides":
             ov = self._overrides(conn, keys)
             return {k: ov.get(int(k)) for k in keys}
+        if kind == "confirmed":
+            confirmed = self._confirmed(conn, keys)
+            return {k: (int(k) in confirmed) for k in keys}
         created = set(self._created(conn))
         return {k: (k in created) for k in keys}
 

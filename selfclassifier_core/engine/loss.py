@@ -11,6 +11,11 @@ For every classifier head with logits ``z_v`` of shape ``[N, C]`` for each view 
 
 The loss is the mean of all terms of all heads. There is no stop-gradient: gradients flow
 through targets and predictions alike. The computation runs in float32 even under autocast.
+
+A refit adds :func:`supervised_term`: the cross-entropy of each labelled row's prediction
+``softmax(z / row_tau)`` toward the class its label was given, weighted per row, for every
+head and view. :class:`SelfClassifierLoss` adds it when called with targets; without (or
+with no weight at all) the loss is exactly the Self-Classifier loss.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from . import dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SelfClassifierLoss", "self_classifier_loss", "view_pairs"]
+__all__ = ["SelfClassifierLoss", "self_classifier_loss", "supervised_term", "view_pairs"]
 
 
 def view_pairs(n_views: int, n_global: int) -> list[tuple[int, int]]:
@@ -149,6 +154,54 @@ def self_classifier_loss(
         return torch.stack(terms).mean()
 
 
+def supervised_term(head_logits: Sequence[Sequence[torch.Tensor]], targets: torch.Tensor,
+                    weights: torch.Tensor, row_tau: float = 0.1) -> torch.Tensor:
+    """Weighted cross-entropy toward given classes, averaged over heads and views.
+
+    Args:
+        head_logits: ``head_logits[h][v]`` is the ``[N, C_h]`` logits of head h for view v.
+        targets: ``[N, H]`` long, the class of row n in head h; ``-1`` where it has none.
+        weights: ``[N]`` (or ``[N, H]``) non-negative weight of each row.
+        row_tau: the temperature of the prediction softmax (the one predictions use).
+
+    Returns:
+        A float32 scalar: for each head and view, ``sum_n w_n CE_n / sum_n w_n`` over the rows
+        with a class, then the mean over them (0 when no row has a class and a weight).
+    """
+    if row_tau <= 0:
+        raise ValueError(f"row_tau must be > 0, got {row_tau}")
+    n_heads = len(head_logits)
+    if targets.ndim != 2 or targets.shape[1] != n_heads:
+        raise ValueError(f"targets must be [N, {n_heads}] (one column per head), got "
+                         f"{tuple(targets.shape)}")
+    w = weights.float()
+    if w.ndim == 1:
+        w = w.unsqueeze(1).expand(-1, n_heads)
+    if w.shape != targets.shape:
+        raise ValueError(f"weights must be [N] or [N, H] like targets {tuple(targets.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    if (w < 0).any():
+        raise ValueError("weights must be >= 0")
+    device_type = head_logits[0][0].device.type
+    terms = []
+    with torch.autocast(device_type=device_type, enabled=False):
+        for h, views in enumerate(head_logits):
+            t = targets[:, h].to(views[0].device)
+            wh = torch.where(t >= 0, w[:, h].to(views[0].device), torch.zeros_like(w[:, h]))
+            total = wh.sum()
+            if total <= 0:
+                continue
+            c = views[0].shape[1]
+            if int(t.max()) >= c:
+                raise ValueError(f"head {h} has {c} classes but a target is {int(t.max())}")
+            for z in views:
+                ce = F.cross_entropy(_upcast(z) / row_tau, t.clamp(min=0), reduction="none")
+                terms.append((wh * ce).sum() / total)
+    if not terms:
+        return head_logits[0][0].new_zeros((), dtype=torch.float32)
+    return torch.stack(terms).mean()
+
+
 class SelfClassifierLoss(nn.Module):
     """Module form of :func:`self_classifier_loss`.
 
@@ -164,11 +217,23 @@ class SelfClassifierLoss(nn.Module):
         self.eps = float(eps)
 
     def forward(
-        self, head_logits: Sequence[Sequence[torch.Tensor]], n_global: int = 2
+        self, head_logits: Sequence[Sequence[torch.Tensor]], n_global: int = 2,
+        targets: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+        supervised_weight: float = 1.0,
     ) -> torch.Tensor:
-        return self_classifier_loss(
+        """The Self-Classifier loss, plus ``supervised_weight`` times :func:`supervised_term`
+        of the same logits when ``targets`` (``[N, H]``, -1 for none) are given."""
+        loss = self_classifier_loss(
             head_logits, n_global=n_global, row_tau=self.row_tau, col_tau=self.col_tau, eps=self.eps
         )
+        if targets is None or supervised_weight == 0:
+            return loss
+        if weights is None:
+            weights = torch.ones(targets.shape[0], device=targets.device)
+        if not bool(((targets >= 0) & (weights.reshape(len(weights), -1) > 0)).any()):
+            return loss
+        return loss + supervised_weight * supervised_term(head_logits, targets, weights,
+                                                          self.row_tau)
 
     def extra_repr(self) -> str:
         return f"row_tau={self.row_tau}, col_tau={self.col_tau}, eps={self.eps}"

@@ -20,7 +20,7 @@ from .heads import ClassifierHeads, ProjectionMLP
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelConfig", "ModelOutput", "SelfClassifier", "build_from_checkpoint"]
+__all__ = ["ModelConfig", "ModelOutput", "SelfClassifier", "build_from_checkpoint", "warm_start"]
 
 SMALL_INPUT_MAX_SIZE = 64
 
@@ -147,6 +147,35 @@ class SelfClassifier(nn.Module):
     def checkpoint_dict(self) -> dict[str, Any]:
         """``{"model_config": dict, "model": state_dict}`` -- enough to rebuild the model."""
         return {"model_config": self.config.to_dict(), "model": self.state_dict()}
+
+
+def warm_start(model: SelfClassifier, state: Mapping[str, torch.Tensor],
+               skip_prefixes: Sequence[str] = ()) -> list[str]:
+    """Copy a trained model's weights into ``model``, whose heads may have more classes.
+
+    Every tensor of ``state`` whose name and shape match is copied; a head that grew gets the
+    old classes in its first rows and keeps its fresh initialisation for the new ones (heads are
+    matched by position). Names starting with one of ``skip_prefixes`` are left alone. Returns
+    the names of ``model``'s tensors that were not copied (new, grown or skipped).
+    """
+    own = model.state_dict()
+    untouched = []
+    with torch.no_grad():
+        for name, tensor in own.items():
+            src = state.get(name)
+            if src is None or any(name.startswith(p) for p in skip_prefixes):
+                untouched.append(name)
+                continue
+            if tuple(src.shape) == tuple(tensor.shape):
+                tensor.copy_(src)
+            elif (name.startswith("heads.") and src.ndim == tensor.ndim == 2
+                  and src.shape[1] == tensor.shape[1] and src.shape[0] < tensor.shape[0]):
+                tensor[:src.shape[0]].copy_(src)
+                untouched.append(name)
+            else:
+                raise ValueError(f"cannot start from the earlier run: {name} has shape "
+                                 f"{tuple(src.shape)} there and {tuple(tensor.shape)} here")
+    return untouched
 
 
 def build_from_checkpoint(

@@ -83,11 +83,18 @@ class RunInfo:
     interrupted: str | None = None
 
     @property
+    def refit_of(self) -> int | None:
+        """The run whose labels this run learned from (a refit), or None."""
+        value = self.config.get("refit_of") if isinstance(self.config, dict) else None
+        return int(value) if value is not None else None
+
+    @property
     def summary(self) -> str | None:
-        """What to show a person about the run in one line: why it is interrupted and how to
-        go on, its message, then what happened to its continuation, if it did not finish (None
-        when there is nothing to say)."""
-        parts = [p for p in (self.interrupted, self.message,
+        """What to show a person about the run in one line: which run it refits, why it is
+        interrupted and how to go on, its message, then what happened to its continuation, if
+        it did not finish (None when there is nothing to say)."""
+        refit = f"refit of run {self.refit_of}" if self.refit_of is not None else None
+        parts = [p for p in (refit, self.interrupted, self.message,
                              continuation_text(self.continuation)) if p]
         return "; ".join(parts) or None
 

@@ -68,9 +68,11 @@ class _Common:
     heads: list[int] | None = None
     backbone: str | None = field(default=None, metadata=_opt(
         "resnet18, resnet34, resnet50, vit_b_16, convnext_tiny, efficientnet_b0, "
-        "efficientnet_lite0, ..."))
+        "efficientnet_lite0, dinov2_s/b/l, clip_b32/b16/l14, siglip_b16, timm:MODEL, "
+        "open_clip:ARCH:TAG, ..."))
     pretrained: str | None = field(default=None, metadata=_opt(
-        "torchvision weights name (e.g. DEFAULT) or a local weights file"))
+        "weights name (DEFAULT: the backbone's pretrained weights; DINOv2/CLIP/SigLIP from "
+        "the Hugging Face cache) or a local weights file"))
     epochs: int | None = field(default=None, metadata=_opt("number of epochs"))
     minutes: float | None = field(default=None, metadata=_opt(
         "time budget; stops cleanly, then predicts"))
@@ -90,6 +92,10 @@ class _Common:
         "seeds initialisation, sampling and augmentation"))
     workers: int | None = field(default=None, metadata=_opt(
         "data loader processes (default: engine.device.default_workers)"))
+    # a refit (workflows.refit): the run it starts from, and the weight of the supervised term
+    # toward the classes of the run directory's targets.npz (training.targets)
+    refit_of: int | None = None
+    supervised_weight: float = 1.0
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "_Common":
@@ -122,6 +128,8 @@ class _Common:
         _positive_int("proj_hidden_dim", self.proj_hidden_dim)
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise ValueError(f"--workers must be an integer ≥ 0, got {self.workers!r}")
+        if not (isinstance(self.supervised_weight, (int, float)) and self.supervised_weight >= 0):
+            raise ValueError(f"supervised_weight must be ≥ 0, got {self.supervised_weight!r}")
         return self
 
     # ---------------------------------------------------------------- (de)serialisation
@@ -216,7 +224,8 @@ class FastConfig(_Common):
     mode: ClassVar[str] = "fast"
 
     pretrained: str | None = field(default="DEFAULT", metadata=_opt(
-        "torchvision weights name (e.g. DEFAULT) or a local weights file"))
+        "weights name (DEFAULT: the backbone's pretrained weights; DINOv2/CLIP/SigLIP from "
+        "the Hugging Face cache) or a local weights file"))
     views: int | None = field(default=None, metadata=_opt(
         "cached views per image (default: the recipe for the device)"))
     image_size: int | None = field(default=None, metadata=_opt(

@@ -28,7 +28,8 @@ import torch
 from ..engine.device import resolve_device
 from ..engine.lars import LARS
 from ..engine.loss import SelfClassifierLoss
-from ..engine.model import ModelConfig, SelfClassifier
+from ..engine.loss import supervised_term
+from ..engine.model import ModelConfig, SelfClassifier, warm_start
 from ..engine.pretrained import load_backbone_weights
 from ..engine.schedules import cosine_with_warmup
 from ..store.predictions import HeadPrediction, Predictions
@@ -37,6 +38,7 @@ from ..store.workspace import Workspace
 from .config import FastConfig
 from .features import FeatureCache, extract_features
 from .recipes import resolve_fast, resolve_views
+from .targets import Targets, load_targets, start_state
 
 log = logging.getLogger(__name__)
 
@@ -176,20 +178,34 @@ def fit_fast(ws: Workspace, run_id: int, cfg: FastConfig, recorder: RunRecorder,
         return FastFit(cfg, "cancelled", "cancelled during feature extraction",
                        final={"phase": "features"})
     t_feat = time.perf_counter() - t_start
+    targets = load_targets(recorder.dir)
+    ids = np.asarray(cache.image_ids, np.int64)
+    keep = (~np.isin(ids, targets.excluded) if targets is not None
+            else np.ones(len(ids), bool))     # excluded: left out of training, still predicted
     cfg = resolve_fast(dataclasses.replace(cfg, image_size=cache.recipe.image_size,
-                                           feature_cache=cache.key), len(cache), device)
+                                           feature_cache=cache.key), int(keep.sum()), device)
     model = _build_model(cfg, cache, device)
+    if cfg.refit_of is not None:
+        _start_from(model, ws, cfg.refit_of)
     recorder.set_heads(cfg.heads)
     recorder.write_config(cfg.to_dict())
 
     # 2. training ---------------------------------------------------------------------------
     feats = torch.from_numpy(np.array(cache.features)).to(device)  # a copy: memmaps are read-only
     full = feats[0]
+    if keep.all():
+        train_feats, train_ids = feats, ids
+    else:
+        train_feats, train_ids = feats[:, torch.from_numpy(keep).to(device)], ids[keep]
     log.info("fast mode: %d images, %d views, heads %s, batch %d, %d steps, %s on %s (features "
-             "took %.1f s)", len(cache), cfg.views, cfg.heads, cfg.batch_size, cfg.steps,
-             cfg.optimizer, device, t_feat)
+             "took %.1f s)%s", train_feats.shape[1], cfg.views, cfg.heads, cfg.batch_size,
+             cfg.steps, cfg.optimizer, device, t_feat,
+             f"; refit of run {cfg.refit_of}, {len(targets)} images with a class"
+             if targets is not None else "")
     deadline = t_start + cfg.minutes * 60 if cfg.minutes else None
-    step, status, message = _train_heads(model, feats, cfg, recorder, stop_requested, deadline)
+    labelled = _labelled(targets, train_ids) if targets is not None else None
+    step, status, message = _train_heads(model, train_feats, cfg, recorder, stop_requested,
+                                         deadline, labelled)
 
     # 3. checkpoint and predictions ---------------------------------------------------------
     model.cpu()
@@ -211,6 +227,48 @@ def fit_fast(ws: Workspace, run_id: int, cfg: FastConfig, recorder: RunRecorder,
         "features_s": round(t_feat, 2), "total_s": round(total_s, 2)})
 
 
+def _start_from(model: SelfClassifier, ws: Workspace, run_id: int) -> None:
+    """Warm start a refit: the projection and heads of run ``run_id`` (grown heads keep their
+    new classes' fresh rows; the frozen backbone is the pretrained one either way)."""
+    fresh = warm_start(model, start_state(ws, run_id, model.head_sizes),
+                       skip_prefixes=("backbone.",))
+    log.info("refit: started from run %d (%d tensors new or grown)", run_id,
+             sum(1 for n in fresh if not n.startswith("backbone.")))
+
+
+@dataclass
+class _Labelled:
+    """The training rows that have a class: row index, classes per head, sampling weight."""
+
+    rows: torch.Tensor      # [L] long, into the training rows
+    classes: torch.Tensor   # [L, H] long
+    weights: torch.Tensor   # [L] float, > 0
+
+
+def _labelled(targets: Targets, train_ids: np.ndarray) -> _Labelled | None:
+    classes, weights = targets.lookup(train_ids)
+    has = (weights > 0) & (classes >= 0).any(dim=1)
+    if not bool(has.any()):
+        return None
+    rows = torch.nonzero(has).squeeze(1)
+    return _Labelled(rows, classes[rows], weights[rows])
+
+
+def _supervised(model, feats: torch.Tensor, cfg: FastConfig, lab: _Labelled,
+                gen: torch.Generator) -> torch.Tensor:
+    """The supervised term on a batch of labelled images drawn in proportion to their weight
+    (so its expectation is the weighted mean over all of them), one cached view each of
+    ``n_train_views``."""
+    size = min(cfg.batch_size, len(lab.rows))
+    pick = torch.multinomial(lab.weights, size, replacement=True, generator=gen)
+    idx = lab.rows[pick]
+    vsel, src = _batch_views(idx, cfg, None, gen)
+    out = model.forward_features(feats[vsel.to(feats.device), src.to(feats.device)].float())
+    logits = [list(z.split(size)) for z in out.logits]
+    return supervised_term(logits, lab.classes[pick].to(feats.device),
+                           torch.ones(size, device=feats.device), cfg.row_tau)
+
+
 def _batch_views(idx: torch.Tensor, cfg: FastConfig, nn_idx: torch.Tensor | None,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(view, image) indices ``[V, B]`` of one batch: V distinct cached views per sample (with
@@ -230,9 +288,10 @@ def _batch_views(idx: torch.Tensor, cfg: FastConfig, nn_idx: torch.Tensor | None
 
 
 def _train_heads(model, feats: torch.Tensor, cfg: FastConfig, recorder: RunRecorder,
-                 stop_requested: Callable[[], bool], deadline: float | None
-                 ) -> tuple[int, str, str | None]:
-    """The optimisation loop; returns ``(steps taken, status, message)``."""
+                 stop_requested: Callable[[], bool], deadline: float | None,
+                 labelled: _Labelled | None = None) -> tuple[int, str, str | None]:
+    """The optimisation loop; returns ``(steps taken, status, message)``. With ``labelled``
+    rows (a refit) each step adds ``cfg.supervised_weight`` times the supervised term."""
     n, batch, steps = feats.shape[1], cfg.batch_size, cfg.steps
     device = feats.device
     full = feats[0]
@@ -263,6 +322,8 @@ def _train_heads(model, feats: torch.Tensor, cfg: FastConfig, recorder: RunRecor
         pos += batch
         out = model.forward_features(feats[vsel.to(device), src.to(device)].float())
         loss = criterion([list(z.split(batch)) for z in out.logits], n_global=cfg.n_train_views)
+        if labelled is not None and cfg.supervised_weight > 0:
+            loss = loss + cfg.supervised_weight * _supervised(model, feats, cfg, labelled, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the "
                                      "learning rate")

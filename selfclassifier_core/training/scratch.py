@@ -41,7 +41,7 @@ from ..engine.device import autocast, default_workers
 from ..engine.gpu_augment import GpuMultiCrop, UniformImage, source_size_for
 from ..engine.lars import LARS
 from ..engine.loss import SelfClassifierLoss
-from ..engine.model import ModelConfig, SelfClassifier
+from ..engine.model import ModelConfig, SelfClassifier, warm_start
 from ..engine.pretrained import load_backbone_weights
 from ..engine.queue import NeighborQueue
 from ..engine.schedules import cosine_with_warmup
@@ -52,6 +52,7 @@ from ..store.runfiles import RunRecorder
 from ..store.workspace import Workspace
 from .config import TrainConfig
 from .recipes import resolve_augment
+from .targets import load_targets, start_state
 
 if TYPE_CHECKING:
     from ..engine.pretrained import LoadReport
@@ -216,7 +217,12 @@ class Trainer:
     def prepare(self, resume_state: dict[str, Any] | None = None) -> None:
         cfg = self.cfg
         self.pretrained_report = None
-        if resume_state is None and cfg.mode == "finetune":
+        self.targets = load_targets(self.run_dir)
+        if resume_state is None and cfg.refit_of is not None:  # a refit starts from its run
+            fresh = warm_start(self.model, start_state(self.ws, cfg.refit_of, cfg.heads))
+            log.info("refit: started from run %d (%d tensors new or grown)", cfg.refit_of,
+                     len(fresh))
+        elif resume_state is None and cfg.mode == "finetune":
             self.pretrained_report = load_finetune_weights(self.model, cfg)
             log.info("pretrained backbone: %s", self.pretrained_report)
         self.model.to(self.device)
@@ -242,6 +248,9 @@ class Trainer:
                 self.net, device_ids=[self.device.index] if self.cuda else None)
 
         self.items = self.ws.usable_images()
+        if self.targets is not None and len(self.targets.excluded):  # left out of training
+            gone = set(self.targets.excluded.tolist())
+            self.items = [it for it in self.items if it[0] not in gone]
         self.augment = resolve_augment(cfg.augment, self.device)
         crops = dict(global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale))
         self.gpu_aug = None
@@ -356,7 +365,13 @@ class Trainer:
         with autocast(self.device):
             outs = self.net(views)
         logits = [[o.logits[h] for o in outs] for h in range(len(cfg.heads))]
-        loss = self.criterion(logits, n_global=2)
+        if self.targets is not None and cfg.supervised_weight > 0:  # a refit: labelled images
+            classes, weights = self.targets.lookup(ids)
+            loss = self.criterion(logits, n_global=2, targets=classes.to(self.device),
+                                  weights=weights.to(self.device),
+                                  supervised_weight=cfg.supervised_weight)
+        else:
+            loss = self.criterion(logits, n_global=2)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss became {loss.item()} at step {self.state.step + 1} (epoch {epoch + 1}, "

@@ -180,6 +180,38 @@ def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.Pa
     return run_id
 
 
+def start_refit(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
+                options: dict[str, Any] | None = None,
+                after: tuple[str, ...] | None = None) -> int:
+    """Plan a refit of run ``run_id`` (:func:`~.refit.prepare_refit`: the new run is created
+    with its targets) and train it in a background process like any run; returns the new
+    run's id. ``options``: a budget (epochs, minutes), device."""
+    from .refit import prepare_refit
+
+    ws = as_workspace(workspace)
+    active = active_run(ws)
+    if active is not None:
+        raise WorkspaceError(f"run {active} is still training in this workspace; "
+                             "wait for it or cancel it first")
+    after = AFTER_TRAINING if after is None else tuple(after)
+    bad = set(after) - set(VIEWS)
+    if bad:
+        raise ValueError(f"unknown after-training step(s) {sorted(bad)}; valid: {VIEWS}")
+    new_id, plan, opts = prepare_refit(ws, run_id, **{k: v for k, v in (options or {}).items()
+                                                      if v is not None and v != ""})
+    cli = (f"python -m selfclassifier_core refit {quote(str(ws.path))} --run "
+           f"{plan.feedback.run_id}")
+    spec = {"folder": None, "options": opts, "after": list(after), "cli": cli,
+            "refit_of": plan.feedback.run_id}
+    atomic_write_json(ws.run_dir(new_id) / JOB_FILE, spec)
+    try:
+        _launch(ws, new_id, build_command(ws, new_id), spec)
+    except OSError as exc:
+        ws.update_run(new_id, status="failed", message=f"could not start training: {exc}")
+        raise WorkspaceError(f"could not start training: {exc}") from exc
+    return new_id
+
+
 def resume(workspace: Workspace | str | os.PathLike, run_id: int) -> int:
     """Continue a cancelled, failed or interrupted run from its last checkpoint in a new
     background process (the process that trained it must have ended)."""

@@ -31,6 +31,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from ..catalog.scanner import scan
+from ..curation.feedback import apply_refit_labels, read_plan
 from ..engine import dist
 from ..engine.device import resolve_device
 from ..inference.predict import predict
@@ -152,6 +153,8 @@ def _run_fast(ws: Workspace, run_id: int, config, recorder: RunRecorder,
     if fit.predictions is not None:
         save_predictions(recorder.dir, fit.predictions)
     recorder.finish(fit.status, fit.message, **fit.final)
+    if fit.status == "done":
+        _after_refit(ws, run_id)
     preds = recorder.dir / PREDICTIONS_FILE
     return TrainResult(ws, run_id, recorder.dir, recorder.stats(),
                        preds if preds.exists() else None,
@@ -200,8 +203,15 @@ def _run_scratch(ws: Workspace, run_id: int, cfg: TrainConfig,
         result.predictions_path = recorder.dir / PREDICTIONS_FILE
         recorder.finish("done", "stopped at the time budget"
                         if trainer.state.stop_reason == "time" else None)
+        _after_refit(ws, run_id)
     dist.barrier()
     return result
+
+
+def _after_refit(ws: Workspace, run_id: int) -> None:
+    """A finished refit (a fresh one or a resumed one) gets the person's names and checks."""
+    if read_plan(ws.run_dir(run_id)) is not None:
+        apply_refit_labels(ws, run_id)
 
 
 def _resume(ws: Workspace, run_id: int | None, progress: ProgressFn | None,

@@ -1,0 +1,337 @@
+"""What the person has told us about a run's groups, and the classes a refit gives their labels.
+
+:func:`read_feedback` reads the labels of a run and head (:class:`~.labels.Labels`):
+
+- *checked* images (strong): moved to a cluster, given a label, or confirmed (:meth:`Labels.confirm`);
+- *named* images (weak): not checked, in a cluster the person renamed or merged (its label is
+  not a default ``cluster_NN`` name): the name anchors a class, its unchecked images count
+  :data:`NAMED_WEIGHT` as much as a checked one (measured in ``benchmarks/refit.py``);
+- *excluded* images: left out of training and out of the new run's groups.
+
+:func:`plan_refit` fixes, before training, which class of the new run each label is: a label
+carried by clusters gets the lowest of them (so a merge becomes one class and its other
+clusters' ids are free); a label no cluster carries (one the person made, by moving images to
+it or creating it) gets a free id, and the main head grows when there are more labels than
+classes. The other heads get, for each label, classes that agree with it
+(:func:`_head_classes`). The plan holds the :class:`~..training.targets.Targets` the training
+reads and the names the new run's clusters get.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..store.fsutil import atomic_write_text
+from ..store.predictions import load_predictions
+from ..store.workspace import Workspace, as_workspace
+from ..training.targets import Targets, load_targets, save_targets
+from .labels import Labels
+from .labelstate import ChangeSet, LabelStore, default_name
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Feedback", "RefitPlan", "NAMED_WEIGHT", "REFIT_FILE", "read_feedback", "plan_refit",
+           "save_plan", "read_plan", "apply_refit_labels"]
+
+REFIT_FILE = "refit.json"  # in a refit's run directory, next to targets.npz
+
+NAMED_WEIGHT = 0.25  # weight of an unchecked image of a named cluster (checked: 1)
+NEIGHBOURS = 10      # each checked image lends its label to this many nearest neighbours
+NEIGHBOUR_WEIGHT = 0.5
+
+
+@dataclass
+class Feedback:
+    """The labels of one run and head, read as teaching signal (arrays aligned with ``ids``)."""
+
+    run_id: int
+    head: int
+    ids: np.ndarray              # usable images with a prediction, ascending
+    label: np.ndarray            # final label name (object)
+    cluster: np.ndarray          # the run's predicted cluster
+    checked: np.ndarray          # bool: moved, given a label or confirmed (not excluded)
+    named: np.ndarray            # bool: unchecked, in a cluster the person named
+    excluded: np.ndarray         # bool
+    confirmed: np.ndarray        # bool
+    cluster_names: dict[int, str]
+    created: list[str]
+
+    @property
+    def n_checked(self) -> int:
+        return int(self.checked.sum())
+
+    @property
+    def n_named(self) -> int:
+        return int(self.named.sum())
+
+    @property
+    def n_excluded(self) -> int:
+        return int(self.excluded.sum())
+
+    def summary(self) -> str:
+        return (f"run {self.run_id} (head {self.head}): {self.n_checked} checked images, "
+                f"{self.n_named} more in named clusters, {self.n_excluded} excluded")
+
+
+def read_feedback(labels: Labels) -> Feedback:
+    """What the person has told us in ``labels`` (see the module docs)."""
+    df = labels.final_table()
+    names = labels.cluster_names()
+    defaults = {default_name(c, labels.head) for c in range(labels.head)}
+    label = df["label"].to_numpy(dtype=object)
+    excluded = df["excluded"].to_numpy(bool)
+    confirmed = df["confirmed"].to_numpy(bool)
+    moved = df["edited"].to_numpy(bool) & ~excluded
+    checked = (moved | confirmed) & ~excluded
+    named = ~checked & ~excluded & ~np.isin(label, list(defaults))
+    with labels.workspace._conn() as conn:
+        created = labels._created(conn)
+    return Feedback(labels.run_id, labels.head, df.index.to_numpy(np.int64), label,
+                    df["predicted_cluster"].to_numpy(np.int64), checked, named, excluded,
+                    confirmed, names, created)
+
+
+@dataclass
+class RefitPlan:
+    """The classes of a refit, fixed before it trains."""
+
+    feedback: Feedback
+    heads: list[int]                       # the new run's heads, main first
+    source_heads: list[int]                # the earlier run's head of each (warm start)
+    classes: dict[str, int]                # label -> class of the new main head
+    targets: Targets
+    names: dict[int, str] = field(default_factory=dict)   # new main-head class -> label
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.classes)
+
+    def summary(self) -> str:
+        grown = self.heads[0] - self.feedback.head
+        return (f"{self.n_labels} labels on {self.heads[0]} classes"
+                + (f" (grown by {grown} for new labels)" if grown > 0 else "")
+                + f"; learns from {self.targets.n_checked} checked images and "
+                  f"{len(self.targets) - self.targets.n_checked} in named clusters")
+
+
+def plan_refit(fb: Feedback, run_heads: list[int], run_dir,
+               named_weight: float = NAMED_WEIGHT, neighbours: int = NEIGHBOURS,
+               neighbour_weight: float = NEIGHBOUR_WEIGHT) -> RefitPlan:
+    """The class of each label in the new run, and the per-image targets (module docs).
+
+    Args:
+        fb: :func:`read_feedback` of the earlier run.
+        run_heads: the earlier run's heads (class counts, in order).
+        run_dir: the earlier run's directory (its predictions give the other heads' classes).
+        named_weight: weight of an unchecked image of a named cluster (0: only checked ones).
+        neighbours, neighbour_weight: an unchecked image among the ``neighbours`` nearest (in
+            the run's embedding) of a checked image takes that image's label with this weight
+            (the nearest checked image's, when several; over a named cluster's label).
+    """
+    for name, w in (("named_weight", named_weight), ("neighbour_weight", neighbour_weight)):
+        if not 0 <= w <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {w!r}")
+    if not isinstance(neighbours, int) or neighbours < 0:
+        raise ValueError(f"neighbours must be an integer >= 0, got {neighbours!r}")
+    K = fb.head
+    kept = ~fb.excluded
+    sizes: dict[str, int] = {}
+    for name in fb.label[kept]:
+        sizes[name] = sizes.get(name, 0) + 1
+    taught = set(fb.label[fb.checked | fb.named].tolist())
+    carriers: dict[str, list[int]] = {}
+    for c, name in fb.cluster_names.items():
+        carriers.setdefault(name, []).append(c)
+    classes: dict[str, int] = {}
+    for name in sizes:  # labels with images; a cluster's label keeps its lowest cluster id
+        if name in carriers:
+            classes[name] = min(carriers[name])
+    free = [c for c in range(K) if c not in set(classes.values())]
+    extra = sorted((n for n in sizes if n not in classes and n in taught),
+                   key=lambda n: (-sizes[n], n))
+    others = [k for k in run_heads if k != K]
+    new_k = K
+    for name in extra:
+        if free:
+            classes[name] = free.pop(0)
+        else:
+            new_k += 1
+            while new_k in others:  # head sizes are distinct
+                new_k += 1
+            classes[name] = new_k - 1
+    heads = [new_k] + others
+    source_heads = [K] + others
+
+    label = fb.label.copy()
+    lent = np.zeros(len(fb.ids), bool)
+    if neighbours and neighbour_weight > 0 and fb.n_checked:
+        label, lent = _lend_to_neighbours(fb, run_dir, neighbours)
+    rows = np.flatnonzero((fb.checked | fb.named | lent) & np.isin(label, list(classes)))
+    t_classes = np.full((len(rows), len(heads)), -1, np.int64)
+    t_classes[:, 0] = [classes[n] for n in label[rows]]
+    if others:
+        preds = load_predictions(run_dir, embeddings=False)
+        pos = preds.position(fb.ids)
+        for h, k in enumerate(others, start=1):
+            t_classes[:, h] = _head_classes(fb, kept, preds.heads[k].cluster[pos].astype(np.int64),
+                                            k, rows, label)
+    weights = np.where(fb.checked[rows], 1.0,
+                       np.where(lent[rows], neighbour_weight, named_weight)).astype(np.float32)
+    use = weights > 0
+    targets = Targets(heads, fb.ids[rows][use], t_classes[use], weights[use],
+                      fb.ids[fb.excluded])
+    names = {k: n for n, k in classes.items() if n != default_name(k, new_k)}
+    plan = RefitPlan(fb, heads, source_heads, classes, targets, names)
+    log.info("refit plan: %s", plan.summary())
+    return plan
+
+
+def _lend_to_neighbours(fb: Feedback, run_dir, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels with those of checked images lent to their ``k`` nearest unchecked, kept
+    neighbours in the run's embedding (the nearest checked image wins). Returns ``(labels,
+    lent)``."""
+    import faiss
+
+    preds = load_predictions(run_dir, embeddings=True)
+    if preds.embeddings is None:
+        return fb.label.copy(), np.zeros(len(fb.ids), bool)
+    emb = np.ascontiguousarray(preds.embeddings[preds.position(fb.ids)], dtype=np.float32)
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb)
+    src = np.flatnonzero(fb.checked)
+    sims, nbrs = index.search(emb[src], k + 1)
+    label = fb.label.copy()
+    lent = np.zeros(len(fb.ids), bool)
+    best = np.full(len(fb.ids), -np.inf)
+    open_ = ~fb.checked & ~fb.excluded
+    for s_row, sim_row, nbr_row in zip(src.tolist(), sims, nbrs):
+        for sim, j in zip(sim_row.tolist(), nbr_row.tolist()):
+            if j < 0 or not open_[j] or sim <= best[j]:
+                continue
+            best[j] = sim
+            label[j] = fb.label[s_row]
+            lent[j] = True
+    return label, lent
+
+
+def _head_classes(fb: Feedback, kept: np.ndarray, pred: np.ndarray, k: int,
+                  rows: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Classes of head ``k`` for the labelled ``rows`` that agree with their labels.
+
+    A cluster of head ``k`` belongs to the label most of its (kept) images carry. An image keeps
+    its own cluster when that belongs to its label (a finer head keeps its finer split inside
+    the label); otherwise it goes to the largest cluster belonging to its label, or, when none
+    does (a coarser head), to the cluster most of the label's images are in.
+    """
+    labels = fb.label[kept]
+    p = pred[kept]
+    uniq, inv = np.unique(labels, return_inverse=True)
+    counts = np.zeros((k, len(uniq)), np.int64)
+    np.add.at(counts, (p, inv), 1)
+    owner = np.where(counts.sum(1) > 0, counts.argmax(1), -1)   # cluster -> label index
+    index = {n: i for i, n in enumerate(uniq.tolist())}
+    best: dict[int, int] = {}
+    for li in range(len(uniq)):
+        owned = np.flatnonzero(owner == li)
+        best[li] = int(owned[np.argmax(counts[owned, li])]) if len(owned) \
+            else int(counts[:, li].argmax())
+    out = np.empty(len(rows), np.int64)
+    for j, r in enumerate(rows.tolist()):
+        li = index.get(label[r])
+        if li is None:  # pragma: no cover - labelled rows are kept rows
+            out[j] = -1
+        elif owner[pred[r]] == li:
+            out[j] = pred[r]
+        else:
+            out[j] = best[li]
+    return out
+
+
+# --------------------------------------------------------------------------- the new run's labels
+def save_plan(run_dir: str | os.PathLike, plan: RefitPlan) -> None:
+    """Write the plan into the new run's directory: ``targets.npz`` (what training reads) and
+    ``refit.json`` (what the new run's labels get when it is done, and what it learned from)."""
+    fb = plan.feedback
+    save_targets(run_dir, plan.targets)
+    record = {"of": fb.run_id, "head": fb.head, "heads": plan.heads,
+              "classes": plan.classes, "names": {str(k): v for k, v in plan.names.items()},
+              "created": [n for n in fb.created if n not in plan.classes],
+              "checked": fb.n_checked, "named": fb.n_named, "excluded": fb.n_excluded,
+              "labels": {"ids": fb.ids.tolist(), "label": fb.label.tolist()},
+              "applied": None}
+    atomic_write_text(Path(run_dir) / REFIT_FILE, json.dumps(record, ensure_ascii=False))
+
+
+def read_plan(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``refit.json`` of a run (None when the run is not a refit)."""
+    path = Path(run_dir) / REFIT_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def apply_refit_labels(workspace: Workspace | str | os.PathLike, run_id: int) -> dict[str, Any]:
+    """Give a finished refit's groups the person's names and keep every image they checked.
+
+    Clusters get their labels' names (the classes were fixed before training); an image the
+    person checked keeps its label: confirmed where the new model agrees, moved to its label's
+    cluster where it does not; excluded images stay excluded; created labels that got no class
+    are created again. One operation in the new run's history (``refit``). Done once: later
+    calls return the stored outcome. Returns ``{"changed", "compared", "moved", "confirmed",
+    "history_id"}``: ``changed`` counts images whose label differs from the earlier run's.
+    """
+    ws = as_workspace(workspace)
+    run = ws.get_run(run_id)
+    plan = read_plan(run.dir)
+    targets = load_targets(run.dir)
+    if plan is None or targets is None:
+        raise ValueError(f"run {run_id} is not a refit (no {REFIT_FILE} in {run.dir})")
+    if plan.get("applied"):
+        return plan["applied"]
+    store = LabelStore(ws, run_id, plan["heads"][0])
+    names = {int(k): v for k, v in plan["names"].items()}
+    checked = targets.image_ids[targets.weights >= 1]
+    want = targets.lookup(checked)[0][:, 0].numpy()
+    in_run = np.isin(checked, store.image_ids)
+    checked, want = checked[in_run], want[in_run]
+    excluded = targets.excluded[np.isin(targets.excluded, store.image_ids)]
+    predicted = store._predicted_of(checked) if len(checked) else np.zeros(0, np.int64)
+    with ws.transaction() as conn:
+        ops = ChangeSet()
+        stored = store._names(conn)
+        for c, name in names.items():
+            if c < store.head:
+                ops.set("names", c, stored.get(c), name)
+        current = store._overrides(conn, np.concatenate([checked, excluded]).tolist())
+        moved = confirmed = 0
+        for i, c, p in zip(checked.tolist(), want.tolist(), predicted.tolist()):
+            if c == p:
+                ops.set("confirmed", i, False, True)
+                confirmed += 1
+            else:
+                store._set_override(ops, i, current.get(i), int(c), None, 0)
+                moved += 1
+        for i in excluded.tolist():
+            store._set_override(ops, i, current.get(i), None, None, 1)
+        for name in plan["created"]:
+            ops.set("created", name, False, True)
+        history_id = store._commit(conn, "refit", {"from_run": plan["of"]}, ops)
+    new = Labels(ws, run_id, store.head).final_table()
+    old_ids = np.asarray(plan["labels"]["ids"], np.int64)
+    old_label = np.asarray(plan["labels"]["label"], dtype=object)
+    shared, oi, ni = np.intersect1d(old_ids, new.index.to_numpy(np.int64), return_indices=True)
+    kept = ~new["excluded"].to_numpy(bool)[ni]
+    changed = int((old_label[oi][kept] != new["label"].to_numpy(dtype=object)[ni][kept]).sum())
+    outcome = {"changed": changed, "compared": int(kept.sum()), "moved": moved,
+               "confirmed": confirmed, "history_id": history_id}
+    plan["applied"] = outcome
+    atomic_write_text(run.dir / REFIT_FILE, json.dumps(plan, ensure_ascii=False))
+    log.info("refit run %d: names applied; %d of %d images changed label (%d checked images "
+             "kept by a move)", run_id, changed, outcome["compared"], moved)
+    return outcome

@@ -1,0 +1,364 @@
+"""What the person told us: confirm, the review queue, reading the labels, the refit's class plan,
+the supervised term, targets and warm starts (no training here: tests/test_refit.py trains)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selfclassifier_core.cli import main as cli_main
+from selfclassifier_core.curation.feedback import (apply_refit_labels, plan_refit,
+                                                   read_feedback, read_plan, save_plan)
+from selfclassifier_core.curation.labels import Labels
+from selfclassifier_core.curation.review import review_queue
+from selfclassifier_core.engine.loss import SelfClassifierLoss, self_classifier_loss, \
+    supervised_term
+from selfclassifier_core.engine.model import ModelConfig, SelfClassifier, warm_start
+from selfclassifier_core.store.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from selfclassifier_core.store.predictions import load_predictions
+from selfclassifier_core.training.targets import Targets, load_targets, save_targets, \
+    start_state
+from workspace_fixtures import add_run, make_workspace_with_run
+
+
+@pytest.fixture
+def ws_run(tmp_path):
+    return make_workspace_with_run(tmp_path, n_images=60, heads=(3, 6), seed=1,
+                                   write_images=False)
+
+
+def clusters_of(ws, run_id, head=3):
+    preds = load_predictions(ws.run_dir(run_id), embeddings=False)
+    return dict(zip(preds.image_ids.tolist(), preds.heads[head].cluster.tolist()))
+
+
+# ----------------------------------------------------------------------------- confirm
+def test_confirm_marks_images_and_undo_redo_take_it_back(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    hid = lab.confirm([3, 5])
+    assert hid is not None and lab.confirmed_ids().tolist() == [3, 5]
+    df = lab.final_table()
+    assert df.loc[[3, 5], "confirmed"].all() and not df.drop([3, 5])["confirmed"].any()
+    assert lab.confirm([3]) is None           # already confirmed: nothing changed
+    assert lab.history()[-1].op == "confirm"
+    lab.undo()
+    assert lab.confirmed_ids().tolist() == []
+    lab.redo()
+    assert lab.confirmed_ids().tolist() == [3, 5]
+    lab.unconfirm([5])
+    assert lab.confirmed_ids().tolist() == [3]
+    lab.undo()
+    assert lab.confirmed_ids().tolist() == [3, 5]
+
+
+def test_confirm_refuses_excluded_images_and_exclude_clears_the_mark(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    lab.exclude([7])
+    with pytest.raises(ValueError, match="7 are excluded"):
+        lab.confirm([6, 7])
+    assert lab.confirmed_ids().tolist() == []   # nothing written for 6 either
+    lab.confirm([8])
+    lab.exclude([8])
+    assert lab.confirmed_ids().tolist() == []
+    assert not lab.final_table().loc[8, "confirmed"]
+    lab.undo()                                  # one undo: excluded and mark both back
+    assert lab.confirmed_ids().tolist() == [8]
+    assert not lab.final_table().loc[8, "excluded"]
+
+
+def test_confirm_of_an_unknown_image_names_it(ws_run):
+    ws, run = ws_run
+    with pytest.raises(ValueError, match="unknown image id.*999"):
+        Labels(ws, run).confirm([999])
+
+
+# ----------------------------------------------------------------------------- the queue
+def test_queue_spreads_over_clusters_and_never_offers_checked_or_excluded(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    q = review_queue(lab, 6)
+    assert len(q) == 6
+    assert q["cluster"].value_counts().to_dict() == {0: 2, 1: 2, 2: 2}   # 2 per cluster
+    first = q.index.tolist()
+    lab.confirm(first[:3])
+    lab.move(first[3:5], cluster=0)
+    lab.exclude(first[5:])
+    q2 = review_queue(lab, 60)
+    assert not set(first) & set(q2.index)
+    assert len(q2) == 60 - 6                     # everything else, once
+    assert q2.index.is_unique
+    lab.undo()                                   # the exclusion: that image can come back
+    assert first[5] in review_queue(lab, 60).index
+
+
+def test_queue_takes_the_most_doubtful_image_of_each_cluster_first(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    df = lab.final_table()
+    q = review_queue(lab, 3, per_cluster=1)
+    preds = load_predictions(ws.run_dir(run), embeddings=False)
+    # doubt = 1 - margin + share of the other head disagreeing; recompute it here
+    c3 = preds.heads[3].cluster.astype(int)
+    c6 = preds.heads[6].cluster.astype(int)
+    counts = np.zeros((6, 3), int)
+    np.add.at(counts, (c6, c3), 1)
+    disagree = (counts.argmax(1)[c6] != c3).astype(float)
+    doubt = 1 - df["margin"].to_numpy(float) + disagree
+    for image_id, row in q.iterrows():
+        in_cluster = df.index[df["cluster"] == row["cluster"]]
+        best = in_cluster[np.argmax(doubt[df.index.get_indexer(in_cluster)])]
+        assert image_id == best
+    assert q["doubt"].tolist() == sorted(q["doubt"], reverse=True)   # most doubtful cluster first
+
+
+def test_queue_rejects_bad_sizes(ws_run):
+    ws, run = ws_run
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        review_queue(Labels(ws, run), 0)
+
+
+def test_cli_next_lists_images_and_confirm_marks_them(ws_run, capsys):
+    ws, run = ws_run
+    assert cli_main(["labels", str(ws.path), "next", "-n", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    ids = [int(line.split("\t")[0]) for line in lines[1:]]
+    assert len(ids) == 4 and "4 images to check" in lines[0]
+    assert cli_main(["labels", str(ws.path), "confirm", *map(str, ids[:2])]) == 0
+    assert Labels(ws, run).confirmed_ids().tolist() == sorted(ids[:2])
+    capsys.readouterr()
+    cli_main(["labels", str(ws.path), "next", "-n", "60"])
+    again = [int(line.split("\t")[0]) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert not set(ids[:2]) & set(again)
+
+
+# ----------------------------------------------------------------------------- reading, plan
+def test_read_feedback_sorts_checked_named_and_excluded(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    cl = clusters_of(ws, run)
+    in0 = [i for i, c in cl.items() if c == 0]
+    in1 = [i for i, c in cl.items() if c == 1]
+    lab.rename(0, "cats")
+    lab.move(in1[:2], cluster=2)
+    lab.confirm(in0[:3])
+    lab.exclude(in0[3:4])
+    fb = read_feedback(lab)
+    by_id = dict(zip(fb.ids.tolist(), range(len(fb.ids))))
+    assert sorted(fb.ids[fb.checked].tolist()) == sorted(in0[:3] + in1[:2])
+    assert sorted(fb.ids[fb.named].tolist()) == sorted(in0[4:])
+    assert fb.ids[fb.excluded].tolist() == in0[3:4]
+    assert fb.label[by_id[in0[0]]] == "cats"
+    assert fb.summary() == f"run {run} (head 3): 5 checked images, {len(in0) - 4} more in " \
+                           "named clusters, 1 excluded"
+
+
+def test_plan_merged_clusters_share_a_class_and_a_new_label_takes_the_freed_one(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    cl = clusters_of(ws, run)
+    in2 = [i for i, c in cl.items() if c == 2]
+    lab.merge([1, 0], name="animals")           # clusters 0 and 1: one label -> class 0
+    lab.move_to_label(in2[:4], "birds")         # a label no cluster carries
+    plan = plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbours=0)
+    assert plan.heads == [3, 6]                 # no growth: class 1 was freed by the merge
+    assert plan.classes == {"animals": 0, "birds": 1, "cluster_2": 2}
+    assert plan.names == {0: "animals", 1: "birds"}
+    t = plan.targets
+    birds = np.isin(t.image_ids, in2[:4])
+    assert (t.classes[birds, 0] == 1).all() and (t.weights[birds] == 1).all()
+    assert (t.classes[~birds, 0] == 0).all()    # the rest: named (merged) images, weak
+    assert np.allclose(t.weights[~birds], 0.25)
+    assert not np.isin(t.image_ids, [i for i, c in cl.items() if c == 2][4:]).any()
+
+
+def test_plan_grows_the_main_head_when_labels_outnumber_classes(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    cl = clusters_of(ws, run)
+    ids = sorted(cl)
+    lab.move_to_label(ids[:2], "new one")
+    lab.move_to_label(ids[2:4], "new two")
+    plan = plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbours=0)
+    assert plan.heads == [5, 6]                 # 3 clusters + 2 labels; 6 stays
+    assert plan.source_heads == [3, 6]
+    assert {plan.classes["new one"], plan.classes["new two"]} == {3, 4}
+    # a grown size that equals another head's size is skipped (head sizes are distinct)
+    lab.move_to_label(ids[4:6], "new three")
+    lab.move_to_label(ids[6:8], "new four")
+    plan = plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbours=0)
+    assert plan.heads == [8, 6]
+
+
+def test_plan_other_heads_keep_finer_clusters_inside_a_label(tmp_path):
+    ws, _ = make_workspace_with_run(tmp_path, n_images=12, heads=(2, 4), write_images=False)
+    c2 = np.array([0] * 6 + [1] * 6)
+    c4 = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    run = add_run(ws, heads=(2, 4), clusters={2: c2, 4: c4})
+    lab = Labels(ws, run)
+    lab.rename(0, "left")
+    lab.rename(1, "right")
+    ids = lab.image_ids
+    lab.move([int(ids[6])], cluster=0)          # a 'right' image (finer cluster 2) moved left
+    plan = plan_refit(read_feedback(lab), [2, 4], ws.run_dir(run), neighbours=0)
+    fine = dict(zip(plan.targets.image_ids.tolist(), plan.targets.classes[:, 1].tolist()))
+    for i, c in zip(ids.tolist(), c4.tolist()):
+        if i != int(ids[6]):
+            assert fine[i] == c                 # finer clusters owned by the label: kept
+    assert fine[int(ids[6])] in (0, 1)          # moved: the largest finer cluster of 'left'
+
+
+def test_plan_lends_checked_labels_to_nearest_neighbours(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    preds = load_predictions(ws.run_dir(run))
+    emb = np.asarray(preds.embeddings, np.float32)
+    ids = preds.image_ids
+    lab.move_to_label([int(ids[0])], "special")
+    plan = plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbours=3,
+                      neighbour_weight=0.5)
+    near = np.argsort(-(emb @ emb[0]))[1:4]
+    t = plan.targets
+    pos = np.searchsorted(t.image_ids, ids[near])
+    assert (t.classes[pos, 0] == plan.classes["special"]).all()
+    assert np.allclose(t.weights[pos], 0.5)
+    with pytest.raises(ValueError, match="neighbour_weight"):
+        plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbour_weight=2)
+
+
+def test_plan_keeps_excluded_images_out(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    lab.rename(0, "x")
+    in0 = [i for i, c in clusters_of(ws, run).items() if c == 0]
+    lab.exclude(in0[:2])
+    plan = plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbours=0)
+    assert plan.targets.excluded.tolist() == sorted(in0[:2])
+    assert not np.isin(plan.targets.image_ids, in0[:2]).any()
+
+
+# ----------------------------------------------------------------------------- labels of a refit
+def test_applying_a_refit_names_its_clusters_and_keeps_every_checked_image(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    cl = clusters_of(ws, run)
+    lab.rename(0, "zero")
+    lab.merge([1, 2], name="rest")
+    wrong = [i for i, c in cl.items() if c == 1][:3]
+    lab.move_to_label(wrong, "zero")            # three images fixed by hand
+    lab.confirm([i for i, c in cl.items() if c == 0][:2])
+    lab.exclude([i for i, c in cl.items() if c == 2][:1])
+    lab.create_label("later")
+    plan = plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbours=0)
+    # the new run's model: everything in cluster 0 but the first fixed image
+    new_c = np.zeros(60, np.int32)
+    new_c[np.searchsorted(lab.image_ids, wrong[0])] = 1
+    new = add_run(ws, heads=(3, 6), clusters={3: new_c}, seed=1)
+    save_plan(ws.run_dir(new), plan)
+    out = apply_refit_labels(ws, new)
+    nl = Labels(ws, new)
+    assert nl.cluster_names() == {0: "zero", 1: "rest", 2: "cluster_2"}
+    df = nl.final_table()
+    assert (df.loc[wrong, "label"] == "zero").all()   # the fixed one the model got wrong: moved
+    assert df.loc[wrong[0], "edited"] and df.loc[wrong[1:], "confirmed"].all()
+    excluded = [i for i, c in cl.items() if c == 2][:1]
+    assert df.loc[excluded, "excluded"].all()
+    assert "later" in nl.label_names()
+    assert out["moved"] == 1 and out["confirmed"] == 4
+    old = Labels(ws, run).final_table()
+    kept = ~df["excluded"]
+    assert out["changed"] == int((old["label"][kept] != df["label"][kept]).sum())
+    assert apply_refit_labels(ws, new) == out             # once only
+    assert read_plan(ws.run_dir(new))["applied"] == out
+    nl.undo()                                             # one operation
+    assert nl.cluster_names() == {0: "cluster_0", 1: "cluster_1", 2: "cluster_2"}
+    with pytest.raises(ValueError, match="not a refit"):
+        apply_refit_labels(ws, run)
+
+
+# ----------------------------------------------------------------------------- the loss
+def _logits(n=16, heads=(3, 6), views=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(n, k, generator=g, requires_grad=True) for _ in range(views)]
+            for k in heads]
+
+
+def test_loss_without_labels_is_exactly_the_self_classifier_loss():
+    z = _logits()
+    plain = self_classifier_loss(z)
+    crit = SelfClassifierLoss()
+    none = torch.full((16, 2), -1, dtype=torch.long)
+    assert torch.equal(crit(z), plain)
+    assert torch.equal(crit(z, targets=none), plain)
+    assert torch.equal(crit(z, targets=none.clamp(min=0), weights=torch.zeros(16)), plain)
+    assert torch.equal(crit(z, targets=none.clamp(min=0), supervised_weight=0.0), plain)
+
+
+def test_supervised_term_is_the_weighted_cross_entropy_of_labelled_rows():
+    z = _logits()
+    t = torch.full((16, 2), -1, dtype=torch.long)
+    t[:4, 0] = torch.tensor([0, 1, 2, 0])
+    t[:4, 1] = torch.tensor([5, 4, 3, 2])
+    w = torch.tensor([1.0, 0.5, 1.0, 0.25] + [1.0] * 12)
+    expected = []
+    for h in range(2):
+        for v in range(2):
+            logp = torch.log_softmax(z[h][v][:4].detach() / 0.1, dim=1)
+            ce = -logp[torch.arange(4), t[:4, h]]
+            expected.append((w[:4] * ce).sum() / w[:4].sum())
+    got = supervised_term(z, t, w, row_tau=0.1)
+    assert torch.allclose(got, torch.stack(expected).mean(), atol=1e-6)
+    total = SelfClassifierLoss()(z, targets=t, weights=w, supervised_weight=2.0)
+    assert torch.allclose(total, self_classifier_loss(z) + 2.0 * got, atol=1e-6)
+    total.backward()                             # gradients reach the logits
+    assert z[0][0].grad is not None and z[0][0].grad[:4].abs().sum() > 0
+
+
+def test_supervised_term_checks_its_inputs():
+    z = _logits()
+    with pytest.raises(ValueError, match="one column per head"):
+        supervised_term(z, torch.zeros(16, dtype=torch.long), torch.ones(16))
+    with pytest.raises(ValueError, match="has 3 classes but a target is 5"):
+        supervised_term(z, torch.full((16, 2), 5, dtype=torch.long), torch.ones(16))
+
+
+# ----------------------------------------------------------------------------- targets, starts
+def test_targets_round_trip_and_lookup(tmp_path):
+    t = Targets([4, 8], [2, 5, 9], [[1, 3], [0, -1], [3, 7]], [1.0, 0.25, 0.5], [11])
+    save_targets(tmp_path, t)
+    back = load_targets(tmp_path)
+    assert back.heads == [4, 8] and back.excluded.tolist() == [11]
+    classes, weights = back.lookup(torch.tensor([9, 3, 2]))
+    assert classes.tolist() == [[3, 7], [-1, -1], [1, 3]]
+    assert weights.tolist() == [0.5, 0.0, 1.0]
+    assert load_targets(tmp_path / "nothing") is None
+    with pytest.raises(ValueError, match="head 4: target classes must lie in -1..3"):
+        Targets([4], [1], [[4]], [1.0], [])
+
+
+def test_warm_start_copies_weights_and_grows_a_head():
+    torch.manual_seed(0)
+    old = SelfClassifier(ModelConfig(backbone="convnet_small", image_size=32, heads=[3, 6],
+                                     proj_hidden_dim=32))
+    new = SelfClassifier(ModelConfig(backbone="convnet_small", image_size=32, heads=[5, 6],
+                                     proj_hidden_dim=32))
+    fresh_rows = new.heads.heads[0].weight[3:].detach().clone()
+    untouched = warm_start(new, old.state_dict())
+    assert untouched == ["heads.heads.0.weight"]
+    assert torch.equal(new.heads.heads[0].weight[:3], old.heads.heads[0].weight)
+    assert torch.equal(new.heads.heads[0].weight[3:], fresh_rows)
+    assert torch.equal(new.heads.heads[1].weight, old.heads.heads[1].weight)
+    assert torch.equal(new.projection.mlp[0].weight, old.projection.mlp[0].weight)
+
+
+def test_start_state_puts_the_earlier_heads_in_the_new_order(tmp_path):
+    ws, run = make_workspace_with_run(tmp_path, n_images=8, heads=(3, 6), write_images=False)
+    model = SelfClassifier(ModelConfig(backbone="convnet_small", image_size=32, heads=[6, 3],
+                                       proj_hidden_dim=32))
+    save_checkpoint(ws.run_dir(run) / CHECKPOINT_FILE, model.checkpoint_dict())
+    state = start_state(ws, run, [7, 6])         # 3 grew to 7 and comes first
+    assert torch.equal(state["heads.heads.0.weight"], model.heads.heads[1].weight)
+    assert torch.equal(state["heads.heads.1.weight"], model.heads.heads[0].weight)
