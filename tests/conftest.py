@@ -27,10 +27,16 @@ SLOW_RULE = ("is not marked slow but {what}; mark it @pytest.mark.slow (a test t
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Default workspaces go under a temporary SELFCLASSIFIER_HOME, never ~/.selfclassifier."""
+    """Default workspaces go under a temporary SELFCLASSIFIER_HOME, never ~/.selfclassifier;
+    the Hugging Face cache is an empty temporary one and the hub is offline, so weights cached
+    on this machine never change a default and no test reaches the network."""
     home = tmp_path_factory.mktemp("sc-home")
     monkeypatch.setenv("SELFCLASSIFIER_HOME", str(home))
     monkeypatch.delenv("SELFCLASSIFIER_WORKSPACE", raising=False)
+    hf = tmp_path_factory.mktemp("hf-home")
+    monkeypatch.setenv("HF_HOME", str(hf))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
 
 

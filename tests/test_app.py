@@ -18,6 +18,7 @@ from streamlit.testing.v1 import AppTest
 from selfclassifier_core.curation import export
 from selfclassifier_core.workflows import jobs
 from selfclassifier_core.store import recent
+from selfclassifier_core.curation.feedback import read_plan
 from selfclassifier_core.curation.labels import Labels
 from workspace_fixtures import cluster_assignments, make_workspace_with_run
 
@@ -867,8 +868,14 @@ def test_retrain_with_my_corrections_from_the_app(tmp_path, monkeypatch):
     assert st.status == "done", st.log_tail
     at.run()
     assert_ok(at)
-    done = [s.value for s in at.success if f"Refit run {new.id} is done" in s.value]
-    assert done and "images changed group" in done[0]
+    changed = read_plan(new.dir)["applied"]
+    assert at.sidebar.selectbox(key="run_id").value == new.id      # opened by itself, once
+    assert any(f"Refit run {new.id} is done and open: {changed['changed']:,} of "
+               f"{changed['compared']:,} images changed group" in s.value.replace("\\", "")
+               for s in at.success)
+    at.sidebar.selectbox(key="run_id").set_value(first.run_id).run()   # back to the first run
+    assert at.sidebar.selectbox(key="run_id").value == first.run_id
+    assert any(f"Refit run {new.id} is done" in s.value for s in at.success)
     at.button(key="rv_open_refit").click().run()
     assert at.sidebar.selectbox(key="run_id").value == new.id
     assert "one" in Labels(ws, new.id).cluster_names().values()  # the name came along

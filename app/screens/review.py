@@ -101,6 +101,8 @@ def _refit_section(ctx: Context, fb) -> None:
             if now.alive or now.status in ("created", "running"):
                 st.fragment(run_every=POLL_S)(_refit_progress)(ctx, latest.id)
                 return
+            if _open_once(ctx, latest.id, now):
+                st.rerun()
             _refit_outcome(ctx, latest.id, now)
         nothing = fb.n_checked == 0 and fb.n_named == 0
         active = jobs.active_run(ctx.ws)
@@ -122,10 +124,24 @@ def _refit_section(ctx: Context, fb) -> None:
             st.caption(f"Run {active} is training; the refit can start when it is done.")
 
 
+def _open_once(ctx: Context, run_id: int, now) -> bool:
+    """A refit started from this screen in this session and now done is opened once, with
+    how many images changed group; True when it asked for the rerun that opens it."""
+    opened = st.session_state.setdefault("rv_opened", [])
+    if now.status != "done" or st.session_state.get("watch_run") != run_id or run_id in opened:
+        return False
+    opened.append(run_id)
+    outcome = (read_plan(ctx.ws.run_dir(run_id)) or {}).get("applied") or {}
+    st.session_state[session.OPEN_RUN] = run_id
+    ui.flash(f"Refit run {run_id} is done and open: {outcome.get('changed', 0):,} of "
+             f"{outcome.get('compared', 0):,} images changed group.")
+    return True
+
+
 def _refit_progress(ctx: Context, run_id: int) -> None:
     now = jobs.job_status(ctx.ws, run_id)
     if not now.alive and now.status not in ("created", "running"):
-        st.rerun(scope="app")
+        st.rerun(scope="app")  # the whole page opens it (_refit_section)
     p = now.progress
     fraction = float(p.get("fraction") or 0.0)
     st.progress(min(1.0, fraction), text=f"Refit run {run_id}: {p.get('phase') or now.status}"

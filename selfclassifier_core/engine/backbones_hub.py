@@ -1,0 +1,531 @@
+"""Pretrained image towers from timm and open_clip: DINOv2, CLIP and SigLIP for fast mode.
+
+Names (the registry in :mod:`.backbones` lists the short ones):
+
+* ``dinov2_s``, ``dinov2_b``, ``dinov2_l``: timm ``vit_{small,base,large}_patch14_dinov2.lvd142m``
+  (patch 14, 384/768/1024-d CLS features after the final norm).
+* ``clip_b32``, ``clip_b16``, ``clip_l14``: open_clip ``ViT-B-32`` / ``laion2b_s34b_b79k``,
+  ``ViT-B-16`` / ``datacomp_xl_s13b_b90k``, ``ViT-L-14`` / ``datacomp_xl_s13b_b90k``.
+* ``siglip_b16``: open_clip ``ViT-B-16-SigLIP`` / ``webli`` (a timm trunk with attention pooling).
+* ``timm:MODEL_NAME`` (any timm model, e.g. ``timm:vit_small_patch14_reg4_dinov2.lvd142m``) and
+  ``open_clip:ARCH:TAG`` (e.g. ``open_clip:ViT-B-32:openai``).
+
+:func:`build` makes the image tower with random weights and no network: a timm model with
+``num_classes=0`` (its forward is the model's own pooled embedding; ViTs are built for the view
+size with ``dynamic_img_size=True``, so other sizes work too), or :class:`OpenClipImageTower`
+around open_clip's ``model.visual`` (forward = ``encode_image``; open_clip towers take exactly
+the size they were built for). Parameter names are the libraries' own, so their checkpoints load
+with :func:`selfclassifier_core.engine.pretrained.load_backbone_weights`.
+
+:func:`preprocess` reads mean, std, interpolation and the evaluation crop from the library (timm's
+data config, open_clip's pretrained config), never from constants here.
+
+Weights (``--pretrained DEFAULT``) come from the Hugging Face hub cache (``HF_HUB_CACHE``, else
+``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), read at call time; they are downloaded only
+when they are not cached and ``HF_HUB_OFFLINE`` is not set. timm and open_clip are imported inside
+the functions that need them, never when this module is imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .transforms import Preprocess
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HubSpec", "HubWeightsError", "OpenClipImageTower", "SHORT_NAMES", "build",
+           "download_command", "hub_cache_dir", "hub_offline", "is_hub_name", "load_state",
+           "patch_size", "prepare_state", "preprocess", "resize_positions", "spec",
+           "weights_available", "weights_file", "weights_identity"]
+
+INSTALL_HINT = "pip install 'timm>=1.0' 'open_clip_torch>=3.0'"
+TRUE_VALUES = {"1", "on", "yes", "true"}  # as huggingface_hub reads HF_HUB_OFFLINE
+# what --pretrained may say for a hub backbone's own pretrained weights (besides its name/tag)
+DEFAULT_NAMES = {"default"}
+
+
+class HubWeightsError(ValueError):
+    """The library's pretrained weights are not on this machine and cannot be downloaded."""
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """What a hub backbone name stands for.
+
+    Args:
+        name: the registry name (``dinov2_s``, ``timm:MODEL``, ``open_clip:ARCH:TAG``).
+        library: ``timm`` or ``open_clip``.
+        model: timm model name (with its pretrained tag) or open_clip architecture.
+        tag: open_clip pretrained tag (None for timm).
+        family: shown in the app and the README (DINOv2, CLIP, SigLIP, timm, open_clip).
+        licence: licence of the pretrained weights.
+        hub_repo: the Hugging Face repo of the weights, written out for the short names so the
+            app can tell which are cached without importing timm / open_clip (a test checks it
+            against the library); None: asked from the library.
+    """
+
+    name: str
+    library: str
+    model: str
+    tag: str | None = None
+    family: str = ""
+    licence: str = ""
+    hub_repo: str | None = None
+
+    @property
+    def hub_files(self) -> tuple[str, ...]:
+        """Weights file names in a repo, in the order the library tries them."""
+        return (("model.safetensors", "pytorch_model.bin") if self.library == "timm"
+                else ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+
+
+SHORT_NAMES: dict[str, HubSpec] = {s.name: s for s in (
+    HubSpec("dinov2_s", "timm", "vit_small_patch14_dinov2.lvd142m", None, "DINOv2", "Apache-2.0",
+            "timm/vit_small_patch14_dinov2.lvd142m"),
+    HubSpec("dinov2_b", "timm", "vit_base_patch14_dinov2.lvd142m", None, "DINOv2", "Apache-2.0",
+            "timm/vit_base_patch14_dinov2.lvd142m"),
+    HubSpec("dinov2_l", "timm", "vit_large_patch14_dinov2.lvd142m", None, "DINOv2", "Apache-2.0",
+            "timm/vit_large_patch14_dinov2.lvd142m"),
+    HubSpec("clip_b32", "open_clip", "ViT-B-32", "laion2b_s34b_b79k", "CLIP", "MIT",
+            "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"),
+    HubSpec("clip_b16", "open_clip", "ViT-B-16", "datacomp_xl_s13b_b90k", "CLIP", "MIT",
+            "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K"),
+    HubSpec("clip_l14", "open_clip", "ViT-L-14", "datacomp_xl_s13b_b90k", "CLIP", "MIT",
+            "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"),
+    HubSpec("siglip_b16", "open_clip", "ViT-B-16-SigLIP", "webli", "SigLIP", "Apache-2.0",
+            "timm/ViT-B-16-SigLIP"),
+)}
+
+
+def _import(library: str):
+    try:
+        if library == "timm":
+            import timm
+            import timm.data  # noqa: F401 - resolve_data_config
+
+            return timm
+        import open_clip
+
+        return open_clip
+    except ImportError as exc:
+        raise ValueError(f"the {library} backbones need {library}: {INSTALL_HINT} ({exc})") from exc
+
+
+def is_hub_name(name: Any) -> bool:
+    """True for a short hub name or the general forms ``timm:…`` / ``open_clip:…`` (syntax only;
+    :func:`spec` checks that the library knows the model)."""
+    return isinstance(name, str) and (name in SHORT_NAMES or name.startswith(("timm:",
+                                                                               "open_clip:")))
+
+
+def spec(name: str) -> HubSpec:
+    """The :class:`HubSpec` of ``name``, checked against the library (ValueError naming it)."""
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]
+    if not is_hub_name(name):
+        raise ValueError(f"{name!r} is not a hub backbone; use {', '.join(SHORT_NAMES)}, "
+                         "timm:MODEL_NAME or open_clip:ARCH:TAG")
+    library, _, rest = name.partition(":")
+    if library == "timm":
+        if not rest:
+            raise ValueError(f"backbone {name!r}: give a timm model after 'timm:', e.g. "
+                             "timm:vit_small_patch14_reg4_dinov2.lvd142m")
+        timm = _import("timm")
+        if not timm.is_model(rest):
+            raise ValueError(f"backbone {name!r}: timm has no model {rest!r} "
+                             "(timm.list_models() lists them)")
+        cfg = timm.models.get_pretrained_cfg(rest)
+        return HubSpec(name, "timm", rest, None, "timm", (cfg.license or "") if cfg else "")
+    arch, _, tag = rest.partition(":")
+    open_clip = _import("open_clip")
+    if arch not in open_clip.list_models():
+        raise ValueError(f"backbone {name!r}: open_clip has no architecture {arch!r} "
+                         "(open_clip.list_models() lists them)")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if not tag or tag not in tags:
+        raise ValueError(f"backbone {name!r}: give a pretrained tag of {arch} as "
+                         f"open_clip:{arch}:TAG, one of {', '.join(tags) or '(none known)'}")
+    return HubSpec(name, "open_clip", arch, tag, "open_clip", "")
+
+
+def is_known(name: str) -> bool:
+    """True when ``name`` is a hub backbone the installed libraries can build."""
+    if not is_hub_name(name):
+        return False
+    try:
+        spec(name)
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- building
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger
+    for every build; the weights are loaded right after, so that line would only mislead."""
+    root = logging.getLogger()
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _open_clip_cfg(s: HubSpec) -> dict[str, Any]:
+    return dict(_import("open_clip").get_pretrained_cfg(s.model, s.tag))
+
+
+class OpenClipImageTower(nn.Module):
+    """open_clip's image tower; ``forward`` is ``CLIP.encode_image`` (not L2-normalised).
+
+    The tower is kept under ``visual`` so the names match open_clip's full-model checkpoints.
+    Its position embeddings are built for ``image_size``: other sizes are an error.
+    """
+
+    def __init__(self, visual: nn.Module, image_size: int, name: str):
+        super().__init__()
+        self.visual = visual
+        self.image_size = int(image_size)
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"backbone {self.name} was built for {self.image_size}x"
+                             f"{self.image_size} px inputs, got {x.shape[-2]}x{x.shape[-1]}; "
+                             "build it for that size (open_clip towers take one size)")
+        return self.visual(x)
+
+
+def build(name: str, image_size: int) -> tuple[nn.Module, int]:
+    """The image tower of ``name`` with random weights for ``image_size`` px inputs (no network).
+
+    ``image_size`` is used as given (the recipes keep it a multiple of :func:`patch_size`).
+
+    Returns:
+        ``(module, feature_dim)``; ``module(x)`` gives the pooled image embedding ``[N, dim]``.
+    """
+    s = spec(name)
+    size = int(image_size)
+    if size < patch_size(name):
+        raise ValueError(f"backbone {name} needs inputs of at least {patch_size(name)} px "
+                         f"(its patch), got image_size={image_size!r}")
+    if s.library == "timm":
+        timm = _import("timm")
+        try:  # ViT-like: built for the view size, other sizes interpolate the positions
+            net = timm.create_model(s.model, pretrained=False, num_classes=0, img_size=size,
+                                    dynamic_img_size=True)
+        except TypeError:  # a convnet: no such arguments, any size works
+            net = timm.create_model(s.model, pretrained=False, num_classes=0)
+        return net, int(net.num_features)
+    open_clip = _import("open_clip")
+    cfg = _open_clip_cfg(s)
+    pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    with _quiet_random_init():
+        model = open_clip.create_model(s.model, pretrained=None, force_image_size=size,
+                                       force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+                                       force_preprocess_cfg=pp)
+    dim = int(open_clip.get_model_config(s.model)["embed_dim"])
+    visual = model.visual
+    del model  # the text tower is not needed for image features
+    return OpenClipImageTower(visual, size, name), dim
+
+
+def patch_size(name: str) -> int:
+    """The side view sizes should be a multiple of (the ViT patch; 1 for convnets)."""
+    s = spec(name)
+    if s.library == "open_clip":
+        vision = _import("open_clip").get_model_config(s.model)["vision_cfg"]
+        if "patch_size" in vision:
+            return int(vision["patch_size"])
+        model = vision.get("timm_model_name", "")
+    else:
+        model = s.model
+    found = re.search(r"patch(\d+)", model)
+    return int(found.group(1)) if found else 1
+
+
+def native_size(name: str) -> int:
+    """The input side the library's pretrained weights were trained at."""
+    s = spec(name)
+    if s.library == "open_clip":
+        size = _import("open_clip").get_model_config(s.model)["vision_cfg"]["image_size"]
+        return int(size if isinstance(size, int) else size[-1])
+    return int(_timm_data_config(s)["input_size"][-1])
+
+
+def fixed_size(name: str) -> bool:
+    """True when the built tower takes only the size it was built for (open_clip towers)."""
+    return spec(name).library == "open_clip"
+
+
+def _timm_data_config(s: HubSpec) -> dict[str, Any]:
+    timm = _import("timm")
+    cfg = timm.models.get_pretrained_cfg(s.model)
+    return timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg else {})
+
+
+def preprocess(name: str) -> Preprocess:
+    """Mean, std, interpolation and evaluation crop as the library reports them for ``name``."""
+    s = spec(name)
+    if s.library == "timm":
+        data = _timm_data_config(s)
+        mode = data.get("crop_mode", "center")
+        return Preprocess(mean=tuple(float(v) for v in data["mean"]),
+                          std=tuple(float(v) for v in data["std"]),
+                          interpolation=str(data["interpolation"]),
+                          crop_pct=float(data.get("crop_pct") or 1.0),
+                          resize_mode="squash" if mode == "squash" else "shortest")
+    from open_clip.transform import PreprocessCfg
+
+    base = PreprocessCfg()
+    cfg = _open_clip_cfg(s)
+    resize_mode = cfg.get("resize_mode", base.resize_mode)
+    if resize_mode not in ("shortest", "squash"):
+        raise ValueError(f"backbone {name}: open_clip resize_mode {resize_mode!r} is not "
+                         "supported (shortest, squash)")
+    return Preprocess(mean=tuple(float(v) for v in cfg.get("mean", base.mean)),
+                      std=tuple(float(v) for v in cfg.get("std", base.std)),
+                      interpolation=str(cfg.get("interpolation", base.interpolation)),
+                      crop_pct=1.0, resize_mode=resize_mode)
+
+
+# --------------------------------------------------------------------------- weights
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, from the environment at call time."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` says not to use the network (read at call time)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE_VALUES
+
+
+def _hub_files(s: HubSpec) -> tuple[str, str | None, list[str]]:
+    """``(repo id, revision, file names in the order tried)`` of the weights of ``s``."""
+    if s.hub_repo:
+        return s.hub_repo, None, list(s.hub_files)
+    return library_hub_files(s)
+
+
+def library_hub_files(s: HubSpec) -> tuple[str, str | None, list[str]]:
+    """:func:`_hub_files` as the library's pretrained config says (imports it)."""
+    if s.library == "timm":
+        cfg = _import("timm").models.get_pretrained_cfg(s.model)
+        hub_id = cfg.hf_hub_id if cfg else None
+        if not hub_id or hub_id.endswith("/"):
+            raise HubWeightsError(f"timm has no Hugging Face weights for {s.model}; pass a "
+                                  "weights file with --pretrained PATH")
+        repo, _, revision = hub_id.partition("@")
+        files = ([cfg.hf_hub_filename] if cfg.hf_hub_filename
+                 else ["model.safetensors", "pytorch_model.bin"])
+        return repo, revision or None, files
+    hub = _open_clip_cfg(s).get("hf_hub", "")
+    if not hub:
+        raise HubWeightsError(f"open_clip has no Hugging Face weights for {s.model}:{s.tag}; "
+                              "pass a weights file with --pretrained PATH")
+    repo, filename = os.path.split(hub)  # "org/repo/" or "org/repo/file", as open_clip reads it
+    files = [filename] if filename else ["open_clip_pytorch_model.bin"]
+    if files[0].endswith((".bin", ".pth")):
+        files.insert(0, files[0][:-4] + ".safetensors")
+    if files[0] == "open_clip_pytorch_model.safetensors":
+        files[0] = "open_clip_model.safetensors"
+    return repo, None, files
+
+
+def weights_file(name: str) -> Path | None:
+    """The cached weights file of ``name`` in the hub cache, or None (never uses the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, revision, files = _hub_files(spec(name))
+    for filename in files:
+        found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir(),
+                                       revision=revision)
+        if isinstance(found, str) and os.path.isfile(found):
+            return Path(found)
+    return None
+
+
+def weights_available(name: str) -> bool:
+    """True when the library weights of ``name`` are in the hub cache (no network)."""
+    try:
+        return weights_file(name) is not None
+    except (ValueError, ImportError):
+        return False
+
+
+def download_command(name: str) -> str:
+    """The one command that puts the weights of ``name`` into the hub cache."""
+    repo, revision, files = _hub_files(spec(name))
+    rev = f" --revision {revision}" if revision else ""
+    return f"hf download {repo} {files[0]}{rev}"
+
+
+def weights_identity(name: str, value: str) -> str:
+    """Identity of the library weights named ``value`` (DEFAULT, the backbone's name or its
+    open_clip tag) for cache keys; ValueError for any other name."""
+    s = spec(name)
+    allowed = DEFAULT_NAMES | {s.name.lower()} | ({s.tag.lower()} if s.tag else set())
+    if str(value).strip().lower() not in allowed:
+        raise HubWeightsError(f"unknown weights {value!r} for {name}; use DEFAULT (the "
+                              f"{s.library} pretrained weights from the Hugging Face hub) or a "
+                              "local weights file (.safetensors, .pth, .pt, .bin)")
+    return f"{s.library}:{s.model}" + (f":{s.tag}" if s.tag else "")
+
+
+def load_state(name: str) -> tuple[dict[str, torch.Tensor], str, Path]:
+    """The library's pretrained weights of ``name``: ``(state dict, source, file)``.
+
+    Read from the hub cache; downloaded when not cached and not offline.
+
+    Raises:
+        HubWeightsError: offline (or the hub unreachable) with nothing cached; the message says
+            how to download them once or pass a file.
+    """
+    s = spec(name)
+    repo, revision, files = _hub_files(s)
+    path = weights_file(name)
+    if path is None:
+        cache = hub_cache_dir()
+        how = (f"download them once with `{download_command(name)}` (on a machine online, "
+               "then copy its Hugging Face cache here; HF_HOME or HF_HUB_CACHE point at it), "
+               f"or pass a weights file: --pretrained /path/to/{files[0]}")
+        if hub_offline():
+            raise HubWeightsError(f"no weights for backbone {name} ({repo}) in the Hugging Face "
+                                  f"cache {cache} and HF_HUB_OFFLINE is set; {how}")
+        path = _download(repo, revision, files, cache, name, how)
+    return _read_weights(path), f"{repo}/{path.name}", path
+
+
+def _unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub (``HF_ENDPOINT``) cannot be reached, or None: one TCP connection, so an
+    offline machine gets its answer in seconds, not after huggingface_hub's retries (~25 s).
+    Behind a proxy (``HTTPS_PROXY`` …) nothing is probed: huggingface_hub goes through it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                                       "http_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http"
+                                                                else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host} cannot be reached: {exc}"
+    return None
+
+
+def _download(repo: str, revision: str | None, files: list[str], cache: Path, name: str,
+              how: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    reason = _unreachable()
+    if reason is not None:
+        raise HubWeightsError(f"cannot download the weights of backbone {name} ({repo}: "
+                              f"{reason}); {how}")
+    reason = "not found"
+    for filename in files:
+        try:
+            log.info("downloading %s/%s into %s", repo, filename, cache)
+            return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache))
+        except LocalEntryNotFoundError as exc:  # offline / unreachable: another name won't help
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            break
+        except EntryNotFoundError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - HTTP errors, timeouts, gated repos ...
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            break
+    raise HubWeightsError(f"cannot download the weights of backbone {name} ({repo}: {reason}); "
+                          f"{how}")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def prepare_state(name: str, state: Mapping[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The part of a checkpoint that belongs to the image tower: ``(state, ignored keys)``.
+
+    open_clip checkpoints hold the whole CLIP model: only its ``visual.*`` keys are kept (text
+    tower, ``logit_scale`` … ignored). timm: Meta's original DINOv2 files name the register
+    tokens ``register_tokens`` and carry a ``mask_token`` that timm's model has no place for.
+    """
+    s = spec(name)
+    state = dict(state)
+    ignored: list[str] = []
+    if s.library == "open_clip":
+        def lead(k: str) -> str:
+            for p in ("module.", "_orig_mod."):
+                k = k[len(p):] if k.startswith(p) else k
+            return k
+
+        if any(lead(k).startswith("visual.") for k in state):
+            ignored = sorted(k for k in state if not lead(k).startswith("visual."))
+            state = {k: v for k, v in state.items() if lead(k).startswith("visual.")}
+        return state, ignored
+    for k in list(state):  # under any prefix (module., backbone., ...)
+        if k == "mask_token" or k.endswith(".mask_token"):
+            del state[k]
+            ignored.append(k)
+        elif k == "register_tokens" or k.endswith(".register_tokens"):
+            state[k[:-len("register_tokens")] + "reg_token"] = state.pop(k)
+    return state, ignored
+
+
+def resize_positions(module: nn.Module, key: str, weights: torch.Tensor,
+                     target: torch.Tensor) -> torch.Tensor | None:
+    """``weights`` (position embeddings trained at another size) resampled to ``target``'s grid,
+    or None when ``key`` is no position embedding this knows."""
+    owner_name, _, leaf = key.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_name) if owner_name else module
+    except AttributeError:
+        return None
+    if leaf == "pos_embed" and weights.ndim == 3 and hasattr(owner, "patch_embed"):
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if getattr(owner, "no_embed_class", False) else int(
+            getattr(owner, "num_prefix_tokens", 1))
+        out = resample_abs_pos_embed(weights, new_size=list(owner.patch_embed.grid_size),
+                                     num_prefix_tokens=prefix)
+    elif leaf == "positional_embedding" and weights.ndim == 2 and hasattr(owner, "grid_size"):
+        grid = owner.grid_size if isinstance(owner.grid_size, tuple) else (owner.grid_size,) * 2
+        old = int(round((weights.shape[0] - 1) ** 0.5))
+        patch = weights[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+        patch = torch.nn.functional.interpolate(patch, size=tuple(grid), mode="bicubic",
+                                                antialias=True, align_corners=False)
+        patch = patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(weights.dtype)
+        out = torch.cat([weights[:1], patch], dim=0)
+    else:
+        return None
+    return out if tuple(out.shape) == tuple(target.shape) else None
