@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--choices", default="queue,random")
     ap.add_argument("--set", action="append", default=[],
                     help="refit option key=value (named_weight, supervised_weight, steps, ...)")
+    ap.add_argument("--queue", action="append", default=[],
+                    help="review-queue constant NAME=VALUE (SPREAD, POOL_PER_PICK), to compare")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="/tmp/sc-refit")
@@ -126,7 +128,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
     import selfclassifier_core as sc
+    from selfclassifier_core.curation import review
     from selfclassifier_core.store.workspace import Workspace
+
+    for item in args.queue:
+        key, _, value = item.partition("=")
+        if not hasattr(review, key):
+            ap.error(f"--queue: no constant {key} in curation/review.py")
+        setattr(review, key, ast.literal_eval(value))
 
     extra = {}
     for item in args.set:

@@ -77,37 +77,79 @@ def test_confirm_of_an_unknown_image_names_it(ws_run):
 
 
 # ----------------------------------------------------------------------------- the queue
-def test_queue_spreads_over_clusters_and_never_offers_checked_or_excluded(ws_run):
+def test_queue_never_offers_checked_or_excluded_images(ws_run):
     ws, run = ws_run
     lab = Labels(ws, run)
     q = review_queue(lab, 6)
-    assert len(q) == 6
-    assert q["cluster"].value_counts().to_dict() == {0: 2, 1: 2, 2: 2}   # 2 per cluster
+    assert len(q) == 6 and q.index.is_unique
     first = q.index.tolist()
     lab.confirm(first[:3])
-    lab.move(first[3:5], cluster=0)
+    lab.move_to_label(first[3:5], "elsewhere")
     lab.exclude(first[5:])
     q2 = review_queue(lab, 60)
     assert not set(first) & set(q2.index)
-    assert len(q2) == 60 - 6                     # everything else, once
-    assert q2.index.is_unique
+    assert len(q2) == 60 - 6 and q2.index.is_unique   # everything else, once
     lab.undo()                                   # the exclusion: that image can come back
     assert first[5] in review_queue(lab, 60).index
 
 
-def test_queue_takes_the_most_doubtful_image_of_each_cluster_first(ws_run):
+def _central(ws, run, ids):
+    """For each finest-head group: its member nearest the group's mean embedding."""
+    preds = load_predictions(ws.run_dir(run))
+    x = np.asarray(preds.embeddings, np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    fine = preds.heads[max(preds.head_sizes)].cluster
+    out = {}
+    for f in np.unique(fine):
+        members = np.flatnonzero(fine == f)
+        open_ = [m for m in members if preds.image_ids[m] in ids]
+        centre = x[members].mean(0)
+        out[int(f)] = int(preds.image_ids[open_[int(np.argmax(x[open_] @ centre))]])
+    return out, dict(zip(preds.image_ids.tolist(), fine.tolist()))
+
+
+def test_queue_offers_the_centre_of_every_sub_group_unchecked_ones_first(ws_run, monkeypatch):
+    from selfclassifier_core.curation import review
+
+    monkeypatch.setattr(review, "MIX", False)    # the central picks alone
     ws, run = ws_run
+    lab = Labels(ws, run)
+    ids = set(lab.image_ids.tolist())
+    central, fine_of = _central(ws, run, ids)
+    q = review_queue(lab, len(central))
+    assert set(q.index) == set(central.values())  # one per group of the 6-class head
+    # a group with a checked image waits until every other group had its turn
+    lab.confirm([central[0]])
+    left = ids - {central[0]}
+    central2, _ = _central(ws, run, left)
+    q2 = review_queue(lab, len(central) - 1).index.tolist()
+    assert set(q2) == {v for f, v in central2.items() if f != 0}
+    assert fine_of[review_queue(lab, len(central)).index[-1]] == 0
+
+
+def test_queue_mixes_central_and_most_doubtful_images(ws_run, monkeypatch):
+    from selfclassifier_core.curation import review
+
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    mixed = review_queue(lab, 6).index.tolist()
+    monkeypatch.setattr(review, "MIX", False)
+    central = review_queue(lab, 6).index.tolist()
+    df = lab.final_table()
+    assert mixed[0] == central[0]
+    assert mixed[1] not in central[:1]
+    assert mixed[1] in df.index                   # a doubtful pick of its own
+    assert len(set(mixed) - set(central)) >= 2
+
+
+def test_single_head_queue_takes_the_most_doubtful_image_of_each_cluster(tmp_path):
+    ws, run = make_workspace_with_run(tmp_path, n_images=60, heads=(3,), seed=1,
+                                      write_images=False)
     lab = Labels(ws, run)
     df = lab.final_table()
     q = review_queue(lab, 3, per_cluster=1)
-    preds = load_predictions(ws.run_dir(run), embeddings=False)
-    # doubt = 1 - margin + share of the other head disagreeing; recompute it here
-    c3 = preds.heads[3].cluster.astype(int)
-    c6 = preds.heads[6].cluster.astype(int)
-    counts = np.zeros((6, 3), int)
-    np.add.at(counts, (c6, c3), 1)
-    disagree = (counts.argmax(1)[c6] != c3).astype(float)
-    doubt = 1 - df["margin"].to_numpy(float) + disagree
+    doubt = 1 - df["margin"].to_numpy(float)     # one head: nothing to disagree with
+    assert sorted(q["cluster"].tolist()) == [0, 1, 2]
     for image_id, row in q.iterrows():
         in_cluster = df.index[df["cluster"] == row["cluster"]]
         best = in_cluster[np.argmax(doubt[df.index.get_indexer(in_cluster)])]

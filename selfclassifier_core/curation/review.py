@@ -3,11 +3,16 @@
 An image is a candidate when the person has not checked it (not moved, given a label or
 confirmed) and not excluded it. Each candidate gets a *doubt* score: ``1 - margin`` of the main
 head (a near tie between two classes) plus the share of the other heads that disagree with it
-(its cluster in a finer or coarser head mostly holds images of another main-head cluster). The
-queue takes few images per cluster -- the clusters with the most doubt first, in turns -- and,
-inside a cluster, spreads its picks over the embedding space (each next pick trades doubt for
-distance from the picks already made), so it does not offer twenty near-duplicates from one
-corner of the map.
+(its cluster in a finer or coarser head mostly holds images of another main-head cluster).
+
+The queue offers the most central image of each group of the run's finest head (its
+sub-groups spread over the whole map), groups nobody checked yet first and the most doubtful
+groups first, in turns over the reviewed head's clusters so each gets a few. A whole sub-group
+sitting in the wrong cluster is the error a refit can fix, and one answer about its centre
+says it. Measured in ``benchmarks/refit.py`` (README "Teach it"): offering the most doubtful
+images instead (near-ties at the borders) found more wrong ones but taught the refit less
+than random choice. A run with a single head falls back to the most doubtful images, a few
+per cluster, spread over each cluster's embedding space.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ __all__ = ["review_queue", "DEFAULT_QUEUE"]
 
 DEFAULT_QUEUE = 20
 POOL_PER_PICK = 4   # candidates considered per pick inside a cluster (most doubtful first)
+MIX = True          # alternate central images of sub-groups with the most doubtful ones
 SPREAD = 0.5        # weight of the distance to earlier picks against the doubt
 
 
@@ -59,12 +65,96 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
     emb = np.asarray(preds.embeddings[pos], np.float32) if preds.embeddings is not None else None
     cluster = table["cluster"].fillna(-1).to_numpy(np.int64)
 
+    fine = _finest_head(preds, labels.head)
+    if fine is not None and emb is not None:
+        central = _representatives(cand, fb.checked, cluster,
+                                   preds.heads[fine].cluster[pos].astype(np.int64), doubt, emb,
+                                   n, per_cluster)
+        if MIX:
+            chosen = _interleave(central, _by_doubt(cand, cluster, doubt, emb, n, per_cluster), n)
+        else:
+            chosen = central
+    else:
+        chosen = _by_doubt(cand, cluster, doubt, emb, n, per_cluster)
+    out = table.iloc[chosen].assign(disagreement=disagree[chosen].round(4),
+                                    doubt=doubt[chosen].round(4))
+    return out[_COLUMNS]
+
+
+def _interleave(a: list[int], b: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    seen: set[int] = set()
+    for pair in zip(a, b):
+        for r in pair:
+            if r not in seen and len(out) < n:
+                out.append(r)
+                seen.add(r)
+    for r in a[len(b):] + b[len(a):]:
+        if r not in seen and len(out) < n:
+            out.append(r)
+            seen.add(r)
+    return out
+
+
+def _finest_head(preds, head: int) -> int | None:
+    """The head with the most classes, when it is finer than the one reviewed."""
+    k = max(preds.head_sizes)
+    return k if k > head else None
+
+
+def _representatives(cand: np.ndarray, checked: np.ndarray, cluster: np.ndarray,
+                     fine: np.ndarray, doubt: np.ndarray, emb: np.ndarray, n: int,
+                     per_cluster: int | None) -> list[int]:
+    """One image per group of the finest head -- its most central unchecked image -- groups
+    without a checked image first, the most doubtful first, taken in turns over the reviewed
+    head's clusters; then the next most central image of each group, and so on.
+
+    A group's image stands for the group: its answer (right, or moved) tells a refit about
+    the images around it (:func:`~.feedback.plan_refit` lends it to its neighbours), which
+    the most doubtful images, alone at the borders, measured here to do less well."""
+    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    order = np.argsort(fine, kind="stable")
+    bounds = np.flatnonzero(np.diff(fine[order])) + 1
+    queues: list[list[int]] = []   # per group: its unchecked images, most central first
+    score: list[tuple[bool, float]] = []
+    for members in np.split(order, bounds):
+        rows = members[cand[members]]
+        if not len(rows):
+            continue
+        centre = x[members].mean(0)
+        queues.append(rows[np.argsort(-(x[rows] @ centre), kind="stable")].tolist())
+        score.append((bool(checked[members].any()), -float(doubt[rows].mean())))
+    rank = sorted(range(len(queues)), key=lambda g: score[g])
+    limit = per_cluster or n
+    per: dict[int, int] = {}
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < n:
+        by_cluster: dict[int, list[int]] = {}
+        for g in rank:  # this round: each group's next image, uncovered and doubtful first
+            if depth < len(queues[g]):
+                r = queues[g][depth]
+                by_cluster.setdefault(int(cluster[r]), []).append(r)
+        if not by_cluster:
+            break
+        for turn in range(max(len(v) for v in by_cluster.values())):
+            for c, rows in by_cluster.items():
+                if turn < len(rows) and len(chosen) < n and per.get(c, 0) < limit:
+                    chosen.append(rows[turn])
+                    per[c] = per.get(c, 0) + 1
+        depth += 1
+    return chosen
+
+
+def _by_doubt(cand: np.ndarray, cluster: np.ndarray, doubt: np.ndarray,
+              emb: np.ndarray | None, n: int, per_cluster: int | None) -> list[int]:
+    """Without a finer head: the most doubtful images, few per cluster, spread in each."""
     groups: dict[int, np.ndarray] = {}
     for c in np.unique(cluster[cand]).tolist():
         rows = np.flatnonzero(cand & (cluster == c))
         groups[c] = rows[np.argsort(-doubt[rows], kind="stable")]
     if not groups:
-        return table.iloc[:0].assign(disagreement=[], doubt=[])[_COLUMNS]
+        return []
     quota = per_cluster or max(1, math.ceil(n / len(groups)))
     picks = {c: _spread(rows, doubt, emb, quota) for c, rows in groups.items()}
     order = sorted(groups, key=lambda c: -float(doubt[groups[c][:quota]].mean()))
@@ -78,9 +168,7 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
         rest = [r for r in np.argsort(-doubt, kind="stable").tolist() if cand[r]
                 and r not in taken]
         chosen += rest[:n - len(chosen)]
-    out = table.iloc[chosen].assign(disagreement=disagree[chosen].round(4),
-                                    doubt=doubt[chosen].round(4))
-    return out[_COLUMNS]
+    return chosen
 
 
 _COLUMNS = ["path", "label", "cluster", "confidence", "margin", "disagreement", "doubt"]
