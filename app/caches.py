@@ -1,7 +1,8 @@
 """Caches of read-only core objects, shared by every session of the server process.
 
 Heavy objects (the open workspace, predictions, the FAISS index, map points, near-duplicate
-groups, the catalog's paths, the label view) are cached with ``st.cache_resource`` (objects used
+groups, the catalog's paths, the label view, the text tower of a CLIP backbone, the images' CLIP
+embeddings and the suggested cluster names) are cached with ``st.cache_resource`` (objects used
 in place) or ``st.cache_data`` (frames and lists, copied out). Each is keyed by the workspace
 path, the run id and a version of what it is made from (the modification time of the run file,
 the catalog version, the label edit marker), so a re-training, a re-scan or an edit is picked
@@ -193,6 +194,66 @@ def map_points(ctx: Context):
     slot = _map_points(str(ws.path), run_id, _mtime(ctx.run.dir / EMBEDDINGS_FILE))
     return _built(slot, "Computing the 2-D map (UMAP, once per run)", "points",
                   lambda progress: run_map(ws, run_id, progress=progress)).copy()
+
+
+# --------------------------------------------------------------------------- text (CLIP)
+def text_support(ctx: Context) -> str | None:
+    """None when the run can search by text and suggest names (a fast run on a CLIP/SigLIP
+    backbone whose weights are here), else why not in one line (cheap: builds nothing)."""
+    from selfclassifier_core.inference.text import text_support as support
+
+    return support(ctx.ws, ctx.run.id)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _text_model(backbone: str, pretrained: str, mtime: int) -> _Slot:
+    return _Slot()
+
+
+def text_model(ctx: Context):
+    """The text tower of the run's backbone, loaded once per backbone and weights (shared by
+    every run made with them)."""
+    from selfclassifier_core.inference.text import load_text_model, text_source
+
+    backbone, pretrained = text_source(ctx.run)
+    slot = _text_model(backbone, pretrained, _mtime(Path(pretrained).expanduser()))
+    return _built(slot, f"Loading the text tower of {backbone} (once)", "",
+                  lambda progress: load_text_model(backbone, pretrained))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _text_images(ws_path: str, run_id: int, catalog: str) -> _Slot:
+    return _Slot()
+
+
+def text_images(ctx: Context):
+    """The run's images in CLIP space (its feature cache), per catalog version."""
+    from selfclassifier_core.inference.text import image_embeddings
+
+    ws, run_id = ctx.ws, ctx.run.id
+    slot = _text_images(str(ws.path), run_id, ctx.catalog_version)
+    return _built(slot, "Reading the images' CLIP embeddings", "images",
+                  lambda progress: image_embeddings(ws, run_id, progress=progress))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _name_suggestions(ws_path: str, run_id: int, head: int, preds_mtime: int,
+                      catalog: str) -> _Slot:
+    return _Slot()
+
+
+def name_suggestions(ctx: Context) -> dict[int, list[tuple[str, float]]]:
+    """Suggested names of every cluster of the run's head (the model's clusters, so label edits
+    do not change them), made once per run and head (shared: do not change them)."""
+    from selfclassifier_core.curation.names import suggest_names
+
+    model, images = text_model(ctx), text_images(ctx)
+    ws, run_id, head = ctx.ws, ctx.run.id, ctx.head
+    slot = _name_suggestions(str(ws.path), run_id, head,
+                             _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version)
+    return _built(slot, "Suggesting names for the groups (the vocabulary is embedded once)",
+                  "names", lambda progress: suggest_names(ws, run_id, head, model=model,
+                                                          images=images, progress=progress))
 
 
 # --------------------------------------------------------------------------- catalog

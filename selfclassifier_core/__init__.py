@@ -9,6 +9,8 @@ The public Python API (heavy modules are imported on first use)::
     sc.export_csv(result.workspace, "labels.csv")     # labels as CSV
     sc.review_queue(sc.Labels(result.workspace), 20)  # the images worth checking next
     sc.refit(result.workspace)                        # learn from your names and fixes
+    sc.search_text(result.workspace, "red sneakers")  # a fast CLIP run: images nearest a text
+    sc.suggest_names(result.workspace)                # ... and names for its clusters
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ _API = {
     "CarryOverReport": ("curation.labels", "CarryOverReport"),
     "Labels": ("curation.labels", "Labels"),
     "NeighborIndex": ("curation.neighbors", "NeighborIndex"),
+    "search_text": ("inference.text", "search_text"),
+    "suggest_names": ("curation.names", "suggest_names"),
+    "apply_names": ("curation.names", "apply_names"),
     "run_summary": ("curation.summary", "run_summary"),
     "format_summary": ("curation.summary", "format_summary"),
     "RunSummary": ("curation.summary", "RunSummary"),

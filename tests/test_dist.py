@@ -341,3 +341,89 @@ def test_trainer_on_two_gloo_ranks_matches_one_process(tmp_path, monkeypatch):
     loss_one = [s["loss"] for s in read_stats(one.run_dir)]
     assert len(loss_two) == 2
     torch.testing.assert_close(torch.tensor(loss_two), torch.tensor(loss_one), rtol=1e-5, atol=0)
+
+
+def _extract_rank(rank: int, port: int, workspace: str, weights: str, out_dir: str) -> None:
+    """One rank as torchrun starts it, embedding its share of a fast-mode feature cache."""
+    from selfclassifier_core.store.workspace import Workspace
+    from selfclassifier_core.training.features import extract_features
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_from_env()
+    try:
+        cache = extract_features(Workspace.open(workspace), "resnet18", weights, views=3,
+                                 image_size=32, device="cpu", workers=0, sharded=True)
+    finally:
+        dist.cleanup()
+    torch.save({"key": cache.key, "computed": cache.computed}, os.path.join(
+        out_dir, f"extract-rank{rank}.pt"))
+
+
+@pytest.mark.slow  # two gloo processes that embed images
+def test_two_ranks_fill_the_same_feature_cache_as_one_process(dark_bright_cold, tmp_path):
+    """Fast mode under torchrun: each rank embeds every other image into one cache; the cache
+    equals one process's bit for bit (the same model on the same views, image by image; the
+    unreadable file is left out by both)."""
+    import shutil
+
+    import numpy as np
+
+    from selfclassifier_core.store.workspace import Workspace
+    from selfclassifier_core.training.features import extract_features
+
+    folder, ws, weights, _ = dark_bright_cold
+    one_dir = tmp_path / "ws-one"
+    shutil.copytree(ws.path, one_dir)
+    mp.spawn(_extract_rank, args=(_free_port(), str(ws.path), str(weights), str(tmp_path)),
+             nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"extract-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    torch.set_num_threads(1)
+    one = extract_features(Workspace.open(one_dir), "resnet18", weights, views=3, image_size=32,
+                           device="cpu", workers=0)
+    assert ranks[0]["key"] == ranks[1]["key"] == one.key
+    assert ranks[0]["computed"] == one.computed == len(one)      # every image embedded once
+    two = extract_features(Workspace.open(ws.path), "resnet18", weights, views=3,
+                           image_size=32, device="cpu", workers=0)
+    assert two.computed == 0                                     # the shared cache is current
+    assert np.array_equal(two.image_ids, one.image_ids)
+    assert np.array_equal(np.asarray(two.features), np.asarray(one.features))
+    assert not list(ws.features_dir.glob(".*.tmp"))              # nothing half-written left
+
+
+def _fast_rank(rank: int, port: int, folder: str, workspace: str, weights: str,
+               out_dir: str) -> None:
+    from selfclassifier_core.workflows.pipeline import train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        res = train(folder, workspace, mode="fast", backbone="resnet18", pretrained=weights,
+                    views=3, image_size=32, classes=2, steps=5, device="cpu", workers=0)
+    finally:
+        dist.cleanup()
+    torch.save({"status": res.status, "run_id": res.run_id},
+               os.path.join(out_dir, f"fast-rank{rank}.pt"))
+
+
+@pytest.mark.slow  # two gloo processes
+def test_fast_mode_under_torchrun_shares_the_embedding_and_rank_0_trains(dark_bright_cold,
+                                                                         tmp_path):
+    from selfclassifier_core.store.predictions import load_predictions
+    from selfclassifier_core.store.workspace import Workspace
+
+    folder, _, weights, _ = dark_bright_cold
+    ws_dir = tmp_path / "ws-fast-two"
+    mp.spawn(_fast_rank, args=(_free_port(), str(folder), str(ws_dir), str(weights),
+                               str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"fast-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert ranks[0]["status"] == "done" and ranks[0]["run_id"] == 1
+    assert ranks[1]["run_id"] == 0                    # the other rank embedded, then left
+    ws = Workspace.open(ws_dir)
+    assert [(r.id, r.status) for r in ws.list_runs()] == [(1, "done")]
+    meta = [p for p in ws.features_dir.glob("*/meta.json")]
+    assert len(meta) == 1 and '"ranks": 2' in meta[0].read_text()
+    preds = load_predictions(ws.run_dir(1))
+    assert sorted(preds.image_ids.tolist()) == sorted(i for i, _ in ws.usable_images())

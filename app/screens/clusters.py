@@ -105,6 +105,36 @@ def _delete(ctx: Context, names: list[str]) -> None:
                          " Undo brings them back one at a time."))
 
 
+def _use_suggestion(ctx: Context, cluster: int, name: str) -> None:
+    """Rename a cluster to a suggested name: an ordinary rename, one undo step."""
+    lab = ctx.labels()
+    existing = set(lab.label_names())
+    try:
+        lab.rename(cluster, name)
+    except ValueError as exc:
+        ui.flash(ui.error_in_words(exc), "error")
+        return
+    merged = " (merged with the existing label of that name)" if name in existing else ""
+    ui.flash(f"Renamed cluster {cluster} to “{name}”{merged}; undo takes it back.")
+
+
+def _suggestions(ctx: Context) -> dict | None:
+    """The suggested names of the head's clusters when the person asks for them and the run
+    has a text tower (a fast run on a CLIP/SigLIP backbone), else None."""
+    if caches.text_support(ctx) is not None:
+        return None
+    if not st.toggle("Suggest names", key="cl_suggest",
+                     help="Names for each group from the backbone's text tower: the ImageNet-1k "
+                          "classes, scored by CLIP's zero-shot probability (softmax over the "
+                          "1,000 names). Click one to rename the group; undo takes it back."):
+        return None
+    try:
+        return caches.name_suggestions(ctx)
+    except Exception as exc:  # noqa: BLE001 - in words
+        ui.show_error(exc, "Names could not be suggested")
+        return None
+
+
 def _exclude(ctx: Context, ids: list[int], include: bool = False) -> None:
     lab = ctx.labels()
     (lab.include if include else lab.exclude)(ids)
@@ -124,6 +154,7 @@ def _overview(ctx: Context, lab, view: LabelView) -> None:
     query = c1.text_input("Filter by name", key="cl_filter", placeholder="type to filter…")
     sort = c2.selectbox("Sort by", ["size", "confidence (low first)", "name"], key="cl_sort")
     show_empty = c3.toggle("Show empty groups", key="cl_empty")
+    suggested = _suggestions(ctx)
     s = summary.copy()
     if not show_empty:
         s = s[s["size"] > 0]
@@ -169,10 +200,11 @@ def _overview(ctx: Context, lab, view: LabelView) -> None:
     for i, (name, row) in enumerate(part.iterrows()):
         with cols[i % CARD_COLUMNS].container(border=True):
             _card(ctx, view, name, row, [thumbs[int(j)] for j in strips[name]],
-                  sel_keys[name])
+                  sel_keys[name], suggested)
 
 
-def _card(ctx, view, name: str, row, thumb_paths: list[str], sel_key: str) -> None:
+def _card(ctx, view, name: str, row, thumb_paths: list[str], sel_key: str,
+          suggested: dict | None = None) -> None:
     key = f"rn|{view.marker}|{name}"
     st.text_input("Name", value=name, key=key, on_change=_rename, args=(ctx, name, key),
                   label_visibility="collapsed", help="Rename: type and press Enter")
@@ -187,6 +219,13 @@ def _card(ctx, view, name: str, row, thumb_paths: list[str], sel_key: str) -> No
         st.image(thumb_paths, width=44)
     else:
         st.caption("(empty)")
+    if suggested is not None and len(clusters) == 1:  # a merged group: rename it by hand
+        c = int(clusters[0])
+        for j, (sname, score) in enumerate(suggested.get(c, [])):
+            st.button(f"{ui.esc(sname)} · {score:.2f}", key=f"sg|{view.marker}|{c}|{j}",
+                      type="tertiary", on_click=_use_suggestion, args=(ctx, c, sname),
+                      help=f"Suggested name (CLIP zero-shot probability {score:.2f}): click "
+                           "to rename the group")
     a, b = st.columns([1, 1])
     a.checkbox("select", key=sel_key, help="Select groups to merge them")
     if b.button("Open", key=f"open|{name}", width="stretch"):

@@ -1,5 +1,6 @@
 """Screen 4 — Neighbours: the images most similar to one image (from the folder or uploaded),
-and groups of near-duplicates."""
+the images nearest a text (a fast run on a CLIP/SigLIP backbone), and groups of
+near-duplicates."""
 from __future__ import annotations
 
 import math
@@ -21,9 +22,11 @@ def render(ctx: Context) -> None:
     if ctx.run is None:
         st.info("Neighbours appear after a training run has finished.")
         return
-    similar, dups = st.tabs(["Similar images", "Near-duplicates"])
+    similar, by_text, dups = st.tabs(["Similar images", "Search by text", "Near-duplicates"])
     with similar:
         _similar(ctx)
+    with by_text:
+        _by_text(ctx)
     with dups:
         _duplicates(ctx)
 
@@ -103,6 +106,42 @@ def _results(ctx: Context, result, paths) -> None:
             st.caption(f"similarity {sims[j]:.3f}  \n{ui.esc(label)}  \n"
                        f"{ui.esc(PurePosixPath(str(paths.get(i, i))).name[:24])}")
             st.button("Neighbours of this", key=f"nn_again_{i}", on_click=_pick, args=(i,))
+
+
+def _by_text(ctx: Context) -> None:
+    """A text box: the images whose CLIP embedding is nearest the text's."""
+    reason = caches.text_support(ctx)
+    if reason is not None:
+        st.info(ui.esc(reason))
+        return
+    query = st.text_input("Search by text, e.g. red sneakers", key="nn_text",
+                          placeholder="e.g. red sneakers",
+                          help="Compared with every image in the backbone's CLIP space "
+                               "(cosine similarity of the text and image embeddings).")
+    k = st.slider("How many images", 1, 50, 12, key="nn_text_k")
+    if not query.strip():
+        st.caption("Type what to look for; the nearest images show here, best first.")
+        return
+    from selfclassifier_core.inference.text import search_text
+
+    try:
+        model, images = caches.text_model(ctx), caches.text_images(ctx)
+        result = search_text(ctx.ws, query, k, ctx.run.id, model=model, images=images)
+    except Exception as exc:  # noqa: BLE001 - in words
+        ui.show_error(exc, "The text could not be searched")
+        return
+    table = caches.label_view(ctx).table
+    ids = [int(i) for i in result["image_id"]]
+    scores = result["score"].to_numpy()
+    st.markdown(f"**{len(ids)} images nearest “{ui.esc(query.strip())}”**")
+    thumbs = caches.thumbs(ctx, ids)
+    cols = st.columns(RESULT_COLUMNS)
+    for j, (i, path) in enumerate(zip(ids, result["path"])):
+        with cols[j % RESULT_COLUMNS]:
+            st.image(thumbs[i], width="stretch")
+            label = table.at[i, "label"] if i in table.index else "—"
+            st.caption(f"score {scores[j]:.3f}  \n{ui.esc(label)}  \n"
+                       f"{ui.esc(PurePosixPath(str(path)).name[:24])}")
 
 
 def _duplicates(ctx: Context) -> None:

@@ -16,6 +16,10 @@ Actions::
     labels WS undo [--steps N] / redo [--steps N]
     labels WS history [--all]
     labels WS carry --from RUN [--from-head K]   carry labels of an earlier run to this one
+    labels WS suggest-names [--vocab FILE] [--top 3] [--apply]
+                                              names for the clusters from the CLIP text tower
+                                              (a fast run on a CLIP/SigLIP backbone); --apply
+                                              renames them in one operation (one undo)
 
 ``--run N`` and ``--head K`` (before or after the action) pick the run (default: newest finished)
 and head (default: the run's main head). Image ids are catalog ids (``labels WS list --images``)
@@ -29,7 +33,8 @@ import os
 from . import CliError, open_workspace
 
 ACTIONS = ("list", "rename", "merge", "move", "create", "rename-label", "delete", "exclude",
-           "include", "next", "confirm", "unconfirm", "undo", "redo", "history", "carry")
+           "include", "next", "confirm", "unconfirm", "undo", "redo", "history", "carry",
+           "suggest-names")
 
 
 def add_run_head(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
@@ -93,6 +98,13 @@ def register(sub) -> None:
     a = act("carry", "carry labels of an earlier run to this run (clusters matched by overlap)")
     a.add_argument("--from", dest="from_run", type=int, required=True, metavar="RUN")
     a.add_argument("--from-head", type=int, metavar="K")
+    a = act("suggest-names", "suggested cluster names from the backbone's text tower (CLIP)")
+    a.add_argument("--vocab", metavar="FILE",
+                   help="names to choose from, one a line (default: the ImageNet-1k classes)")
+    a.add_argument("--top", type=int, default=3, help="suggestions per cluster (default 3)")
+    a.add_argument("--apply", action="store_true",
+                   help="rename each cluster to its top suggestion, as one undoable operation "
+                        "(clusters you named keep their names)")
     p.set_defaults(func=run)
 
 
@@ -177,6 +189,8 @@ def run(args) -> int:
                 break
             print(f"{a}: {entry.op} {entry.args} (history {entry.id})")
         return 0
+    if a == "suggest-names":
+        return _suggest_names(ws, lab, args)
     if a == "history":
         import time
 
@@ -185,3 +199,44 @@ def run(args) -> int:
             print(f"{e.id:>5} {when} {e.state:<9} {e.op} {e.args}")
         return 0
     raise CliError(f"unknown labels action {a!r}")  # pragma: no cover - argparse checks
+
+
+def _suggest_names(ws, lab, args) -> int:
+    import numpy as np
+
+    from ..curation.names import (BUILTIN_NAME, PROMPT, SCORE_TEXT, apply_names, suggest_names,
+                                  top_names)
+    from ..inference.text import text_source
+    from .progress import Reporter
+
+    backbone, _ = text_source(ws.get_run(lab.run_id))  # no text tower: one error line
+    with Reporter() as shown:
+        sugg = suggest_names(ws, lab.run_id, lab.head, args.vocab, args.top,
+                             progress=shown.step("embedding the vocabulary", "names"))
+    names = lab.cluster_names()
+    sizes = np.bincount(lab.predicted, minlength=lab.head)
+    print(f"run {lab.run_id}, head {lab.head}, {backbone}: names from "
+          f"{args.vocab or BUILTIN_NAME} as {PROMPT!r}; score = {SCORE_TEXT}")
+    print(f"{'cluster':>7}  {'images':>6}  {'name':<20}  suggestions")
+    for c, items in sugg.items():
+        shown_items = ", ".join(f"{n} ({p:.3f})" for n, p in items) or "(no images)"
+        print(f"{c:>7}  {int(sizes[c]):>6}  {names[c]:<20}  {shown_items}")
+    if not args.apply:
+        return 0
+    from ..curation.labels import default_name
+
+    best = top_names(sugg)
+    kept = [c for c in best if names[c] != default_name(c, lab.head)]
+    hid = apply_names(lab, best)
+    if kept:
+        print(f"kept the names you gave cluster(s) {', '.join(map(str, kept))}")
+    if hid is None:
+        print("nothing changed")
+        return 0
+    renamed = {c: n for c, n in best.items() if c not in kept}
+    shared = sorted({n for n in renamed.values() if list(renamed.values()).count(n) > 1})
+    print(f"renamed {len(renamed)} cluster(s) to their top suggestion in one operation "
+          f"(history {hid}); `labels WS undo` takes it back")
+    if shared:
+        print(f"clusters sharing a name are one label now: {', '.join(shared)}")
+    return 0

@@ -1,7 +1,10 @@
-"""``neighbors WS IMAGE [-k 10] [--run N]``: the images most similar to IMAGE.
+"""``neighbors WS IMAGE [-k 10] [--run N]``: the images most similar to IMAGE;
+``neighbors WS --text "QUERY" [-k 10] [--run N]``: the images nearest a text.
 
 IMAGE is a catalog image id, a path relative to the scanned folder, or a path to any image file
-(embedded with the run's model).
+(embedded with the run's model). ``--text`` needs a run with a text tower (a fast run on a
+CLIP/SigLIP backbone): the query and the images are compared in the backbone's CLIP space
+(:func:`selfclassifier_core.inference.text.search_text`).
 """
 from __future__ import annotations
 
@@ -13,12 +16,15 @@ from . import CliError, open_workspace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("neighbors", help="nearest neighbours of an image",
-                       description="The images most similar to IMAGE, with their cosine "
-                                   "similarity.")
+    p = sub.add_parser("neighbors", help="nearest neighbours of an image, or of a text",
+                       description="The images most similar to IMAGE, or nearest the text of "
+                                   "--text, with their cosine similarity.")
     p.add_argument("workspace", metavar="WS", help="workspace directory")
-    p.add_argument("image", metavar="IMAGE",
+    p.add_argument("image", metavar="IMAGE", nargs="?",
                    help="catalog image id, path relative to the image folder, or any image file")
+    p.add_argument("--text", metavar="QUERY",
+                   help="search by text instead, e.g. \"red sneakers\" (a fast run on a "
+                        "CLIP/SigLIP backbone)")
     p.add_argument("-k", type=int, default=10, help="number of neighbours (default 10)")
     p.add_argument("--run", type=int, default=None, help="run id (default: latest finished)")
     p.set_defaults(func=run)
@@ -64,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise CliError(f"-k must be at least 1, got {args.k}")
+    if (args.image is None) == (args.text is None):
+        raise CliError("give exactly one of IMAGE or --text QUERY")
     ws = open_workspace(args.workspace)
+    if args.text is not None:
+        return _by_text(ws, args)
     conn = ws.connect()
     try:
         image_id, file = resolve_image(ws, conn, args.image)
@@ -88,4 +98,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'rank':>4}  {'id':>8}  {'similarity':>10}  path")
     for rank, (i, sim) in enumerate(zip(table["image_id"], table["similarity"]), start=1):
         print(f"{rank:>4}  {int(i):>8}  {float(sim):>10.4f}  {paths.get(int(i), '?')}")
+    return 0
+
+
+def _by_text(ws, args: argparse.Namespace) -> int:
+    from ..inference.text import search_text, text_source
+    from .progress import Reporter
+
+    run = ws.resolve_run(args.run)
+    backbone, _ = text_source(run)  # no text tower: one error line before anything loads
+    with Reporter() as shown:
+        table = search_text(ws, args.text, k=args.k, run_id=run.id,
+                            progress=shown.step("embedding images", "images"))
+    print(f"{len(table)} images nearest the text {args.text.strip()!r} (run {run.id}, "
+          f"{backbone}):")
+    print(f"{'rank':>4}  {'id':>8}  {'similarity':>10}  path")
+    for rank, r in enumerate(table.itertuples(index=False), start=1):
+        print(f"{rank:>4}  {int(r.image_id):>8}  {float(r.score):>10.4f}  {r.path or '?'}")
     return 0

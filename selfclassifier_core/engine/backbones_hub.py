@@ -20,6 +20,11 @@ with :func:`selfclassifier_core.engine.pretrained.load_backbone_weights`.
 :func:`preprocess` reads mean, std, interpolation and the evaluation crop from the library (timm's
 data config, open_clip's pretrained config), never from constants here.
 
+:func:`build_text_tower` makes the text side of an open_clip backbone (:class:`OpenClipTextTower`,
+forward = ``encode_text``; the image tower is not built), :func:`text_state` picks its part of a
+whole-CLIP checkpoint and :func:`tokenizer` is open_clip's (CLIP's ships in the wheel, SigLIP's
+comes from the hub).
+
 Weights (``--pretrained DEFAULT``) come from the Hugging Face hub cache (``HF_HUB_CACHE``, else
 ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), read at call time; they are downloaded only
 when they are not cached and ``HF_HUB_OFFLINE`` is not set. timm and open_clip are imported inside
@@ -43,9 +48,10 @@ from .transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HubSpec", "HubWeightsError", "OpenClipImageTower", "SHORT_NAMES", "build",
-           "download_command", "hub_cache_dir", "hub_offline", "is_hub_name", "load_state",
-           "patch_size", "prepare_state", "preprocess", "resize_positions", "spec",
+__all__ = ["HubSpec", "HubWeightsError", "OpenClipImageTower", "OpenClipTextTower", "SHORT_NAMES",
+           "build", "build_text_tower", "download_command", "has_text_tower", "hub_cache_dir",
+           "hub_offline", "is_hub_name", "load_state", "load_text_state", "patch_size",
+           "prepare_state", "preprocess", "resize_positions", "spec", "text_state", "tokenizer",
            "weights_available", "weights_file", "weights_identity"]
 
 INSTALL_HINT = "pip install 'timm>=1.0' 'open_clip_torch>=3.0'"
@@ -529,3 +535,171 @@ def resize_positions(module: nn.Module, key: str, weights: torch.Tensor,
     else:
         return None
     return out if tuple(out.shape) == tuple(target.shape) else None
+
+
+# --------------------------------------------------------------------------- text towers
+# the vision tower open_clip builds next to a text tower that is all we want (removed right after)
+_NO_VISION = {"image_size": 32, "patch_size": 32, "layers": 1, "width": 64, "head_width": 64}
+
+
+def has_text_tower(name: str) -> bool:
+    """True for the open_clip backbones (CLIP, SigLIP): their weights come with a text tower."""
+    return is_hub_name(name) and spec(name).library == "open_clip"
+
+
+class OpenClipTextTower(nn.Module):
+    """open_clip's text side of a CLIP model: ``forward(tokens)`` is ``encode_text`` (not
+    L2-normalised); :attr:`logit_scale` (and SigLIP's :attr:`logit_bias`) as trained.
+
+    The model is open_clip's own (``CLIP`` or ``CustomTextCLIP``) without its image tower, so a
+    whole-CLIP checkpoint's non-``visual.*`` keys load into it under their own names. A CLIP
+    text transformer with a causal mask pooled at the end-of-text token reads each prompt only up
+    to that token, so batches are cut there (prompts are short, the context is 77 tokens): the
+    result is the same, several times faster.
+    """
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self._cut = (hasattr(model, "transformer") and hasattr(model, "positional_embedding")
+                     and getattr(model, "text_pool_type", None) == "argmax"
+                     and getattr(model, "attn_mask", None) is not None)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp().reshape(-1)[0])
+
+    @property
+    def logit_bias(self) -> float | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach().reshape(-1)[0])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if not self._cut:
+            return m.encode_text(tokens)
+        from open_clip.transformer import text_global_pool
+
+        n = int(tokens.argmax(dim=-1).max()) + 1  # the last end-of-text token (highest id)
+        tokens = tokens[:, :n]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype)
+        x = x + m.positional_embedding[:n].to(cast_dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+        x = m.ln_final(x)
+        x = text_global_pool(x, tokens, m.text_pool_type,
+                             eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) \
+                else x @ m.text_projection
+        return x
+
+
+def build_text_tower(name: str) -> OpenClipTextTower:
+    """The text tower of the open_clip backbone ``name`` with random weights (no network).
+
+    ValueError naming the backbone for one without a text tower (timm, torchvision)."""
+    if not has_text_tower(name):
+        raise ValueError(f"backbone {name!r} has no text tower (only the open_clip CLIP and "
+                         "SigLIP backbones have one, e.g. clip_b32)")
+    s = spec(name)
+    open_clip = _import("open_clip")
+    cfg = _open_clip_cfg(s)
+    with _quiet_random_init(), _quiet_root_info():
+        model = open_clip.create_model(s.model, pretrained=None,
+                                       force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+                                       vision_cfg=dict(_NO_VISION))
+    model.visual = None  # out of the state dict and of memory; encode_text never uses it
+    return OpenClipTextTower(model.eval(), name)
+
+
+def text_state(name: str, state: Mapping[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The text side of a whole-CLIP checkpoint of ``name``: ``(state, ignored keys)``.
+
+    ``module.`` / ``_orig_mod.`` prefixes are stripped, ``visual.*`` keys left out; checkpoints
+    that keep a SigLIP-style text tower under flat names are converted as open_clip does."""
+    out: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for k, v in state.items():
+        key = k
+        for p in ("module.", "_orig_mod."):
+            key = key[len(p):] if key.startswith(p) else key
+        if key.startswith("visual."):
+            ignored.append(k)
+        else:
+            out[key] = v
+    open_clip = _import("open_clip")
+    if open_clip.get_model_config(spec(name).model).get("custom_text") and not any(
+            k.startswith("text.") for k in out):
+        from open_clip.model import convert_to_custom_text_state_dict
+
+        out = convert_to_custom_text_state_dict(out)
+    return out, ignored
+
+
+def load_text_state(tower: OpenClipTextTower, state: Mapping[str, torch.Tensor],
+                    source: str) -> int:
+    """Copy ``state`` (from :func:`text_state`) into ``tower`` strictly; returns the tensors
+    loaded. ValueError in one line when the weights hold no text tower or do not fit it."""
+    own = tower.model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if len(missing) == len(own):
+        raise ValueError(f"{source} holds no text tower for {tower.name} (only "
+                         f"{len(state)} non-image keys, none of the text tower's: "
+                         f"{', '.join(missing[:3])} …); use the whole CLIP checkpoint")
+    wrong = [f"{k} (weights {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
+             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = ([f"{len(missing)} missing ({', '.join(missing[:3])})"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})"]
+                 if unexpected else []) + \
+                ([f"{len(wrong)} of other shapes ({', '.join(wrong[:2])})"] if wrong else [])
+        raise ValueError(f"the weights in {source} do not fit the text tower of {tower.name}: "
+                         + "; ".join(parts))
+    with torch.no_grad():
+        for k, t in state.items():
+            own[k].copy_(t.to(dtype=own[k].dtype))
+    return len(own)
+
+
+@contextlib.contextmanager
+def _quiet_root_info() -> Iterator[None]:
+    """open_clip's tokenizer look-up logs each step at INFO on the root logger."""
+    root = logging.getLogger()
+
+    def drop(record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or record.name != "root"
+
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def tokenizer(name: str):
+    """open_clip's tokenizer of ``name``: ``tokenizer(list of texts) -> LongTensor [n, context]``.
+
+    CLIP's BPE vocabulary ships inside the open_clip wheel (offline); SigLIP's tokenizer comes
+    from the Hugging Face hub through ``transformers``: when it cannot be had, a ValueError in
+    one line says how to get it."""
+    s = spec(name)
+    open_clip = _import("open_clip")
+    text_cfg = open_clip.get_model_config(s.model).get("text_cfg", {})
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    try:
+        with _quiet_root_info():
+            return open_clip.get_tokenizer(s.model)
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError offline, HTTP errors ...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not hf_name:
+            raise ValueError(f"the text tokenizer of backbone {name} cannot be made: "
+                             f"{reason}") from None
+        raise ValueError(f"the text tokenizer of backbone {name} ({hf_name}) comes from the "
+                         f"Hugging Face hub and is not available here ({reason}); install "
+                         f"transformers (pip install transformers) and download it once with "
+                         f"`hf download {hf_name}` on a machine online (then copy its Hugging "
+                         "Face cache here; HF_HOME or HF_HUB_CACHE point at it)") from None

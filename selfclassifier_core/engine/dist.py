@@ -60,6 +60,24 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (a picklable value); ``obj`` itself in one process."""
+    if not is_dist() or world_size() == 1:
+        return obj
+    box = [obj if is_main() else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_true(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise AND of a bool tensor over ranks (a copy); ``flags`` in one process."""
+    if not is_dist() or world_size() == 1:
+        return flags
+    y = flags.to(torch.int32).clone()
+    torch_dist.all_reduce(y, op=torch_dist.ReduceOp.MIN)
+    return y.bool()
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums the gradients of all ranks.
 

@@ -209,12 +209,14 @@ class SelfClassifierLoss(nn.Module):
     head h for view v (views ``0..n_global-1`` global, the rest local).
     """
 
-    def __init__(self, row_tau: float = 0.1, col_tau: float = 0.05, eps: float = 1e-8) -> None:
+    def __init__(self, row_tau: float = 0.1, col_tau: float = 0.05, eps: float = 1e-8,
+                 gather: bool = True) -> None:
         super().__init__()
         _check_temperatures(row_tau, col_tau, eps)
         self.row_tau = float(row_tau)
         self.col_tau = float(col_tau)
         self.eps = float(eps)
+        self.gather = bool(gather)  # False: this process's batch only, even in a group
 
     def forward(
         self, head_logits: Sequence[Sequence[torch.Tensor]], n_global: int = 2,
@@ -224,7 +226,8 @@ class SelfClassifierLoss(nn.Module):
         """The Self-Classifier loss, plus ``supervised_weight`` times :func:`supervised_term`
         of the same logits when ``targets`` (``[N, H]``, -1 for none) are given."""
         loss = self_classifier_loss(
-            head_logits, n_global=n_global, row_tau=self.row_tau, col_tau=self.col_tau, eps=self.eps
+            head_logits, n_global=n_global, row_tau=self.row_tau, col_tau=self.col_tau, eps=self.eps,
+            gather=self.gather,
         )
         if targets is None or supervised_weight == 0:
             return loss

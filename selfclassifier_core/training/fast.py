@@ -300,7 +300,8 @@ def _train_heads(model, feats: torch.Tensor, cfg: FastConfig, recorder: RunRecor
     opt = _make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(steps, int(cfg.warmup_fraction * steps)))
-    criterion = SelfClassifierLoss(row_tau=cfg.row_tau, col_tau=cfg.col_tau)
+    # one process trains the heads (under torchrun: rank 0, after the ranks shared the embedding)
+    criterion = SelfClassifierLoss(row_tau=cfg.row_tau, col_tau=cfg.col_tau, gather=False)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     model.projection.train()
     model.heads.train()

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..engine import dist
 from ..engine.device import autocast, default_workers, resolve_device
 from ..engine.transforms import Preprocess
 from ..store.fsutil import atomic_write_json
@@ -289,7 +290,8 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
                      seed: int = 0, crop_scale: tuple[float, float] = (0.35, 1.0),
                      device: str | torch.device = "auto", batch_size: int | None = None,
                      workers: int | None = None, progress: Progress | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> FeatureCache:
+                     should_stop: Callable[[], bool] | None = None,
+                     sharded: bool = False) -> FeatureCache:
     """Features of every usable image for ``views`` views, from the cache when it is current.
 
     Args:
@@ -310,6 +312,9 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
         progress: ``progress(done, total)`` images embedded so far.
         should_stop: polled between batches; True aborts with ``InterruptedError`` (nothing
             written).
+        sharded: under torchrun, every rank calls this with the same arguments and embeds
+            every ``world``-th image into one cache file that rank 0 creates and finishes (the
+            ranks must share the workspace's file system); in one process it changes nothing.
 
     Returns:
         The :class:`FeatureCache` (``computed`` = images embedded by this call).
@@ -340,6 +345,15 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
              key, len(todo), len(reuse_from), backbone, recipe.n_views, recipe.image_size, dev)
     module, dim, _ = build_extractor(backbone, pretrained, recipe.image_size, small_input)
     module.to(dev).to(memory_format=torch.channels_last)  # faster on CUDA and CPU alike
+    meta = {"format": FORMAT_VERSION, "key": key, "backbone": backbone,
+            "weights": weights_id, "pretrained": str(pretrained),
+            "recipe": recipe.to_dict(), "small_input": bool(small_input),
+            "catalog_version": version, "dim": int(dim), "dtype": "float16",
+            "device": str(dev)}
+    if sharded and dist.world_size() > 1:
+        return _extract_sharded(workspace, final, meta, table, all_ids, sigs, old, reuse_from,
+                                todo, recipe, module, dev, batch_size, workers, progress,
+                                should_stop)
 
     # ---- the new cache, built in a temporary directory that is renamed into place
     with _building(final) as tmp:
@@ -358,15 +372,69 @@ def extract_features(workspace: Workspace, backbone: str, pretrained: str | os.P
                                      "(float16 overflow?)")
         feats.flush()
         del feats  # the file is rewritten when rows are left out
-        meta = {"format": FORMAT_VERSION, "key": key, "backbone": backbone,
-                "weights": weights_id, "pretrained": str(pretrained),
-                "recipe": recipe.to_dict(), "small_input": bool(small_input),
-                "catalog_version": version, "dim": int(dim), "dtype": "float16",
-                "created": time.time(), "seconds": round(elapsed, 3), "device": str(dev)}
-        _write_cache(tmp, ok, all_ids, sigs, meta)
+        _write_cache(tmp, ok, all_ids, sigs,
+                     {**meta, "created": time.time(), "seconds": round(elapsed, 3)})
     loaded = _load_cache(final)
     if loaded is None:
         raise RuntimeError(f"feature cache {final} unreadable right after writing it")
+    return _as_cache(final, loaded[0], loaded[1], loaded[3], computed=len(todo))
+
+
+def _extract_sharded(workspace: Workspace, final: Path, meta: dict[str, Any], table,
+                     all_ids: np.ndarray, sigs: np.ndarray, old, reuse_from: dict[int, int],
+                     todo: list[int], recipe: ViewRecipe, module: torch.nn.Module,
+                     dev: torch.device, batch_size: int | None, workers: int | None,
+                     progress: Progress | None, should_stop: Callable[[], bool] | None
+                     ) -> FeatureCache:
+    """:func:`extract_features` over the ranks of a process group: rank 0 makes the cache file
+    (rows reused from the old cache filled in), every rank embeds every ``world``-th image to
+    do into it, rank 0 checks and finishes the cache once all are done."""
+    world, rank = dist.world_size(), dist.rank()
+    tmp = None
+    if dist.is_main():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.mkdir()
+        feats = np.lib.format.open_memmap(tmp / "feats.npy", mode="w+", dtype=np.float16,
+                                          shape=(recipe.n_views, len(all_ids), int(meta["dim"])))
+        if reuse_from:
+            dst = np.fromiter(reuse_from.keys(), np.int64)
+            src = np.fromiter(reuse_from.values(), np.int64)
+            feats[:, dst] = old[3][:, src]
+        feats.flush()
+        del feats
+    tmp = Path(dist.broadcast_object(str(tmp)))
+    try:
+        feats = np.load(tmp / "feats.npy", mmap_mode="r+")
+        mine = todo[rank::world]
+        paths = [workspace.abspath(table.at[int(all_ids[n]), "path"]) for n in mine]
+        loader = _views_loader(paths, [int(all_ids[n]) for n in mine], recipe, dev, batch_size,
+                               workers)
+        ok, elapsed = _embed_images(loader, mine, feats, module, dev, progress, should_stop)
+        feats.flush()
+        del feats
+        ok = dist.all_true(torch.from_numpy(ok)).numpy()
+        dist.barrier()
+        if dist.is_main():
+            feats = np.load(tmp / "feats.npy", mmap_mode="r")
+            if not np.isfinite(np.asarray(feats[:, ok], np.float32)).all():
+                raise FloatingPointError(f"backbone {meta['backbone']} produced non-finite "
+                                         "features (float16 overflow?)")
+            del feats
+            _write_cache(tmp, ok, all_ids, sigs, {**meta, "created": time.time(),
+                                                   "seconds": round(elapsed, 3),
+                                                   "ranks": world})
+            _replace_dir(tmp, final)
+    except BaseException:
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+    loaded = _load_cache(final)
+    if loaded is None:
+        raise RuntimeError(f"feature cache {final} unreadable right after writing it")
+    log.info("rank %d of %d embedded %d of %d images", rank, world, len(todo[rank::world]),
+             len(todo))
     return _as_cache(final, loaded[0], loaded[1], loaded[3], computed=len(todo))
 
 

@@ -122,8 +122,10 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
         _main_first(lambda: log.info("%s", scan(folder, ws, progress=scan_progress).summary()),
                     "scan the image folder")
     if mode == "fast":
-        if dist.world_size() > 1:
-            raise ValueError("fast mode runs in one process; start it without torchrun")
+        if dist.world_size() > 1:  # the ranks share the embedding; rank 0 alone trains
+            _shard_features(ws, config)
+            if not dist.is_main():
+                return TrainResult(ws, 0, ws.runs_dir, status="done")
         run_id = handed.id if handed is not None else ws.create_run("fast", config.to_dict())
         return _guarded(ws, run_id, mode, None, lambda rec: _run_fast(
             ws, run_id, config, rec, should_stop), progress)
@@ -146,6 +148,23 @@ def train(folder: str | os.PathLike | None, workspace: Workspace | str | os.Path
 
 
 # --------------------------------------------------------------------------- the modes
+def _shard_features(ws: Workspace, config) -> None:
+    """Fast mode under torchrun: every rank embeds its share of the images into the run's
+    feature cache (:func:`~..training.features.extract_features` ``sharded``); rank 0 then
+    trains the heads on it alone (it finds the cache current), the other ranks are done."""
+    from ..training.features import extract_features
+    from ..training.recipes import resolve_views
+
+    device = resolve_device(config.device)
+    cfg = resolve_views(config, ws, device)
+    log.info("rank %d of %d: embedding its share of the images", dist.rank(), dist.world_size())
+    extract_features(ws, cfg.backbone, cfg.pretrained, views=cfg.views,
+                     image_size=cfg.image_size, seed=cfg.feature_seed, device=device,
+                     batch_size=cfg.feature_batch_size, workers=cfg.workers, sharded=True)
+    dist.barrier()
+
+
+
 def _run_fast(ws: Workspace, run_id: int, config, recorder: RunRecorder,
               should_stop: Callable[[], bool] | None) -> TrainResult:
     recorder.start(config.to_dict())
