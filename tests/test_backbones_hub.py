@@ -132,6 +132,7 @@ def test_dinov2_forward_is_the_cls_embedding_at_any_patch_grid():
     torch.testing.assert_close(out, tokens[:, 0])
 
 
+@pytest.mark.slow  # builds open_clip models (seconds each on two cores)
 def test_open_clip_tower_is_encode_image_and_takes_its_size_only():
     torch.manual_seed(0)
     tower, dim = build_backbone("clip_b32", small_input=False, image_size=64)
@@ -168,6 +169,7 @@ def test_dinov2_weights_from_a_file_load_as_timm_loads_them(dino_source, tmp_pat
         torch.testing.assert_close(net.eval()(x), ref(x))
 
 
+@pytest.mark.slow  # builds open_clip models (seconds each on two cores)
 def test_clip_weights_from_a_file_keep_the_image_tower(clip_source):
     """A whole CLIP checkpoint (.safetensors): the ``visual.*`` part loads, resampled from 7x7 to
     2x2 patches as open_clip's own loader does; the text tower is ignored."""
@@ -185,6 +187,7 @@ def test_clip_weights_from_a_file_keep_the_image_tower(clip_source):
         torch.testing.assert_close(tower.eval()(x), ref.eval().encode_image(x))
 
 
+@pytest.mark.slow  # builds open_clip models (seconds each on two cores)
 def test_weights_of_another_architecture_are_an_error(clip_source, tmp_path):
     sd, path = clip_source
     net, _ = build_backbone("dinov2_s", small_input=False, image_size=28)
@@ -220,6 +223,7 @@ def test_dinov2_weights_from_the_hf_cache_offline(dino_source, tmp_path, monkeyp
     assert not hub.weights_available("dinov2_s")
 
 
+@pytest.mark.slow  # builds open_clip models (seconds each on two cores)
 def test_clip_weights_from_the_hf_cache_offline(clip_source, tmp_path, monkeypatch):
     sd, path = clip_source
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -235,7 +239,8 @@ def test_clip_weights_from_the_hf_cache_offline(clip_source, tmp_path, monkeypat
 @pytest.mark.parametrize("name, repo, filename", [
     ("dinov2_s", DINO_REPO, "model.safetensors"),
     ("clip_b16", "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K", "open_clip_model.safetensors"),
-    ("siglip_b16", "timm/ViT-B-16-SigLIP", "open_clip_model.safetensors"),
+    pytest.param("siglip_b16", "timm/ViT-B-16-SigLIP", "open_clip_model.safetensors",
+                 marks=pytest.mark.slow),  # builds the SigLIP tower first (2 s)
 ])
 def test_offline_with_an_empty_cache_says_how_to_get_the_weights(name, repo, filename, tmp_path):
     net, _ = build_backbone(name, small_input=False, image_size=32)
@@ -287,6 +292,7 @@ def test_dinov2_preprocessing_is_timms():
     torch.testing.assert_close(eval_transform(28, pre)(img), theirs(img))
 
 
+@pytest.mark.slow  # builds open_clip models (seconds each on two cores)
 @pytest.mark.parametrize("name, arch, tag", [("clip_b32", "ViT-B-32", "laion2b_s34b_b79k"),
                                              ("siglip_b16", "ViT-B-16-SigLIP", "webli")])
 def test_open_clip_preprocessing_is_open_clips(name, arch, tag):
