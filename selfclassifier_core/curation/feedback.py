@@ -79,9 +79,10 @@ class Feedback:
                 f"{self.n_named} more in named clusters, {self.n_excluded} excluded")
 
 
-def read_feedback(labels: Labels) -> Feedback:
-    """What the person has told us in ``labels`` (see the module docs)."""
-    df = labels.final_table()
+def read_feedback(labels: Labels, table=None) -> Feedback:
+    """What the person has told us in ``labels`` (see the module docs); ``table`` reuses a
+    :meth:`Labels.final_table` just read."""
+    df = labels.final_table() if table is None else table
     names = labels.cluster_names()
     defaults = {default_name(c, labels.head) for c in range(labels.head)}
     label = df["label"].to_numpy(dtype=object)

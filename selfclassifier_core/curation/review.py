@@ -53,8 +53,8 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
     if per_cluster is not None and (not isinstance(per_cluster, (int, np.integer))
                                     or per_cluster < 1):
         raise ValueError(f"per_cluster must be a positive integer, got {per_cluster!r}")
-    fb = read_feedback(labels)
     table = labels.final_table()
+    fb = read_feedback(labels, table)
     cand = ~fb.checked & ~fb.excluded
     run = labels.workspace.get_run(labels.run_id)
     preds = load_predictions(run.dir, embeddings=True)
