@@ -835,14 +835,8 @@ def test_retrain_with_my_corrections_from_the_app(tmp_path, monkeypatch):
     """The app's button path: a fast run on a real folder, a correction, the refit job."""
     monkeypatch.setattr(jobs, "AFTER_TRAINING", ())
     import selfclassifier_core as sc
-    from PIL import Image
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        base = 40 if i % 2 else 210
-        arr = np.clip(base + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(folder / f"img_{i:02d}.png")
+    from train_fixtures import make_folder
+    folder = make_folder(tmp_path / "imgs", n=24)
     import torch
     import torchvision
     weights = tmp_path / "r18.pth"

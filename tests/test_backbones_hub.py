@@ -21,6 +21,7 @@ from selfclassifier_core.engine.backbones import (BACKBONES, backbone_preprocess
                                                   build_backbone, min_input_size, size_multiple)
 from selfclassifier_core.engine.pretrained import PretrainedError, load_backbone_weights  # noqa: E402
 from selfclassifier_core.engine.transforms import Preprocess, eval_transform  # noqa: E402
+from cli_capture import cli as _cli, error_lines as _error_lines  # noqa: E402
 
 DINO = "vit_small_patch14_dinov2.lvd142m"
 DINO_REPO = f"timm/{DINO}"
@@ -365,21 +366,6 @@ def test_view_sizes_follow_the_patch():
 
 
 # ------------------------------------------------------------------ the command line
-def _cli(*args) -> tuple[int, str, str]:
-    import contextlib
-    import io
-
-    from selfclassifier_core.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _error_lines(err: str) -> list[str]:
-    """stderr without the log lines (INFO/WARNING name: ...)."""
-    return [ln for ln in err.splitlines() if not ln.startswith(("INFO ", "WARNING ", "DEBUG "))]
 
 
 @pytest.mark.slow  # the command's scan starts decoding processes

@@ -8,8 +8,6 @@ one-line errors of runs without a text tower run in the fast lane.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -34,18 +32,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 HOW = "--backbone clip_b32 --pretrained DEFAULT"
 
 
-def _cli(*args) -> tuple[int, str, str]:
-    from selfclassifier_core.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _error_lines(err: str) -> list[str]:
-    """stderr without the log lines (INFO/WARNING name: ...)."""
-    return [ln for ln in err.splitlines() if not ln.startswith(("INFO ", "WARNING ", "DEBUG "))]
+from cli_capture import cli as _cli, error_lines as _error_lines  # noqa: E402
 
 
 def _unit(x) -> np.ndarray:

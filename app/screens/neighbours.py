@@ -93,19 +93,26 @@ def _similar(ctx: Context) -> None:
 
 
 def _results(ctx: Context, result, paths) -> None:
-    table = caches.label_view(ctx).table
     ids = [int(i) for i in result["image_id"]]
-    sims = result["similarity"].to_numpy()
     st.markdown(f"**{len(ids)} nearest neighbours**")
+    _grid(ctx, ids, result["similarity"].to_numpy(), "similarity",
+          [paths.get(i, i) for i in ids], again=True)
+
+
+def _grid(ctx: Context, ids: list[int], scores, what: str, paths: list, again: bool) -> None:
+    """Result images with their ``what`` score, label and file name (``again``: a button to
+    look for the neighbours of each)."""
+    table = caches.label_view(ctx).table
     thumbs = caches.thumbs(ctx, ids)
     cols = st.columns(RESULT_COLUMNS)
-    for j, i in enumerate(ids):
+    for j, (i, path) in enumerate(zip(ids, paths)):
         with cols[j % RESULT_COLUMNS]:
             st.image(thumbs[i], width="stretch")
             label = table.at[i, "label"] if i in table.index else "—"
-            st.caption(f"similarity {sims[j]:.3f}  \n{ui.esc(label)}  \n"
-                       f"{ui.esc(PurePosixPath(str(paths.get(i, i))).name[:24])}")
-            st.button("Neighbours of this", key=f"nn_again_{i}", on_click=_pick, args=(i,))
+            st.caption(f"{what} {scores[j]:.3f}  \n{ui.esc(label)}  \n"
+                       f"{ui.esc(PurePosixPath(str(path)).name[:24])}")
+            if again:
+                st.button("Neighbours of this", key=f"nn_again_{i}", on_click=_pick, args=(i,))
 
 
 def _by_text(ctx: Context) -> None:
@@ -130,18 +137,9 @@ def _by_text(ctx: Context) -> None:
     except Exception as exc:  # noqa: BLE001 - in words
         ui.show_error(exc, "The text could not be searched")
         return
-    table = caches.label_view(ctx).table
     ids = [int(i) for i in result["image_id"]]
-    scores = result["score"].to_numpy()
     st.markdown(f"**{len(ids)} images nearest “{ui.esc(query.strip())}”**")
-    thumbs = caches.thumbs(ctx, ids)
-    cols = st.columns(RESULT_COLUMNS)
-    for j, (i, path) in enumerate(zip(ids, result["path"])):
-        with cols[j % RESULT_COLUMNS]:
-            st.image(thumbs[i], width="stretch")
-            label = table.at[i, "label"] if i in table.index else "—"
-            st.caption(f"score {scores[j]:.3f}  \n{ui.esc(label)}  \n"
-                       f"{ui.esc(PurePosixPath(str(path)).name[:24])}")
+    _grid(ctx, ids, result["score"].to_numpy(), "score", list(result["path"]), again=False)
 
 
 def _duplicates(ctx: Context) -> None:

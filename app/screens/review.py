@@ -30,7 +30,8 @@ def render(ctx: Context) -> None:
         st.info("Reviewing starts once a training run has finished.")
         return
     lab = ctx.labels()
-    fb = read_feedback(lab)
+    table = lab.final_table()  # read once for the counts and the queue
+    fb = read_feedback(lab, table)
     st.caption("The images below are the ones the model is least sure of, a few from each "
                "group. Press **Right** when the label fits, or pick the right label. Your "
                "checks, names and merges teach the next refit.")
@@ -40,7 +41,7 @@ def render(ctx: Context) -> None:
     c3.metric("Excluded", f"{fb.n_excluded:,}")
     size = c4.selectbox("Images to review", SIZES, index=0, key="rv_size")
     _refit_section(ctx, fb)
-    queue = review_queue(lab, size)
+    queue = review_queue(lab, size, table=table)
     if queue.empty:
         st.success("Every usable image is checked or excluded.")
         return

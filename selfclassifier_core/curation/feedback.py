@@ -171,13 +171,14 @@ def plan_refit(fb: Feedback, run_heads: list[int], run_dir,
 
     label = fb.label.copy()
     lent = np.zeros(len(fb.ids), bool)
-    if neighbours and neighbour_weight > 0 and fb.n_checked:
-        label, lent = _lend_to_neighbours(fb, run_dir, neighbours)
+    lending = bool(neighbours and neighbour_weight > 0 and fb.n_checked)
+    preds = load_predictions(run_dir, embeddings=lending) if others or lending else None
+    if lending:
+        label, lent = _lend_to_neighbours(fb, preds, neighbours)
     rows = np.flatnonzero((fb.checked | fb.named | lent) & np.isin(label, list(classes)))
     t_classes = np.full((len(rows), len(heads)), -1, np.int64)
     t_classes[:, 0] = [classes[n] for n in label[rows]]
     if others:
-        preds = load_predictions(run_dir, embeddings=False)
         pos = preds.position(fb.ids)
         for h, k in enumerate(others, start=1):
             t_classes[:, h] = _head_classes(fb, kept, preds.heads[k].cluster[pos].astype(np.int64),
@@ -193,13 +194,12 @@ def plan_refit(fb: Feedback, run_heads: list[int], run_dir,
     return plan
 
 
-def _lend_to_neighbours(fb: Feedback, run_dir, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _lend_to_neighbours(fb: Feedback, preds, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels with those of checked images lent to their ``k`` nearest unchecked, kept
-    neighbours in the run's embedding (the nearest checked image wins). Returns ``(labels,
-    lent)``."""
+    neighbours in the run's embedding (``preds``, the run's predictions; the nearest checked
+    image wins). Returns ``(labels, lent)``."""
     import faiss
 
-    preds = load_predictions(run_dir, embeddings=True)
     if preds.embeddings is None:
         return fb.label.copy(), np.zeros(len(fb.ids), bool)
     emb = np.ascontiguousarray(preds.embeddings[preds.position(fb.ids)], dtype=np.float32)

@@ -35,7 +35,8 @@ MIX = True          # alternate central images of sub-groups with the most doubt
 SPREAD = 0.5        # weight of the distance to earlier picks against the doubt
 
 
-def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None = None):
+def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None = None,
+                 table=None):
     """The next ``n`` images to check, best first.
 
     Args:
@@ -43,6 +44,7 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
         n: how many images (≥ 1).
         per_cluster: at most this many from one cluster (default: ``ceil(n / clusters with
             candidates)``, at least 1; a cluster gives more only when the others run out).
+        table: a :meth:`Labels.final_table` just read, reused instead of reading it again.
 
     Returns:
         A DataFrame indexed by image id with ``path``, ``label``, ``cluster``, ``confidence``,
@@ -53,7 +55,7 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
     if per_cluster is not None and (not isinstance(per_cluster, (int, np.integer))
                                     or per_cluster < 1):
         raise ValueError(f"per_cluster must be a positive integer, got {per_cluster!r}")
-    table = labels.final_table()
+    table = labels.final_table() if table is None else table
     fb = read_feedback(labels, table)
     cand = ~fb.checked & ~fb.excluded
     run = labels.workspace.get_run(labels.run_id)

@@ -159,18 +159,31 @@ def start_training(folder: str | os.PathLike, workspace: Workspace | str | os.Pa
         raise WorkspaceError(f"image folder {folder} does not exist or is not a folder")
     options = _check_options(dict(options or {}))
     ws = workspace if isinstance(workspace, Workspace) else Workspace.for_folder(folder, workspace)
+    after = _ready_for_a_run(ws, after)  # before the run is created: a bad call leaves none
+    run_id = ws.create_run(run_mode(options.get("mode"), options),
+                           dict(options, folder=str(folder.resolve())))
+    return _start_job(ws, run_id, {"folder": str(folder.resolve()), "options": options,
+                                   "after": list(after),
+                                   "cli": cli_equivalent(folder, ws, options)})
+
+
+def _ready_for_a_run(ws: Workspace, after: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The after-training steps of a new background run (default :data:`AFTER_TRAINING`),
+    checked, and no run training in ``ws``: raises before anything is created."""
     active = active_run(ws)
     if active is not None:
         raise WorkspaceError(f"run {active} is still training in this workspace; "
                              "wait for it or cancel it first")
     after = AFTER_TRAINING if after is None else tuple(after)
     bad = set(after) - set(VIEWS)
-    if bad:  # before the run is created: a bad call leaves no run behind
+    if bad:
         raise ValueError(f"unknown after-training step(s) {sorted(bad)}; valid: {VIEWS}")
-    run_id = ws.create_run(run_mode(options.get("mode"), options),
-                           dict(options, folder=str(folder.resolve())))
-    spec = {"folder": str(folder.resolve()), "options": options, "after": list(after),
-            "cli": cli_equivalent(folder, ws, options)}
+    return after
+
+
+def _start_job(ws: Workspace, run_id: int, spec: dict[str, Any]) -> int:
+    """Write the job file of the created run ``run_id`` and start its background process
+    (a run that cannot start is marked failed)."""
     atomic_write_json(ws.run_dir(run_id) / JOB_FILE, spec)
     try:
         _launch(ws, run_id, build_command(ws, run_id), spec)
@@ -189,27 +202,13 @@ def start_refit(workspace: Workspace | str | os.PathLike, run_id: int | None = N
     from .refit import prepare_refit
 
     ws = as_workspace(workspace)
-    active = active_run(ws)
-    if active is not None:
-        raise WorkspaceError(f"run {active} is still training in this workspace; "
-                             "wait for it or cancel it first")
-    after = AFTER_TRAINING if after is None else tuple(after)
-    bad = set(after) - set(VIEWS)
-    if bad:
-        raise ValueError(f"unknown after-training step(s) {sorted(bad)}; valid: {VIEWS}")
+    after = _ready_for_a_run(ws, after)
     new_id, plan, opts = prepare_refit(ws, run_id, **{k: v for k, v in (options or {}).items()
                                                       if v is not None and v != ""})
     cli = (f"python -m selfclassifier_core refit {quote(str(ws.path))} --run "
            f"{plan.feedback.run_id}")
-    spec = {"folder": None, "options": opts, "after": list(after), "cli": cli,
-            "refit_of": plan.feedback.run_id}
-    atomic_write_json(ws.run_dir(new_id) / JOB_FILE, spec)
-    try:
-        _launch(ws, new_id, build_command(ws, new_id), spec)
-    except OSError as exc:
-        ws.update_run(new_id, status="failed", message=f"could not start training: {exc}")
-        raise WorkspaceError(f"could not start training: {exc}") from exc
-    return new_id
+    return _start_job(ws, new_id, {"folder": None, "options": opts, "after": list(after),
+                                   "cli": cli, "refit_of": plan.feedback.run_id})
 
 
 def resume(workspace: Workspace | str | os.PathLike, run_id: int) -> int:
