@@ -1,7 +1,7 @@
 """Caches of read-only core objects, shared by every session of the server process.
 
-Heavy objects (the open workspace, predictions, the FAISS index, map points, near-duplicate
-groups, the catalog's paths, the label view, the text tower of a CLIP backbone, the images' CLIP
+Heavy objects (the open workspace, predictions, the FAISS index, map points and figure, near-duplicate
+groups, the label view (with the images' paths), the text tower of a CLIP backbone, the images' CLIP
 embeddings and the suggested cluster names) are cached with ``st.cache_resource`` (objects used
 in place) or ``st.cache_data`` (frames and lists, copied out). Each is keyed by the workspace
 path, the run id and a version of what it is made from (the modification time of the run file,
@@ -109,10 +109,13 @@ class _Slot:
     build: _Build | None = None
 
 
-def _built(slot: _Slot, what: str, unit: str, build: Callable[[Progress], Any]) -> Any:
+def _built(slot: _Slot, what: str, unit: str, build: Callable[[Progress], Any],
+           wait: bool = True) -> Any:
     """The slot's value. The first call starts ``build(progress)`` in a thread; every call made
     while it runs shows a spinner and its progress. A failed build is raised in the pages that
-    waited for it, and the next call tries again."""
+    waited for it, and the next call tries again. ``wait=False`` only starts the build (when
+    it is not running or done) and returns None until it is done: a page warms what the
+    person is likely to ask for next."""
     attempt = slot.build
     if attempt is not None and attempt.ok:
         return attempt.value
@@ -121,6 +124,8 @@ def _built(slot: _Slot, what: str, unit: str, build: Callable[[Progress], Any]) 
         if attempt is None or not (attempt.ok or attempt.is_alive()):
             attempt = slot.build = _Build(build, what)
             attempt.start()
+    if not wait:
+        return attempt.value if attempt.ok else None
     with st.spinner(f"{what}…"), progress_bar(what, unit) as progress:
         while attempt.is_alive():
             if attempt.counts is not None:
@@ -155,14 +160,15 @@ def _neighbor_index(ws_path: str, run_id: int, mtime: int) -> _Slot:
     return _Slot()
 
 
-def neighbor_index(ctx: Context):
-    """The run's neighbour index, cached per embeddings file version."""
+def neighbor_index(ctx: Context, wait: bool = True):
+    """The run's neighbour index, cached per embeddings file version (``wait=False``: start
+    opening it in the background, None until it is open)."""
     from selfclassifier_core.curation.neighbors import NeighborIndex
 
     ws, run_id = ctx.ws, ctx.run.id
     slot = _neighbor_index(str(ws.path), run_id, _mtime(ctx.run.dir / EMBEDDINGS_FILE))
     return _built(slot, "Opening the neighbour index (built once per run)", "images",
-                  lambda progress: NeighborIndex.for_run(ws, run_id, progress=progress))
+                  lambda progress: NeighborIndex.for_run(ws, run_id, progress=progress), wait)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -185,15 +191,20 @@ def _map_points(ws_path: str, run_id: int, mtime: int) -> _Slot:
     return _Slot()
 
 
+def map_version(ctx: Context) -> int:
+    """What :func:`map_points` is keyed by: the embeddings file's version."""
+    return _mtime(ctx.run.dir / EMBEDDINGS_FILE)
+
+
 def map_points(ctx: Context):
-    """The run's 2-D map points (a frame indexed by image id, the caller's copy), per
+    """The run's 2-D map points (a frame indexed by image id; shared: do not change it), per
     embeddings version."""
     from selfclassifier_core.curation.projection import run_map
 
     ws, run_id = ctx.ws, ctx.run.id
-    slot = _map_points(str(ws.path), run_id, _mtime(ctx.run.dir / EMBEDDINGS_FILE))
+    slot = _map_points(str(ws.path), run_id, map_version(ctx))
     return _built(slot, "Computing the 2-D map (UMAP, once per run)", "points",
-                  lambda progress: run_map(ws, run_id, progress=progress)).copy()
+                  lambda progress: run_map(ws, run_id, progress=progress))
 
 
 # --------------------------------------------------------------------------- text (CLIP)
@@ -257,14 +268,10 @@ def name_suggestions(ctx: Context) -> dict[int, list[tuple[str, float]]]:
 
 
 # --------------------------------------------------------------------------- catalog
-@st.cache_data(show_spinner="Reading the catalog…", max_entries=4)
-def _image_paths(ws_path: str, version: str):
-    return Workspace.open(ws_path).image_table("ok")["path"]
-
-
 def image_paths(ctx: Context):
-    """Series id -> relative path of usable images, cached per catalog version."""
-    return _image_paths(str(ctx.ws.path), ctx.catalog_version)
+    """Series id -> relative path of the run's images: the label view's column (read once per
+    label version; shared: do not change it)."""
+    return label_view(ctx).table["path"]
 
 
 def thumbs(ctx: Context, image_ids) -> dict[int, str]:
@@ -305,13 +312,27 @@ def _label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: 
 
     lab = Labels(Workspace.open(ws_path), run_id, head)
     table = lab.final_table()
-    summary = lab.cluster_summary(by="label")
-    order = np.argsort(table["confidence"].to_numpy(), kind="stable")
-    t = table.iloc[order]
-    members, excluded = {}, {}
-    for (label, exc), ids in t.groupby(["label", "excluded"], sort=False).groups.items():
-        (excluded if exc else members)[label] = np.asarray(ids, dtype=np.int64)
+    summary = lab.cluster_summary(by="label", table=table)
+    members, excluded = _by_label(table)
     return LabelView(table, summary, members, excluded, marker)
+
+
+def _by_label(table: "pd.DataFrame") -> tuple[dict, dict]:
+    """Image ids of each label, least confident first (ties in id order), apart for the
+    images kept and those excluded: one sort of a million rows, not a pandas group-by."""
+    import numpy as np
+    import pandas as pd
+
+    codes, names = pd.factorize(table["label"])
+    key = codes.astype(np.int64) * 2 + table["excluded"].to_numpy(bool)
+    order = np.argsort(table["confidence"].to_numpy(), kind="stable")
+    order = order[np.argsort(key[order], kind="stable")]
+    key, ids = key[order], table.index.to_numpy(np.int64)[order]
+    starts = np.flatnonzero(np.diff(key)) + 1
+    members, excluded = {}, {}
+    for k, part in zip(key[np.r_[0, starts]] if len(key) else [], np.split(ids, starts)):
+        (excluded if k % 2 else members)[names[k // 2]] = part
+    return members, excluded
 
 
 def label_view(ctx: Context, lab: Labels | None = None) -> LabelView:
@@ -319,3 +340,33 @@ def label_view(ctx: Context, lab: Labels | None = None) -> LabelView:
     lab = lab or ctx.labels()
     return _label_view(str(ctx.ws.path), ctx.run.id, ctx.head, edit_marker(lab),
                        _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version)
+
+
+# --------------------------------------------------------------------------- review
+@dataclass
+class ReviewView:
+    """What the Review screen shows for one label version: the counts of what the person told
+    us (:func:`~selfclassifier_core.curation.feedback.read_feedback`) and the queue."""
+
+    feedback: Any
+    queue: "pd.DataFrame"
+
+
+@st.cache_resource(show_spinner="Choosing the images to review…", max_entries=8)
+def _review(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: int, catalog: str,
+            size: int, _lab: Labels, _view: LabelView) -> ReviewView:
+    from selfclassifier_core.curation.feedback import read_feedback
+    from selfclassifier_core.curation.review import review_queue
+
+    return ReviewView(read_feedback(_lab, _view.table),
+                      review_queue(_lab, size, table=_view.table))
+
+
+def review(ctx: Context, size: int, lab: Labels | None = None) -> ReviewView:
+    """The Review screen's counts and queue of ``size`` images, made once per label version
+    (any edit makes a new one; shared: do not change it)."""
+    lab = lab or ctx.labels()
+    view = label_view(ctx, lab)
+    return _review(str(ctx.ws.path), ctx.run.id, ctx.head, view.marker,
+                   _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version, int(size),
+                   lab, view)

@@ -8,8 +8,9 @@ run (128-d embeddings around 40 centres, heads of 10, 20 and 40 classes; no trai
 measures: the scan; the neighbour index (exact up to the threshold, IVF above it) and the IVF's
 recall@10 against exact search on a sample of queries; the 2-D map (UMAP fit on a sample, then
 transform); the final label table; each export; and every app screen's server time through
-AppTest, twice (the second run shows what the caches save). Peak memory (this process and its
-children) is printed after each step. Everything goes into a temporary directory (or
+AppTest, twice (the second run shows what the caches save), in a process of its own as the app
+would be (``--screens-only`` repeats just that step on a kept workspace). Peak memory (the
+process and its children) is printed after each step. Everything goes into a temporary directory (or
 ``--keep DIR``), removed afterwards unless kept.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +35,17 @@ DIM = 128
 
 
 def peak_mb() -> tuple[float, float]:
-    """Peak resident memory of this process and of its (finished) children, in MB."""
+    """Peak resident memory of this process and of its (finished) children, in MB.
+
+    This process's peak is the kernel's high-water mark of its own memory (``VmHWM``): the
+    ``ru_maxrss`` of a process started by another keeps the parent's peak across the exec."""
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                me = int(line.split()[1]) / 1024
+    except OSError:  # not Linux: ru_maxrss
+        pass
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return me, kids
 
@@ -94,22 +105,17 @@ def add_run(ws, seed: int = 0) -> int:
     return run_id
 
 
-def recall_at_10(index, emb: np.ndarray, ids: np.ndarray, n_queries: int = 500) -> float:
-    """Share of the exact top-10 neighbours (cosine, brute force) the index returns."""
+def recall_at_10(index, exact, ids: np.ndarray, n_queries: int = 500) -> float:
+    """Share of the exact top-10 neighbours (``exact``: the flat index) that ``index`` returns,
+    for ``n_queries`` images drawn at random; each query's own image is left out of both."""
     rng = np.random.default_rng(0)
-    q_pos = rng.choice(len(ids), size=min(n_queries, len(ids)), replace=False)
+    q_ids = ids[rng.choice(len(ids), size=min(n_queries, len(ids)), replace=False)]
     hits = 0
-    for pos in q_pos:
-        q = emb[pos].astype(np.float32)
-        sims = np.empty(len(ids), np.float32)
-        for start in range(0, len(ids), 200_000):
-            block = emb[start:start + 200_000].astype(np.float32)
-            sims[start:start + 200_000] = block @ q
-        sims[pos] = -np.inf
-        exact = set(ids[np.argpartition(-sims, 10)[:10]].tolist())
-        got = set(index.search(int(ids[pos]), 10)["image_id"].tolist())
-        hits += len(exact & got)
-    return hits / (10 * len(q_pos))
+    for qid in q_ids.tolist():
+        want = set(exact.search(qid, 10)["image_id"].tolist())
+        got = set(index.search(qid, 10)["image_id"].tolist())
+        hits += len(want & got)
+    return hits / (10 * len(q_ids))
 
 
 def screens(ws, run_id: int) -> None:
@@ -126,14 +132,61 @@ def screens(ws, run_id: int) -> None:
     at.run()
     report("app start (Folder & training)", time.perf_counter() - t0,
            f"{len(at.exception)} exception(s)")
-    for page in ("screens/clusters.py", "screens/map.py", "screens/neighbours.py",
-                 "screens/export.py", "screens/folder_training.py"):
+    def timed(step: str, act) -> None:
+        t0 = time.perf_counter()
+        act()
+        problems = [e.value for e in at.exception] + [e.value for e in at.error]
+        report(step, time.perf_counter() - t0, "; ".join(str(p)[:80] for p in problems))
+
+    for page in ("screens/clusters.py", "screens/review.py", "screens/map.py",
+                 "screens/neighbours.py", "screens/export.py", "screens/folder_training.py"):
         for attempt in ("first", "again"):
-            t0 = time.perf_counter()
-            at.switch_page(page).run()
-            problems = [e.value for e in at.exception] + [e.value for e in at.error]
-            report(f"screen {page.split('/')[-1][:-3]} ({attempt})", time.perf_counter() - t0,
-                   "; ".join(str(p)[:80] for p in problems))
+            timed(f"screen {page.split('/')[-1][:-3]} ({attempt})",
+                  lambda: at.switch_page(page).run())
+    # what a person does on them: open the biggest group, pick an image for its neighbours,
+    # lasso half of the map
+    from selfclassifier_core.curation.projection import run_map
+
+    at.switch_page("screens/clusters.py").run()
+    biggest = next(b for b in at.button if b.label == "Open")
+    timed("clusters: open a group", lambda: biggest.click().run())
+    timed("clusters: the group again", lambda: at.run())
+    name = next(t for t in at.text_input if t.key.startswith("rn_detail|"))
+    timed("clusters: rename it (an edit: labels re-read)", lambda: name.input("renamed").run())
+    at.switch_page("screens/review.py").run()
+    right = next((b for b in at.button if b.label == "✓ Right"), None)
+    if right is not None:
+        timed("review: one image is right (an edit)", lambda: right.click().run())
+    at.switch_page("screens/neighbours.py").run()
+    for attempt in ("first: opens the index", "again"):
+        at.session_state["nn_query"] = int(ws.usable_images()[7][0]) if attempt != "again" else 8
+        timed(f"neighbours: one image's ({attempt})", lambda: at.run())
+    at.switch_page("screens/map.py").run()
+    key = next(k for k in at.session_state.keys() if str(k).startswith("map|"))
+    pts = run_map(ws, run_id)
+    x0, x1 = float(pts["x"].min()) - 1, float(pts["x"].median())
+    y0, y1 = float(pts["y"].min()) - 1, float(pts["y"].max()) + 1
+    at.session_state[key] = {"selection": {"points": [], "point_indices": [], "box": [],
+                                           "lasso": [{"xref": "x", "yref": "y",
+                                                      "x": [x0, x1, x1, x0],
+                                                      "y": [y0, y0, y1, y1]}]}}
+    timed("map: lasso around half the points", lambda: at.run())
+    heading = next((h.value for h in at.subheader if h.value.endswith("selected")), "none")
+    print(f"{'':<44} {heading}", flush=True)
+
+
+def screens_of(base: Path) -> int:
+    """The screens step alone, on the workspace and latest finished run under ``base``."""
+    os.environ["SELFCLASSIFIER_HOME"] = str(base / "home")
+    from selfclassifier_core.store.workspace import Workspace
+
+    ws = Workspace.open(base / "ws")
+    run = ws.latest_run()
+    if run is None:
+        raise SystemExit(f"no finished run in {base / 'ws'}: build it first with --keep")
+    print(f"screens of run {run.id} (a process of its own)", flush=True)
+    screens(ws, run.id)
+    return 0
 
 
 def main() -> int:
@@ -142,7 +195,11 @@ def main() -> int:
     ap.add_argument("--keep", help="build in this directory and keep it")
     ap.add_argument("--skip-screens", action="store_true")
     ap.add_argument("--skip-imagefolder", action="store_true")
+    ap.add_argument("--screens-only", action="store_true",
+                    help="only the app screens, on the workspace an earlier --keep DIR left")
     args = ap.parse_args()
+    if args.screens_only:
+        return screens_of(Path(args.keep))
 
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sc-scale-"))
     os.environ["SELFCLASSIFIER_HOME"] = str(base / "home")
@@ -181,7 +238,7 @@ def main() -> int:
         ivf = NeighborIndex(emb, ids, ivf_threshold=min(len(ids) - 1, 100_000), use_gpu=False)
         report(f"IVF index ({ivf.kind})", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        r = recall_at_10(ivf, emb, ids)
+        r = recall_at_10(ivf, index, ids)
         report("IVF recall@10 vs exact (500 queries)", time.perf_counter() - t0, f"{r:.3f}")
         t0 = time.perf_counter()
         index.search(int(ids[0]), 10)
@@ -204,7 +261,9 @@ def main() -> int:
             export.export_imagefolder(ws, out / "tree", run_id, link="sym")
             report("export ImageFolder (symlinks)", time.perf_counter() - t0)
         if not args.skip_screens:
-            screens(ws, run_id)
+            # In a process of its own, as the app runs: its peak memory is the app's alone.
+            subprocess.run([sys.executable, __file__, "--keep", str(base), "--screens-only"],
+                           check=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

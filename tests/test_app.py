@@ -485,6 +485,37 @@ def test_map_selection_labels_points(fixture_app):
     assert list(table.loc[chosen, "label"]) == ["from the map"] * 3
 
 
+def test_a_map_lasso_selects_every_image_inside_its_outline(fixture_app):
+    """A lasso is read as a shape in the map's coordinates, not as the points the browser drew
+    (a big map draws a sample): with no points in the event, the images inside the outline are
+    selected, and only they."""
+    from selfclassifier_core.curation.projection import run_map
+
+    at, ws, run_id = fixture_app
+    goto(at, "Map")
+    key = next(k for k in at.session_state.keys() if str(k).startswith("map|"))
+    pts = run_map(ws, run_id)
+    xs, ys = np.sort(pts["x"].to_numpy()), np.sort(pts["y"].to_numpy())
+    x1, y1 = (xs[14] + xs[15]) / 2, (ys[20] + ys[21]) / 2      # between points: no ties
+    x0, y0 = xs[0] - 1, ys[0] - 1
+    want = sorted(pts.index[(pts["x"] < x1) & (pts["y"] < y1)].tolist())
+    assert 0 < len(want) < len(pts)
+    at.session_state[key] = {"selection": {"points": [], "point_indices": [], "box": [],
+                                           "lasso": [{"xref": "x", "yref": "y",
+                                                      "x": [x0, x1, x1, x0],
+                                                      "y": [y0, y0, y1, y1]}]}}
+    at.run()
+    assert_ok(at)
+    assert any(s.value == f"{len(want)} selected" for s in at.subheader)
+    at.selectbox(key="map_target").set_value(
+        next(o for o in at.selectbox(key="map_target").options if "New label" in o))
+    at.text_input(key="map_new").set_value("lower left")
+    next(b for b in at.button if b.label == "Apply label").click().run()
+    assert_ok(at)
+    table = Labels(ws, run_id).final_table()
+    assert sorted(table.index[table["label"] == "lower left"].tolist()) == want
+
+
 def test_map_selection_exclude(fixture_app):
     at, ws, run_id = fixture_app
     goto(at, "Map")

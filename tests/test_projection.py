@@ -111,3 +111,50 @@ def test_run_map_is_cached_and_recomputed_when_inputs_change(tmp_path, monkeypat
     run_map(ws, run_id, n_neighbors=10)
     assert len(calls) == 3
 
+
+
+# --------------------------------------------------------------------------- selections
+def _winding_number_inside(points: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Reference: a point is inside a simple polygon when the angles its vertices sweep around
+    it add up to a full turn (another algorithm than the crossing count under test)."""
+    dx = xs[None, :] - points[:, :1]
+    dy = ys[None, :] - points[:, 1:]
+    angles = np.arctan2(dy, dx)
+    turn = np.diff(np.concatenate([angles, angles[:, :1]], axis=1), axis=1)
+    turn = (turn + np.pi) % (2 * np.pi) - np.pi
+    return np.abs(turn.sum(axis=1)) > np.pi
+
+
+def test_in_polygon_agrees_with_the_winding_number_on_a_ragged_lasso():
+    from selfclassifier_core.curation.projection import in_polygon
+
+    rng = np.random.default_rng(3)
+    angle = np.sort(rng.uniform(0, 2 * np.pi, 150))          # a star-shaped, ragged outline
+    radius = rng.uniform(0.3, 1.0, 150)
+    xs, ys = radius * np.cos(angle) + 0.2, radius * np.sin(angle) - 0.1
+    points = rng.uniform(-1.2, 1.2, (20_000, 2)).astype(np.float32)
+    want = _winding_number_inside(points.astype(np.float64), xs, ys)
+    got = in_polygon(points, xs, ys)
+    assert 0.1 < want.mean() < 0.6                           # the shape cuts the cloud
+    np.testing.assert_array_equal(got, want)
+    order = np.argsort(points[:, 1], kind="stable")           # a reused order: same answer
+    np.testing.assert_array_equal(in_polygon(points, xs[::-1], ys[::-1], order), want)
+
+
+def test_in_selection_edges_boxes_and_several_shapes():
+    from selfclassifier_core.curation.projection import in_polygon, in_selection
+
+    square = {"x": [0, 1, 1, 0], "y": [0, 0, 1, 1]}
+    pts = np.array([[0.0, 0.5], [1.0, 0.5], [0.5, 0.0], [0.5, 1.0], [0.5, 0.5], [2.0, 2.0],
+                    [-0.1, 0.5]], np.float32)
+    # half-open: the lower and left edges are inside, the upper and right ones outside
+    assert in_polygon(pts, square["x"], square["y"]).tolist() == [True, False, True, False,
+                                                                   True, False, False]
+    box = {"x": [2.5, 1.5], "y": [2.5, 1.5]}                  # corners in any order, edges in
+    assert in_selection(pts, boxes=[box]).tolist() == [False] * 5 + [True, False]
+    both = in_selection(pts, boxes=[box], lassos=[square])
+    assert both.tolist() == [True, False, True, False, True, True, False]
+    assert not in_selection(pts).any()
+    assert not in_polygon(pts, [0, 1], [0, 1]).any()          # two points are no polygon
+    with pytest.raises(ValueError, match="as many x as y"):
+        in_polygon(pts, [0, 1, 1], [0, 1])

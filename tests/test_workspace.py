@@ -295,6 +295,45 @@ def test_catalog_queries_follow_the_scan(folder, tmp_path):
     assert ws.catalog_version() != v1 and len(ws.usable_images()) == 2
 
 
+def test_catalog_version_is_remembered_until_any_writer_changes_the_images(tmp_path):
+    """The hash is computed once per change of the catalog: a second call reads it from meta
+    (the rows are not hashed again: a changed row the triggers could not see would not show);
+    a change by any connection (not only the scanner) bumps the counter and is seen; the
+    hash is the same one a fresh computation gives."""
+    from selfclassifier_core.catalog.scanner import scan
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (4, 4)).save(folder / "a.png")
+    Image.new("RGB", (4, 4)).save(folder / "b.png")
+    scan(folder, tmp_path / "ws", workers=1)
+    ws = Workspace.open(tmp_path / "ws")
+    v1 = ws.catalog_version()
+    assert ws.get_meta("catalog_version").endswith(":" + v1)
+    with sqlite3.connect(ws.db_path) as raw:  # behind the triggers' back: memo is used
+        raw.execute("DROP TRIGGER images_changed")
+        raw.execute("UPDATE images SET bytes = bytes + 1 WHERE path='a.png'")
+    assert ws.catalog_version() == v1
+    Workspace.open(tmp_path / "ws")           # opening puts the trigger back
+    with sqlite3.connect(ws.db_path) as raw:  # any writer, not the scanner
+        raw.execute("UPDATE images SET mtime_ns = mtime_ns + 1 WHERE path='b.png'")
+    v2 = ws.catalog_version()
+    assert v2 != v1
+    with sqlite3.connect(ws.db_path) as raw:  # an update that changes nothing: same version
+        raw.execute("UPDATE images SET scanned_at = 0")
+        raw.execute("UPDATE images SET bytes = bytes WHERE path='a.png'")
+    assert ws.catalog_version() == v2
+    with sqlite3.connect(ws.db_path) as raw:
+        raw.execute("UPDATE images SET status='missing' WHERE path='a.png'")
+    v3 = ws.catalog_version()
+    with sqlite3.connect(ws.db_path) as raw:  # a fresh computation agrees
+        raw.execute("DELETE FROM meta WHERE key='catalog_version'")
+    assert ws.catalog_version() == v3 and len({v1, v2, v3}) == 3
+    with sqlite3.connect(ws.db_path) as raw:
+        raw.execute("DELETE FROM images WHERE path='b.png'")
+    assert ws.catalog_version() != v3
+
+
 # ------------------------------------------------------------------ opened by several at once
 def test_wal_switch_waits_for_a_writer_instead_of_failing(tmp_path):
     """Switching a database that is not in WAL mode yet while another connection holds its

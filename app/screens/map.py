@@ -2,28 +2,108 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
+import numpy as np
+import pandas as pd
 import streamlit as st
 
 from app import caches, image_panel, session, ui
 from app.caches import LabelView
 from app.session import Context
 from app.ui import NEW_LABEL, NEW_LABEL_PROMPT
+from selfclassifier_core.curation.projection import in_selection
 
 MAX_SHOWN = 60
-MAX_POINTS = 200_000
+MAX_POINTS = 200_000   # drawn at most; a lasso or box still selects every image inside it
+HOVER_PATHS = 20_000   # file names in the hover text up to this many points drawn
+COLOURS = None         # the label colours (plotly's Dark24 + Light24), set on first use
 
 
-def selected_ids(event) -> list[int]:
-    """Image ids of the points selected in the chart (``custom_data`` carries the id)."""
+@dataclass
+class MapFigure:
+    """The map as drawn for one run, head, label version and toggle: the figure (a sample when
+    there are more than :data:`MAX_POINTS` points) and every point it stands for."""
+
+    figure: Any
+    ids: np.ndarray          # every image on the map (excluded ones only when shown), by id
+    xy: np.ndarray           # their coordinates, float32 [n, 2]
+    drawn: int
+
+    @cached_property
+    def by_y(self) -> np.ndarray:
+        return np.argsort(self.xy[:, 1], kind="stable")
+
+    def inside(self, boxes, lassos) -> list[int]:
+        """Ids of every image inside the selections (not only the points drawn)."""
+        return self.ids[in_selection(self.xy, boxes, lassos, self.by_y)].tolist()
+
+
+def _colours() -> list[str]:
+    global COLOURS
+    if COLOURS is None:
+        import plotly.express as px
+
+        COLOURS = px.colors.qualitative.Dark24 + px.colors.qualitative.Light24
+    return COLOURS
+
+
+@st.cache_resource(show_spinner="Drawing the map…", max_entries=4)
+def _figure(ws_path: str, run_id: int, head: int, marker: str, points_version: int,
+            show_excluded: bool, _points, _view: LabelView) -> MapFigure:
+    """Built once per run, head, label version and toggle: a rerun (a click, a selection)
+    only sends it. One WebGL trace per label, numbers as typed arrays (not JSON lists)."""
+    import plotly.graph_objects as go
+
+    table = _view.table
+    df = _points.join(table[["label", "confidence", "path", "excluded"]], how="inner")
+    if not show_excluded:
+        df = df[~df["excluded"].to_numpy()]
+    ids = df.index.to_numpy(np.int64)
+    xy = df[["x", "y"]].to_numpy(np.float32)
+    drawn = np.arange(len(df))
+    if len(df) > MAX_POINTS:
+        drawn = np.sort(np.random.default_rng(0).choice(len(df), MAX_POINTS, replace=False))
+    labels = df["label"].to_numpy()[drawn]
+    codes, names = pd.factorize(labels, sort=True)
+    custom = np.column_stack([ids[drawn], df["confidence"].to_numpy(np.float64)[drawn]])
+    paths = df["path"].to_numpy()[drawn] if len(drawn) <= HOVER_PATHS else None
+    size = 6 if len(drawn) < 5000 else 3
+    traces = []
+    for code in range(len(names)):
+        rows = np.flatnonzero(codes == code)
+        traces.append(go.Scattergl(
+            x=xy[drawn[rows], 0], y=xy[drawn[rows], 1], mode="markers", name=str(names[code]),
+            customdata=custom[rows], text=None if paths is None else paths[rows],
+            hovertemplate=("<b>%{fullData.name}</b><br>confidence %{customdata[1]:.2f}"
+                           + ("<br>%{text}" if paths is not None else "") + "<extra></extra>"),
+            marker=dict(size=size, opacity=0.8, color=_colours()[code % len(_colours())])))
+    fig = go.Figure(traces)
+    fig.update_layout(dragmode="lasso", height=620, margin=dict(l=0, r=0, t=10, b=0),
+                      legend=dict(itemsizing="constant", title="label"),
+                      xaxis=dict(visible=False), yaxis=dict(visible=False))
+    return MapFigure(fig, ids, xy, len(drawn))
+
+
+def _selection_of(event) -> Mapping:
     if not event:
-        return []
+        return {}
     sel = event["selection"] if isinstance(event, Mapping) else getattr(event, "selection", None)
-    if not sel:
-        return []
-    points = sel["points"] if isinstance(sel, Mapping) else getattr(sel, "points", [])
+    return sel or {}
+
+
+def selected_ids(event, shown: MapFigure | None = None) -> list[int]:
+    """Image ids the person selected in the chart: every image inside a box or lasso (of
+    ``shown``, all its points, drawn or not), else the points clicked (``custom_data`` carries
+    the id)."""
+    sel = _selection_of(event)
+    boxes, lassos = sel.get("box") or [], sel.get("lasso") or []
+    if shown is not None and (boxes or lassos):
+        return shown.inside(boxes, lassos)
     out = []
-    for p in points or []:
+    for p in sel.get("points") or []:
         cd = p.get("customdata", p.get("custom_data")) if isinstance(p, Mapping) else None
         if cd is None:
             continue
@@ -36,8 +116,6 @@ def selected_ids(event) -> list[int]:
 
 
 def render(ctx: Context) -> None:
-    import plotly.express as px
-
     st.header("Map")
     if ctx.run is None:
         st.info("The map appears after a training run has finished.")
@@ -49,31 +127,20 @@ def render(ctx: Context) -> None:
         return
     view = caches.label_view(ctx)
     table = view.table
-    df = points.join(table[["label", "confidence", "path", "excluded"]], how="inner")
     show_excluded = st.toggle("Show excluded images", key="map_excluded")
-    if not show_excluded:
-        df = df[~df["excluded"]]
-    if len(df) > MAX_POINTS:
-        df = df.sample(MAX_POINTS, random_state=0)
-        st.caption(f"Showing a random {MAX_POINTS:,} of the images.")
-    df = df.reset_index()
-    fig = px.scatter(df, x="x", y="y", color="label", custom_data=["id"],
-                     hover_data={"path": True, "label": True, "confidence": ":.2f", "x": False,
-                                 "y": False, "id": False}, render_mode="webgl",
-                     category_orders={"label": sorted(df["label"].unique())},
-                     color_discrete_sequence=px.colors.qualitative.Dark24
-                     + px.colors.qualitative.Light24)
-    fig.update_traces(marker=dict(size=6 if len(df) < 5000 else 3, opacity=0.8))
-    fig.update_layout(dragmode="lasso", height=620, margin=dict(l=0, r=0, t=10, b=0),
-                      legend=dict(itemsizing="constant", title="label"),
-                      xaxis=dict(visible=False), yaxis=dict(visible=False))
+    shown = _figure(str(ctx.ws.path), ctx.run.id, ctx.head, view.marker,
+                    caches.map_version(ctx), show_excluded, points, view)
+    if shown.drawn < len(shown.ids):
+        st.caption(f"Showing a random {shown.drawn:,} of the {len(shown.ids):,} images; a "
+                   "lasso or a box selects every image inside it, shown or not.")
     st.caption("Click a point to see its image and neighbours beside the map; drag a lasso or "
                "a box around points to select many (double-click clears).")
     chart, panel = st.columns([3, 1])
     with chart:
-        event = st.plotly_chart(fig, key=f"map|{ctx.key}|{view.marker}", on_select="rerun",
-                                selection_mode=("points", "box", "lasso"))
-    ids = [i for i in selected_ids(event) if i in table.index]
+        event = st.plotly_chart(shown.figure, key=f"map|{ctx.key}|{view.marker}",
+                                on_select="rerun", selection_mode=("points", "box", "lasso"))
+    ids = selected_ids(event, shown)
+    ids = [i for i in ids if i in table.index] if len(ids) < 1000 else ids
     if len(ids) == 1:
         image_panel.show(ctx, ids[0], panel)
     else:

@@ -37,8 +37,8 @@ def _pick(image_id: int) -> None:
 
 
 def _similar(ctx: Context) -> None:
-    paths = caches.image_paths(ctx)
-    index = caches.neighbor_index(ctx)
+    paths = caches.image_paths(ctx)  # the run's images: every one is in its neighbour index
+    caches.neighbor_index(ctx, wait=False)  # opens while the person picks (a million: ~1 s)
     k = st.slider("How many neighbours", 1, 50, 12, key="nn_k")
     left, right = st.columns([1, 1])
     with left:
@@ -48,7 +48,6 @@ def _similar(ctx: Context) -> None:
         ids = paths.index.to_numpy()
         if query:
             ids = paths.index[paths.str.contains(query, case=False, regex=False)].to_numpy()
-        ids = ids[[index.contains(int(i)) for i in ids]] if len(ids) <= 5000 else ids
         pages = max(1, math.ceil(len(ids) / PICK_PAGE))
         page = st.number_input(f"Page (of {pages}) · {len(ids):,} images", 1, pages, 1,
                                key="nn_page") if pages > 1 else 1
@@ -71,6 +70,7 @@ def _similar(ctx: Context) -> None:
     if upload is not None and st.session_state.get("nn_query") is None:
         st.image(upload.getvalue(), width=128, caption="uploaded image")
         try:
+            index = caches.neighbor_index(ctx)
             with st.spinner("Embedding the uploaded image with the run's model…"):
                 result = index.search_file(upload.getvalue(), k)
         except Exception as exc:  # noqa: BLE001 - in words
@@ -79,6 +79,7 @@ def _similar(ctx: Context) -> None:
         _results(ctx, result, paths)
         return
     qid = st.session_state.get("nn_query")
+    index = caches.neighbor_index(ctx) if qid is not None else None
     if qid is None or not index.contains(int(qid)):
         st.caption("Pick an image (or upload one) to see its nearest neighbours.")
         return

@@ -14,8 +14,7 @@ import streamlit as st
 
 from app import caches, session, ui
 from app.session import Context
-from selfclassifier_core.curation.feedback import read_feedback, read_plan
-from selfclassifier_core.curation.review import review_queue
+from selfclassifier_core.curation.feedback import read_plan
 from selfclassifier_core.workflows import jobs
 
 COLUMNS = 6
@@ -30,18 +29,17 @@ def render(ctx: Context) -> None:
         st.info("Reviewing starts once a training run has finished.")
         return
     lab = ctx.labels()
-    table = lab.final_table()  # read once for the counts and the queue
-    fb = read_feedback(lab, table)
     st.caption("The images below are the ones the model is least sure of, a few from each "
                "group. Press **Right** when the label fits, or pick the right label. Your "
                "checks, names and merges teach the next refit.")
     c1, c2, c3, c4 = st.columns(4)
+    size = c4.selectbox("Images to review", SIZES, index=0, key="rv_size")
+    shown = caches.review(ctx, size, lab)  # once per label version
+    fb, queue = shown.feedback, shown.queue
     c1.metric("Checked", f"{fb.n_checked:,}")
     c2.metric("In groups you named", f"{fb.n_named:,}")
     c3.metric("Excluded", f"{fb.n_excluded:,}")
-    size = c4.selectbox("Images to review", SIZES, index=0, key="rv_size")
     _refit_section(ctx, fb)
-    queue = review_queue(lab, size, table=table)
     if queue.empty:
         st.success("Every usable image is checked or excluded.")
         return

@@ -389,8 +389,8 @@ class Labels(LabelStore):
         cl = pd.array(np.where(has_cluster, cluster, 0), dtype="Int64")
         cl[~has_cluster] = pd.NA
         df = pd.DataFrame({
-            "path": pd.array(cat_paths[cpos] if len(cat_ids) else np.array([""] * n, object),
-                             dtype="str"),
+            "path": (cat_paths[cpos] if len(cat_ids)
+                     else pd.array(np.array([""] * n, object), dtype="str")),
             "label": pd.array(label, dtype="str"),
             "cluster": cl,
             "confidence": self.confidence,
@@ -403,7 +403,7 @@ class Labels(LabelStore):
         }, index=pd.Index(self.image_ids, name="id"))
         return df[usable]
 
-    def cluster_summary(self, by: str = "cluster"):
+    def cluster_summary(self, by: str = "cluster", table=None):
         """Sizes and mean confidences, excluded images left out.
 
         ``by="cluster"``: one row per cluster (index ``cluster``) with ``name``, ``size``,
@@ -412,12 +412,13 @@ class Labels(LabelStore):
         other clusters or with moved images means they are one label in the export).
         ``by="label"``: one row per label name (index ``label``) with ``size``,
         ``mean_confidence``, ``excluded``, ``clusters`` (cluster ids carrying the name).
+        ``table`` reuses a :meth:`final_table` just read.
         """
         import pandas as pd
 
         if by not in ("cluster", "label"):
             raise ValueError(f"by must be 'cluster' or 'label', got {by!r}")
-        df = self.final_table()
+        df = self.final_table() if table is None else table
         kept = df[~df["excluded"]]
         names = self.cluster_names()
         by_name: dict[str, list[int]] = {}

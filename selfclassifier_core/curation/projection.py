@@ -177,3 +177,53 @@ def run_map(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
         progress(n, n)
     return pd.DataFrame({"x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32)},
                         index=pd.Index(np.asarray(preds.image_ids, np.int64), name="id"))
+
+
+# --------------------------------------------------------------------------- selections
+def in_polygon(xy: np.ndarray, xs, ys, order: np.ndarray | None = None) -> np.ndarray:
+    """Which points lie inside the polygon with vertices ``(xs[i], ys[i])`` (closed by itself),
+    by the even-odd rule: a boolean mask over the rows of ``xy`` (``[n, 2]``).
+
+    A point on the polygon's lower or left edge counts as inside, one on its upper or right
+    edge as outside (the half-open rule: adjacent polygons never share a point). Each edge
+    visits only the points whose ``y`` it spans, found in the points sorted by ``y`` (pass that
+    ``order``, ``np.argsort(xy[:, 1])``, to reuse it), so a lasso over a million points costs
+    about a pass over the points per time the outline crosses their row, not one per vertex.
+    """
+    xy = np.asarray(xy)
+    xs, ys = np.asarray(xs, np.float64).ravel(), np.asarray(ys, np.float64).ravel()
+    if xs.shape != ys.shape:
+        raise ValueError(f"a polygon needs as many x as y values, got {len(xs)} and {len(ys)}")
+    inside = np.zeros(len(xy), dtype=bool)
+    if len(xs) < 3 or not len(xy):
+        return inside
+    x, y = xy[:, 0].astype(np.float64), xy[:, 1].astype(np.float64)
+    order = np.argsort(y, kind="stable") if order is None else order
+    y_sorted = y[order]
+    for x1, y1, x2, y2 in zip(xs, ys, np.roll(xs, -1), np.roll(ys, -1)):
+        if y1 == y2:  # a horizontal edge crosses no row
+            continue
+        lo, hi = np.searchsorted(y_sorted, (min(y1, y2), max(y1, y2)), side="left")
+        rows = order[lo:hi]                  # min(y1, y2) <= y < max(y1, y2)
+        crossing = x1 + (y[rows] - y1) * (x2 - x1) / (y2 - y1)
+        rows = rows[x[rows] < crossing]      # the edge is to the right of the point
+        inside[rows] = ~inside[rows]
+    return inside
+
+
+def in_selection(xy: np.ndarray, boxes=(), lassos=(), order: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Which points lie in any of the chart's selections: ``boxes`` as ``{"x": [x0, x1], "y":
+    [y0, y1]}`` (edges included) and ``lassos`` as ``{"x": [...], "y": [...]}`` outlines (see
+    :func:`in_polygon`), in the map's coordinates, as a Plotly chart reports them. Selecting by
+    shape, not by the points drawn, finds every point of a map that is shown as a sample."""
+    xy = np.asarray(xy)
+    mask = np.zeros(len(xy), dtype=bool)
+    for box in boxes or ():
+        (x0, x1), (y0, y1) = sorted(map(float, box["x"])), sorted(map(float, box["y"]))
+        mask |= ((xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1))
+    for lasso in lassos or ():
+        if order is None:
+            order = np.argsort(xy[:, 1], kind="stable")
+        mask |= in_polygon(xy, lasso["x"], lasso["y"], order)
+    return mask

@@ -53,6 +53,20 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
+# Every change to the usable set of images bumps meta 'catalog_changes', whoever writes it, so
+# Workspace.catalog_version() can tell in one read whether its remembered hash still holds.
+# Created with IF NOT EXISTS on every open (no schema step: an older version keeps them working).
+CATALOG_CHANGES = "catalog_changes"
+_BUMP = f"UPDATE meta SET value = value + 1 WHERE key = '{CATALOG_CHANGES}';"
+TRIGGERS = (
+    f"INSERT OR IGNORE INTO meta VALUES ('{CATALOG_CHANGES}', '0')",
+    f"CREATE TRIGGER IF NOT EXISTS images_added AFTER INSERT ON images BEGIN {_BUMP} END",
+    f"CREATE TRIGGER IF NOT EXISTS images_removed AFTER DELETE ON images BEGIN {_BUMP} END",
+    "CREATE TRIGGER IF NOT EXISTS images_changed AFTER UPDATE OF status, bytes, mtime_ns "
+    "ON images WHEN OLD.status IS NOT NEW.status OR OLD.bytes IS NOT NEW.bytes "
+    f"OR OLD.mtime_ns IS NOT NEW.mtime_ns BEGIN {_BUMP} END",
+)
+
 
 def migrate(conn: sqlite3.Connection, version: int) -> None:
     """Bring a database written at schema ``version`` up to :data:`SCHEMA_VERSION`, inside the

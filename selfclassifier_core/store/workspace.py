@@ -242,6 +242,8 @@ class Workspace:
                 for stmt in database.SCHEMA.split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
+                for stmt in database.TRIGGERS:
+                    conn.execute(stmt)
                 if version < SCHEMA_VERSION:
                     database.migrate(conn, version)
                     log.info("workspace %s: schema %d -> %d", self.path, version, SCHEMA_VERSION)
@@ -373,13 +375,43 @@ class Workspace:
         return root / relpath
 
     def catalog_version(self) -> str:
-        """A string that changes whenever the set of usable images or any of them changes."""
-        h = hashlib.sha1()
+        """A string that changes whenever the set of usable images or any of them changes: a
+        hash of every usable image's id, size and modification time.
+
+        The hash is remembered in ``meta`` next to the change counter the database's triggers
+        keep (:data:`~selfclassifier_core.store.database.TRIGGERS`), so it is computed once per
+        change of the catalog; every other call is one read (a million images: ~1 s -> ~1 ms).
+        """
         with self._conn() as conn:
-            for row in conn.execute(
-                    "SELECT id, bytes, mtime_ns FROM images WHERE status='ok' ORDER BY id"):
-                h.update(f"{row[0]}:{row[1]}:{row[2]};".encode())
-        return h.hexdigest()[:16]
+            conn.execute("BEGIN")  # the counter and the rows from one snapshot
+            try:
+                changes, memo = conn.execute(
+                    "SELECT (SELECT value FROM meta WHERE key=?), "
+                    "(SELECT value FROM meta WHERE key='catalog_version')",
+                    (database.CATALOG_CHANGES,)).fetchone()
+                at, _, remembered = (memo or "").partition(":")
+                if changes is not None and remembered and at == str(changes):
+                    return remembered
+                h = hashlib.sha1()
+                for row in conn.execute(
+                        "SELECT id, bytes, mtime_ns FROM images WHERE status='ok' ORDER BY id"):
+                    h.update(f"{row[0]}:{row[1]}:{row[2]};".encode())
+                version = h.hexdigest()[:16]
+            finally:
+                conn.execute("COMMIT")
+            if changes is None:
+                return version
+            try:
+                with self.transaction(conn) as tx:  # only if nothing changed meanwhile
+                    tx.execute("UPDATE meta SET value=? WHERE key='catalog_version' AND "
+                               "(SELECT value FROM meta WHERE key=?) = ?",
+                               (f"{changes}:{version}", database.CATALOG_CHANGES, changes))
+                    tx.execute("INSERT OR IGNORE INTO meta SELECT 'catalog_version', ? WHERE "
+                               "(SELECT value FROM meta WHERE key=?) = ?",
+                               (f"{changes}:{version}", database.CATALOG_CHANGES, changes))
+            except (WorkspaceError, sqlite3.OperationalError) as exc:  # read-only: not kept
+                log.debug("workspace %s: catalog version not remembered (%s)", self.path, exc)
+        return version
 
     # ----------------------------------------------------------------- runs
     def create_run(self, mode: str, config: dict[str, Any], heads: list[int] | None = None,
