@@ -2,16 +2,18 @@
 
     python benchmarks/scale.py --n 100000            # ~10 min on 2 cores
     python benchmarks/scale.py --n 1000000 --keep /big/disk/scale-1m
+    python benchmarks/scale.py --keep /big/disk/scale-1m --screens-only   # screens again
 
 Builds N small generated PNGs (8 px, in folders of 1,000), scans them, adds a synthetic finished
 run (128-d embeddings around 40 centres, heads of 10, 20 and 40 classes; no training) and
 measures: the scan; the neighbour index (exact up to the threshold, IVF above it) and the IVF's
 recall@10 against exact search on a sample of queries; the 2-D map (UMAP fit on a sample, then
 transform); the final label table; each export; and every app screen's server time through
-AppTest, twice (the second run shows what the caches save), in a process of its own as the app
-would be (``--screens-only`` repeats just that step on a kept workspace). Peak memory (the
-process and its children) is printed after each step. Everything goes into a temporary directory (or
-``--keep DIR``), removed afterwards unless kept.
+AppTest, twice (the second run shows what the caches save), then what a person does there (open
+a group, rename it, confirm an image, pick an image for its neighbours, lasso half the map), in
+a process of its own as the app would be. Peak memory is printed after each step: the process's
+during that step (and what it holds after it), and its children's. Everything goes into a
+temporary directory (or ``--keep DIR``), removed afterwards unless kept.
 """
 from __future__ import annotations
 
@@ -34,26 +36,42 @@ HEADS = (10, 20, 40)
 DIM = 128
 
 
-def peak_mb() -> tuple[float, float]:
-    """Peak resident memory of this process and of its (finished) children, in MB.
-
-    This process's peak is the kernel's high-water mark of its own memory (``VmHWM``): the
-    ``ru_maxrss`` of a process started by another keeps the parent's peak across the exec."""
-    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                me = int(line.split()[1]) / 1024
-    except OSError:  # not Linux: ru_maxrss
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # not Linux
         pass
+    return None
+
+
+def peak_mb() -> tuple[float, float]:
+    """Peak resident memory of this process during the last step, and of its (finished)
+    children, in MB.
+
+    On Linux the step's peak is the kernel's high-water mark (``VmHWM``), reset after every
+    step (``/proc/self/clear_refs``), so each line shows what that step held at most, what
+    it kept from earlier steps included. Elsewhere: the process's peak so far (``ru_maxrss``)."""
+    me = _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return me, kids
 
 
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def report(step: str, seconds: float, extra: str = "") -> None:
     me, kids = peak_mb()
-    print(f"{step:<44} {seconds:8.2f} s   peak {me:7.0f} MB (workers {kids:5.0f} MB)"
-          + (f"   {extra}" if extra else ""), flush=True)
+    now = _status_mb("VmRSS")
+    print(f"{step:<44} {seconds:8.2f} s   peak {me:7.0f} MB"
+          + (f" (after {now:5.0f})" if now is not None else "")
+          + f" (workers {kids:5.0f} MB)" + (f"   {extra}" if extra else ""), flush=True)
+    _reset_peak()
 
 
 def make_images(folder: Path, n: int, size: int = 8) -> None:

@@ -91,6 +91,53 @@ def test_predict_new_folder(trained, tmp_path):
                                                                     ws2.usable_images()]
 
 
+@pytest.mark.slow  # trains a model (fixture)
+def test_a_folder_prediction_beats_while_it_runs_and_a_dead_one_reads_interrupted(
+        trained, tmp_path, monkeypatch):
+    """predict --folder claims its new run with a heartbeat like a training: while it predicts
+    the run is this live process's; after it the record is gone; a prediction whose process
+    died reads interrupted, with the command that predicts the folder again."""
+    from selfclassifier_core.inference import predict as predict_mod
+    from selfclassifier_core.store import liveness
+
+    _, res = trained
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(3):
+        Image.new("RGB", (10, 10), (0, i * 60, 0)).save(new / f"n{i}.png")
+    seen = {}
+    real = predict_mod.predict
+
+    def watching(ws, run_id, **kw):
+        seen["record"] = liveness.read_heartbeat(ws.run_dir(run_id))
+        seen["status"] = ws.get_run(run_id).status
+        return real(ws, run_id, **kw)
+
+    monkeypatch.setattr(predict_mod, "predict", watching)
+    predict_mod.predict_folder(res.workspace, new, out_workspace=tmp_path / "ws2", device="cpu")
+    assert seen["status"] == "running" and liveness.is_this_process(seen["record"])
+    ws2 = Workspace.open(tmp_path / "ws2")
+    run = ws2.resolve_run()
+    assert run.status == "done" and liveness.read_heartbeat(run.dir) is None
+
+    def dying(ws, run_id, **kw):  # the process "dies": its record names a pid that is gone
+        record = liveness.read_heartbeat(ws.run_dir(run_id))
+        raise SystemExit(record)
+
+    monkeypatch.setattr(predict_mod, "predict", dying)
+    with pytest.raises(SystemExit) as died:
+        predict_mod.predict_folder(res.workspace, new, out_workspace=tmp_path / "ws2",
+                                   device="cpu")
+    record = died.value.code
+    dead = ws2.list_runs()[-1]
+    ws2.update_run(dead.id, status="running")  # as a kill -9 leaves it: no failed status
+    import json
+    (dead.dir / liveness.HEARTBEAT_FILE).write_text(json.dumps({**record, "pid": 2 ** 22 + 7}))
+    now = ws2.get_run(dead.id)
+    assert now.status == "interrupted"
+    assert "predict the folder again" in now.interrupted and f"--run {res.run_id}" in now.interrupted
+
+
 def test_predict_without_runs_is_clear(tmp_path):
     ws = Workspace.for_folder(make_folder(tmp_path / "f", n=2), tmp_path / "ws")
     with pytest.raises(WorkspaceError, match="no finished training run"):

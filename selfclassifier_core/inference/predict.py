@@ -32,6 +32,7 @@ from ..catalog.scanner import scan
 from ..store.fsutil import atomic_open
 from ..store.predictions import HeadPrediction, Predictions, save_predictions
 from ..store.progress import Progress, Tally
+from ..store.runfiles import RunRecorder
 from ..engine.transforms import eval_transform
 from ..store.workspace import Workspace, as_workspace
 from ..training.config import DEFAULT_ROW_TAU, config_from_dict
@@ -204,6 +205,9 @@ def predict_folder(workspace: Workspace | str | os.PathLike, folder: str | os.Pa
     scan(folder, dst, progress=scan_progress)
     config = {**run.config, "source": {"workspace": str(src.path), "run": run.id}}
     new_id = dst.create_run(run.mode, config, heads=run.heads, main_head=run.main_head)
+    # claimed with a heartbeat like a training: a killed prediction reads "interrupted"
+    recorder = RunRecorder(dst, new_id, run.mode)
+    recorder.claim()
     dst.update_run(new_id, status="running", message=f"predicting with run {run.id} of {src.path}")
     try:
         with open(ckpt, "rb") as fin, atomic_open(dst.run_dir(new_id) / CHECKPOINT_FILE) as fout:
@@ -212,6 +216,8 @@ def predict_folder(workspace: Workspace | str | os.PathLike, folder: str | os.Pa
     except BaseException as exc:
         dst.update_run(new_id, status="failed", message=str(exc) or type(exc).__name__)
         raise
+    finally:
+        recorder.release()
     dst.update_run(new_id, status="done",
                    message=f"predicted with run {run.id} of workspace {src.path}")
     return dst, new_id, preds

@@ -471,7 +471,13 @@ class Workspace:
 
     def _go_on(self, run: RunInfo) -> str:
         """What to do with an interrupted run, in words: the resume command (scratch,
-        finetune) or start it again (fast mode)."""
+        finetune), start it again (fast mode), or predict again (a folder predicted with a run
+        of another workspace)."""
+        source = run.config.get("source")
+        if isinstance(source, dict) and "workspace" in source:
+            return (f"predict the folder again: python -m selfclassifier_core predict "
+                    f"{quote(str(source['workspace']))} --run {source.get('run')} --folder "
+                    f"{quote(str(self.root or 'FOLDER'))} --out-workspace {quote(str(self.path))}")
         if run.mode == "fast":
             return ("start it again (fast mode is not resumed; it re-runs in seconds from its "
                     "cached features)")
