@@ -295,6 +295,22 @@ def test_catalog_queries_follow_the_scan(folder, tmp_path):
     assert ws.catalog_version() != v1 and len(ws.usable_images()) == 2
 
 
+def test_a_killed_creators_temporary_database_is_removed_on_the_next_open(tmp_path):
+    """A creator killed between making its temporary database and linking it leaves the file;
+    the next open removes it (and its WAL files) when its process is gone, never a live
+    creator's, nor anything else."""
+    ws = Workspace.open(tmp_path / "ws", create=True)
+    dead, alive = 2 ** 22 + 11, os.getpid()           # above pid_max: never a live process
+    left = [tmp_path / "ws" / f".workspace.db.{dead}-0a1b2c3d.tmp{s}" for s in ("", "-wal")]
+    live = tmp_path / "ws" / f".workspace.db.{alive}-deadbeef.tmp"
+    other = tmp_path / "ws" / f".workspace.db.{dead}-notes.txt"
+    for f in (*left, live, other):
+        f.write_bytes(b"x")
+    Workspace.open(ws.path)
+    assert not any(f.exists() for f in left)
+    assert live.exists() and other.exists() and ws.db_path.exists()
+
+
 def test_catalog_version_is_remembered_until_any_writer_changes_the_images(tmp_path):
     """The hash is computed once per change of the catalog: a second call reads it from meta
     (the rows are not hashed again: a changed row the triggers could not see would not show);

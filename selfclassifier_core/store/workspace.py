@@ -174,6 +174,7 @@ class Workspace:
             cls(path)._create_db(root)
         ws = cls(path)
         ws._init_db(root)
+        ws._remove_stale_creations()
         return ws
 
     @classmethod
@@ -218,6 +219,24 @@ class Workspace:
         finally:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+    def _remove_stale_creations(self) -> None:
+        """Remove the temporary databases (and their WAL files) of creators that were killed
+        half-way (:meth:`_create_db`): those whose process is gone. A live creator's are kept."""
+        pattern = re.compile(rf"^\.{re.escape(DB_NAME)}\.(\d+)-[0-9a-f]+\.tmp(-wal|-shm|-journal)?$")
+        try:
+            entries = list(self.path.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            m = pattern.match(entry.name)
+            if m and not liveness.process_alive(int(m.group(1))):
+                try:
+                    entry.unlink()
+                    log.info("workspace %s: removed %s, left by a creator that was killed",
+                             self.path, entry.name)
+                except OSError as exc:
+                    log.debug("cannot remove %s: %s", entry, exc)
 
     def _init_db(self, root: Path | None, conn: sqlite3.Connection | None = None) -> None:
         """Check the schema version and bring the database to the current schema (creating it
