@@ -218,6 +218,34 @@ def test_an_interrupted_fast_run_is_not_resumed(ws):
         jobs.resume(ws, run_id)
 
 
+def test_a_finished_run_whose_continuation_died_reads_done_with_its_results(ws):
+    """Training a finished run further and losing the process (kill -9, power cut) must not
+    hide the finished run: it reads done as it was (message, config, finish time), its
+    continuation interrupted with why and how to go on; a live continuation reads running."""
+    run_id = ws.create_run("scratch", {"folder": str(ws.root), "epochs": 2})
+    ws.update_run(run_id, status="done", finished=123.0, message="time budget reached")
+    finished = ws.get_run(run_id)
+    rec = RunRecorder(ws, run_id, "scratch")
+    rec.start({"folder": str(ws.root), "epochs": 5}, resume=True, continuing=finished)
+    try:
+        now = ws.get_run(run_id)
+        assert now.status == "running" and now.summary is None     # live: nothing to add
+    finally:
+        rec.release()
+    beat(ws, run_id, pid=2 ** 22 + 5)                              # its process is gone
+    run = ws.get_run(run_id)
+    assert stored_status(ws, run_id) == "running"                  # read, not rewritten
+    assert (run.status, run.finished, run.message) == ("done", 123.0, "time budget reached")
+    assert run.config["epochs"] == 2 and run.continuation["status"] == "interrupted"
+    assert "continuing it was interrupted" in run.summary and "--resume" in run.summary
+    assert [r.id for r in ws.list_runs() if r.status == "done"] == [run_id]
+    # a continuation that ends well clears the record
+    rec = RunRecorder(ws, run_id, "scratch")
+    rec.start({"folder": str(ws.root), "epochs": 5}, resume=True, continuing=run)
+    rec.finish("done")
+    assert ws.get_run(run_id).continuation is None and ws.get_run(run_id).summary is None
+
+
 # --------------------------------------------------------------------------- real processes
 @pytest.mark.slow  # starts a subprocess
 def test_pid_of_an_ended_process_reads_interrupted(ws):

@@ -183,17 +183,27 @@ class RunRecorder:
 
     # ---------------------------------------------------------------- start and end
     def start(self, config: dict[str, Any], heads: list[int] | None = None,
-              resume: bool = False) -> None:
+              resume: bool = False, continuing: RunInfo | None = None) -> None:
         """The run begins (or, with ``resume``, continues): its config is recorded and its
         message and continuation record cleared. A CANCEL written before a new run started still
         cancels it; a resumed run's old one is removed. The run is claimed first
-        (:meth:`claim`): a run another live process trains raises :class:`RunBusyError`."""
+        (:meth:`claim`): a run another live process trains raises :class:`RunBusyError`.
+
+        ``continuing``: the run was ``done`` (as given) and is trained further; what it was is
+        kept in its continuation record (``status`` ``running``, ``was``), so a continuation
+        whose process dies reads as that finished run again, its continuation interrupted
+        (:class:`~selfclassifier_core.store.workspace.RunInfo`), not as a run without results."""
         if not self.main:
             return
         self.claim()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.write_config(config)
-        fields: dict[str, Any] = {"status": "running", "message": None, "continuation": None,
+        record = None
+        if continuing is not None:
+            record = {"status": "running", "at": time.time(),
+                      "was": {"finished": continuing.finished, "message": continuing.message,
+                              "config": continuing.config}}
+        fields: dict[str, Any] = {"status": "running", "message": None, "continuation": record,
                                   "config": config}
         if heads:
             fields.update(heads=list(heads), main_head=int(heads[0]))
@@ -210,10 +220,11 @@ class RunRecorder:
             self.ws.update_run(self.run_id, heads=list(heads), main_head=int(heads[0]))
 
     def finish(self, status: str, message: str | None = None, **info: Any) -> None:
-        """Record the final status in the database and in ``progress.json``."""
+        """Record the final status in the database and in ``progress.json`` (a continuation
+        record of a finished run trained further is cleared: it ended here)."""
         if not self.main:
             return
-        self.ws.update_run(self.run_id, status=status, message=message)
+        self.ws.update_run(self.run_id, status=status, message=message, continuation=None)
         self.release()
         self.final_progress(status, message, **info)
 

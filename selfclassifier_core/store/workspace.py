@@ -43,7 +43,7 @@ WORKSPACE_ENV = "SELFCLASSIFIER_WORKSPACE"
 
 RUN_STATUSES = ("created", "running", "done", "failed", "cancelled")  # stored
 INTERRUPTED = "interrupted"  # read, never stored: created/running and its process is gone
-CONTINUATION_STATUSES = ("failed", "cancelled")
+CONTINUATION_STATUSES = ("failed", "cancelled", "running")  # stored; "interrupted" is read
 
 class WorkspaceError(Exception):
     """A workspace cannot be opened or used; the message says why in words."""
@@ -58,9 +58,12 @@ class RunInfo:
     """One row of the ``runs`` table.
 
     ``message`` is the run's own message (an error, a cancellation, the time budget);
-    ``continuation`` is set only on a ``done`` run whose last ``--resume`` failed or was
-    cancelled: ``{"status": "failed" | "cancelled", "reason": str | None, "at": unix time}``
-    (``at`` is None for a record moved over from a schema-1 workspace). Show people
+    ``continuation`` is set only on a ``done`` run whose last ``--resume`` failed, was
+    cancelled or was interrupted: ``{"status": "failed" | "cancelled" | "interrupted", "reason":
+    str | None, "at": unix time}`` (``at`` is None for a record moved over from a schema-1
+    workspace); while a finished run is being continued the stored record is ``{"status":
+    "running", "at", "was": {"finished", "message", "config"}}``, and once that continuation's
+    process is gone the run reads as the finished run it was, its continuation ``interrupted``. Show people
     :attr:`summary`, which puts both into words.
 
     ``status`` is the stored one, except ``interrupted``: the database says ``created`` or
@@ -101,10 +104,13 @@ class RunInfo:
 
 def continuation_text(continuation: dict[str, Any] | None) -> str | None:
     """The words for a :attr:`RunInfo.continuation` record (None for None)."""
-    if not continuation:
+    if not continuation or continuation.get("status") == "running":  # it says so itself
         return None
     if continuation.get("status") == "cancelled":
         return "continuing it was cancelled; --resume goes on from its checkpoint"
+    if continuation.get("status") == INTERRUPTED:
+        return (f"continuing it was interrupted ({continuation.get('reason')}); --resume goes on "
+                "from its last checkpoint")
     reason = continuation.get("reason")
     return "continuing it failed" + (f" ({reason})" if reason else "")
 
@@ -485,6 +491,13 @@ class Workspace:
         why = liveness.gone_reason(record) if record is not None else None
         if why is None:
             return run
+        was = (run.continuation or {}).get("was")
+        if (run.continuation or {}).get("status") == "running" and isinstance(was, dict):
+            # a finished run whose continuation died: the finished run, as it was
+            return replace(run, status="done", finished=was.get("finished"),
+                           message=was.get("message"), config=was.get("config") or run.config,
+                           continuation={"status": INTERRUPTED, "reason": why,
+                                         "at": run.continuation.get("at")})
         return replace(run, status=INTERRUPTED,
                        interrupted=f"interrupted: {why}; {self._go_on(run)}")
 

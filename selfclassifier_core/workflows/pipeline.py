@@ -186,7 +186,8 @@ def _run_scratch(ws: Workspace, run_id: int, cfg: TrainConfig,
                  finished: RunInfo | None = None) -> TrainResult:
     """Train, then predict and mark the run done; a cancelled run is marked cancelled, or, when
     it continued the ``finished`` run, left done as that run was."""
-    recorder.start(cfg.to_dict(), heads=cfg.heads, resume=resume_state is not None)
+    recorder.start(cfg.to_dict(), heads=cfg.heads, resume=resume_state is not None,
+                   continuing=finished)
     if resume_state is not None:
         recorder.trim_stats(int(resume_state["step"]))
     trainer = Trainer(ws, run_id, cfg, recorder, should_stop)
