@@ -147,6 +147,7 @@ def test_open_clip_tower_is_encode_image_and_takes_its_size_only():
 
 
 # ------------------------------------------------------------------ --pretrained PATH
+@pytest.mark.slow  # builds two ViTs and round-trips their weights
 def test_dinov2_weights_from_a_file_load_as_timm_loads_them(dino_source, tmp_path):
     """Meta's original file layout: a ``module.`` prefix, ``mask_token``; trained at 518 px,
     loaded into a 28-px model (position embeddings resampled as timm does)."""

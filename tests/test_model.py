@@ -22,7 +22,15 @@ def _tiny_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-@pytest.mark.parametrize("name", TORCHVISION_BACKBONES)
+# building these takes seconds each (tens of millions of weights): the slow lane's
+HEAVY = {"resnet50", "convnext_tiny", "vit_b_16"}
+
+
+def _lanes(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
+
+
+@pytest.mark.parametrize("name", _lanes(TORCHVISION_BACKBONES))
 def test_every_backbone_at_its_smallest_size(name):
     torch.manual_seed(0)
     size = min_input_size(name, small_input=True)
@@ -63,7 +71,7 @@ def test_convnet_small_rejects_bad_widths():
         ConvNetSmall(widths=(32, 0, 64))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_tiny", "efficientnet_b0"])
+@pytest.mark.parametrize("name", _lanes(["resnet18", "convnext_tiny", "efficientnet_b0"]))
 def test_normal_stem_handles_32px(name):
     net, dim = build_backbone(name, small_input=False, image_size=32)
     with torch.no_grad():
@@ -89,6 +97,7 @@ def test_small_input_stem_chosen_automatically():
     assert feats["l4"][-2:] == (2, 2)
 
 
+@pytest.mark.slow  # builds a ViT-B/16
 def test_vit_accepts_several_view_sizes():
     net, dim = build_backbone("vit_b_16", small_input=True, image_size=32)
     assert net.image_size == 32
@@ -156,7 +165,7 @@ def test_head_sizes_validated(sizes, match):
 
 def test_forward_views_equals_per_view_forward():
     torch.manual_seed(2)
-    model = SelfClassifier(_tiny_config()).eval()
+    model = SelfClassifier(_tiny_config(backbone="convnet_small")).eval()
     views = [torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16),
              torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)]
     calls = []
