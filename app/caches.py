@@ -370,3 +370,35 @@ def review(ctx: Context, size: int, lab: Labels | None = None) -> ReviewView:
     return _review(str(ctx.ws.path), ctx.run.id, ctx.head, view.marker,
                    _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version, int(size),
                    lab, view)
+
+
+# --------------------------------------------------------------------------- export
+@dataclass
+class ExportView:
+    """What the Export screen shows for one label version: the first rows of the export, the
+    images per label and the row count (the download builds the whole file when clicked)."""
+
+    preview: "pd.DataFrame"
+    counts: "pd.DataFrame"
+    rows: int
+
+
+@st.cache_resource(show_spinner="Building the final table…", max_entries=8)
+def _export_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: int,
+                 catalog: str, include_excluded: bool, preview_rows: int,
+                 _view: LabelView) -> ExportView:
+    from selfclassifier_core.curation.formats import export_table
+
+    table = export_table(None, include_excluded=include_excluded, table=_view.table)
+    counts = (table.groupby("label").size().sort_values(ascending=False)
+              .rename("images").reset_index())
+    return ExportView(table.head(preview_rows), counts, len(table))
+
+
+def export_view(ctx: Context, include_excluded: bool, preview_rows: int,
+                lab: Labels | None = None) -> ExportView:
+    """The Export screen's preview and counts, made once per label version (shared)."""
+    view = label_view(ctx, lab)
+    return _export_view(str(ctx.ws.path), ctx.run.id, ctx.head, view.marker,
+                        _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version,
+                        bool(include_excluded), int(preview_rows), view)

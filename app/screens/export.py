@@ -27,23 +27,18 @@ def render(ctx: Context) -> None:
     if ctx.run is None:
         st.info("Export becomes possible after a training run has finished.")
         return
-    lab = ctx.labels()
     include = st.toggle("Include excluded images (with excluded=true)", key="exp_excluded")
-    with st.spinner(f"Building the final table of {len(lab.image_ids):,} images…"):
-        table = export.export_table(ctx.ws, ctx.run.id, ctx.head, include_excluded=include,
-                                    labels=lab)
-    counts = (table.groupby("label").size().sort_values(ascending=False)
-              .rename("images").reset_index())
+    shown = caches.export_view(ctx, include, PREVIEW_ROWS)  # once per label version
+    counts, preview = shown.counts, shown.preview
     c1, c2 = st.columns([3, 2])
-    preview = table.head(PREVIEW_ROWS)
     with c1:
-        st.markdown(f"**Final table** — {len(table):,} rows, {len(counts):,} labels "
+        st.markdown(f"**Final table** — {shown.rows:,} rows, {len(counts):,} labels "
                     f"(run {ctx.run.id}, head of {ctx.head} classes)")
         event = st.dataframe(preview, width="stretch", height=420, key="exp_table",
                              on_select="rerun", selection_mode="single-row")
         st.caption("Click a row to see its image and neighbours."
                    + (f" Showing the first {PREVIEW_ROWS:,} rows; the export has all."
-                      if len(table) > PREVIEW_ROWS else ""))
+                      if shown.rows > PREVIEW_ROWS else ""))
     rows = _selected_rows(event)
     with c2:
         if rows and rows[0] < len(preview):

@@ -37,15 +37,17 @@ WRITE_CHUNK = 50_000  # rows written between two progress reports
 
 def export_table(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
                  head: int | None = None, include_excluded: bool = False,
-                 labels: Labels | None = None):
+                 labels: Labels | None = None, table=None):
     """The rows every export writes: a DataFrame with :data:`COLUMNS` (+ ``excluded``).
 
     ``workspace`` is a :class:`Workspace` or its directory (a path). Indexed by image id, ordered
     by id. ``labels`` reuses an open :class:`Labels` (``workspace``, ``run_id`` and ``head`` are
-    then not used).
+    then not used); ``table``, its :meth:`~Labels.final_table` just read.
     """
-    labels = labels or Labels(workspace, run_id, head)
-    df = labels.final_table()
+    if table is None:
+        labels = labels or Labels(workspace, run_id, head)
+        table = labels.final_table()
+    df = table
     if not include_excluded:
         df = df[~df["excluded"]]
     cols = COLUMNS + (["excluded"] if include_excluded else [])
