@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[],
                     help="refit option key=value (named_weight, supervised_weight, steps, ...)")
     ap.add_argument("--queue", action="append", default=[],
-                    help="review-queue constant NAME=VALUE (SPREAD, POOL_PER_PICK), to compare")
+                    help="review-queue constant NAME=VALUE (MIX, COVER_SAMPLE, SPREAD, "
+                         "POOL_PER_PICK), to compare")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="/tmp/sc-refit")

@@ -111,7 +111,7 @@ def _central(ws, run, ids):
 def test_queue_offers_the_centre_of_every_sub_group_unchecked_ones_first(ws_run, monkeypatch):
     from selfclassifier_core.curation import review
 
-    monkeypatch.setattr(review, "MIX", False)    # the central picks alone
+    monkeypatch.setattr(review, "MIX", False)    # the central picks alone (the default)
     ws, run = ws_run
     lab = Labels(ws, run)
     ids = set(lab.image_ids.tolist())
@@ -127,11 +127,58 @@ def test_queue_offers_the_centre_of_every_sub_group_unchecked_ones_first(ws_run,
     assert fine_of[review_queue(lab, len(central)).index[-1]] == 0
 
 
+def test_queue_then_checks_each_group_in_proportion_to_its_size(ws_run, monkeypatch):
+    from selfclassifier_core.curation import review
+
+    monkeypatch.setattr(review, "MIX", False)
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    ids = set(lab.image_ids.tolist())
+    central, fine_of = _central(ws, run, ids)
+    lab.confirm(list(central.values()))           # every group has one checked image
+    preds = load_predictions(ws.run_dir(run))
+    x = np.asarray(preds.embeddings, np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    row_of = dict(zip(preds.image_ids.tolist(), range(len(preds.image_ids))))
+    sizes = {f: sum(1 for v in fine_of.values() if v == f) for f in central}
+    q = review_queue(lab, 1).index.tolist()
+    # the largest group is furthest below its share of the checks ...
+    biggest = max(sizes, key=lambda f: (sizes[f], -f))
+    assert fine_of[q[0]] == biggest
+    # ... and gets the image that brings its members closest to a checked one
+    members = [row_of[i] for i, f in fine_of.items() if f == biggest]
+    near = x[members] @ x[row_of[central[biggest]]]
+    open_ = [i for i, f in fine_of.items() if f == biggest and i != central[biggest]]
+    gain = {i: np.maximum(x[members] @ x[row_of[i]] - near, 0).sum() for i in open_}
+    assert q[0] == max(gain, key=gain.get)
+    # many picks follow the group sizes: every group gets about its share
+    lab.confirm(q)
+    q = review_queue(lab, 24).index.tolist()
+    total = len(ids)
+    for f, size in sizes.items():
+        have = 1 + (f == biggest) + sum(1 for i in q if fine_of[i] == f)
+        assert abs(have - size * 31 / total) <= 1.5
+
+
+def test_queue_weighs_a_sample_of_a_huge_group(ws_run, monkeypatch):
+    from selfclassifier_core.curation import review
+
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    central, _ = _central(ws, run, set(lab.image_ids.tolist()))
+    lab.confirm(list(central.values()))
+    monkeypatch.setattr(review, "COVER_SAMPLE", 3)  # groups of ~10: members and candidates cut
+    q = review_queue(lab, 30)
+    assert len(q) == 30 and q.index.is_unique
+    assert not set(q.index) & set(central.values())
+
+
 def test_queue_mixes_central_and_most_doubtful_images(ws_run, monkeypatch):
     from selfclassifier_core.curation import review
 
     ws, run = ws_run
     lab = Labels(ws, run)
+    monkeypatch.setattr(review, "MIX", True)     # off by default: the central picks alone
     mixed = review_queue(lab, 6).index.tolist()
     monkeypatch.setattr(review, "MIX", False)
     central = review_queue(lab, 6).index.tolist()
@@ -269,6 +316,18 @@ def test_plan_lends_checked_labels_to_nearest_neighbours(ws_run):
     assert np.allclose(t.weights[pos], 0.5)
     with pytest.raises(ValueError, match="neighbour_weight"):
         plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbour_weight=2)
+
+
+def test_plan_lends_a_label_to_no_more_than_an_average_label_holds(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    ids = load_predictions(ws.run_dir(run)).image_ids
+    lab.move_to_label([int(ids[0])], "special")     # one check, of one label
+    plan = plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbours=80)
+    t = plan.targets
+    special = t.classes[:, 0] == plan.classes["special"]
+    assert int(special.sum()) == 1 + 60 // 4         # itself and 15 neighbours (60 images, 4 labels)
+    assert np.allclose(t.weights[special & (t.weights < 1)], 0.5)
 
 
 def test_plan_keeps_excluded_images_out(ws_run):
