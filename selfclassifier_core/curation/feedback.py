@@ -92,7 +92,11 @@ def read_feedback(labels: Labels, table=None) -> Feedback:
     confirmed = df["confirmed"].to_numpy(bool)
     moved = df["edited"].to_numpy(bool) & ~excluded
     checked = (moved | confirmed) & ~excluded
-    named = ~checked & ~excluded & ~np.isin(label, list(defaults))
+    import pandas as pd
+
+    codes, uniques = pd.factorize(df["label"])  # a few names for a million images: test those
+    default = np.isin(np.asarray(uniques, dtype=object), list(defaults))
+    named = ~checked & ~excluded & ~default[codes]
     with labels.workspace._conn() as conn:
         created = labels._created(conn)
     return Feedback(labels.run_id, labels.head, df.index.to_numpy(np.int64), label,
