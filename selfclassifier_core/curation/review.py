@@ -72,7 +72,7 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
     disagree = _disagreement(preds, labels.head, pos, fb.cluster)
     margin = table["margin"].to_numpy(np.float64)
     doubt = (1.0 - margin) + disagree
-    emb = np.asarray(preds.embeddings[pos], np.float32) if preds.embeddings is not None else None
+    emb = _unit_rows(preds.embeddings, pos) if preds.embeddings is not None else None
     cluster = table["cluster"].fillna(-1).to_numpy(np.int64)
 
     fine = _finest_head(preds, labels.head)
@@ -125,7 +125,7 @@ def _representatives(cand: np.ndarray, checked: np.ndarray, cluster: np.ndarray,
     the images around it (:func:`~.feedback.plan_refit` lends it to its neighbours), which
     the most doubtful images, alone at the borders, measured here to do less well; a second
     image next to the first would tell it little more."""
-    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    x = emb  # unit rows (_unit_rows)
     order = np.argsort(fine, kind="stable")
     bounds = np.flatnonzero(np.diff(fine[order])) + 1
     groups: list[np.ndarray] = []  # per group: its members (candidates and checked ones)
@@ -187,6 +187,17 @@ def _representatives(cand: np.ndarray, checked: np.ndarray, cluster: np.ndarray,
         take(int(rows[np.argmax(_cover_gain(x, members, covered, rows))]))
         have[g] += 1
     return chosen
+
+
+def _unit_rows(embeddings: np.ndarray, pos: np.ndarray, chunk: int = 100_000) -> np.ndarray:
+    """``embeddings[pos]`` as float32 unit rows, converted in chunks: a million stored float16
+    rows cost their float32 copy (512 MB) and no more."""
+    out = np.empty((len(pos), embeddings.shape[1]), np.float32)
+    for start in range(0, len(pos), chunk):
+        block = out[start:start + chunk]
+        block[:] = embeddings[pos[start:start + chunk]]
+        block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def _cover_gain(x: np.ndarray, members: np.ndarray, covered: np.ndarray, rows: np.ndarray
