@@ -1,7 +1,8 @@
-"""Screen — Review: check the images the model is least sure of, then retrain with the answers.
+"""Screen — Review: check the images whose answers teach the model most, then retrain with them.
 
-The queue is :func:`selfclassifier_core.curation.review.review_queue` (few per group, the most
-doubtful first, spread over the map; never an image already checked). "Right" confirms an
+The queue is :func:`selfclassifier_core.curation.review.review_queue` (the centre of every
+sub-group first, then the parts of each group that no checked image covers, in proportion to
+the group's size; never an image already checked). "Right" confirms an
 image's label, a label picked under an image moves it there; both are ordinary undoable edits.
 "Retrain with my corrections" starts a refit (:func:`selfclassifier_core.workflows.jobs.start_refit`)
 in the background; when it is done the screen says how many images changed group and opens it.
@@ -29,9 +30,10 @@ def render(ctx: Context) -> None:
         st.info("Reviewing starts once a training run has finished.")
         return
     lab = ctx.labels()
-    st.caption("The images below are the ones the model is least sure of, a few from each "
-               "group. Press **Right** when the label fits, or pick the right label. Your "
-               "checks, names and merges teach the next refit.")
+    st.caption("Each image below stands for many like it: first the centre of every "
+               "sub-group, then what no checked image covers yet. Press **Right** when the "
+               "label fits, or pick the right label. Your checks, names and merges teach the "
+               "next refit, and each check speaks for its nearest images.")
     c1, c2, c3, c4 = st.columns(4)
     size = c4.selectbox("Images to review", SIZES, index=0, key="rv_size")
     shown = caches.review(ctx, size, lab)  # once per label version
