@@ -1,6 +1,6 @@
 """At scale: a synthetic workspace of N images, every step and every app screen timed.
 
-    python benchmarks/scale.py --n 100000            # ~10 min on 2 cores
+    python benchmarks/scale.py --n 100000            # ~2 min on 2 cores (a million: ~11)
     python benchmarks/scale.py --n 1000000 --keep /big/disk/scale-1m
     python benchmarks/scale.py --keep /big/disk/scale-1m --screens-only   # screens again
 
