@@ -1,8 +1,9 @@
 """Caches of read-only core objects, shared by every session of the server process.
 
-Heavy objects (the open workspace, predictions, the FAISS index, map points and figure, near-duplicate
-groups, the label view (with the images' paths), the text tower of a CLIP backbone, the images' CLIP
-embeddings and the suggested cluster names) are cached with ``st.cache_resource`` (objects used
+Heavy objects (the open workspace, predictions, the FAISS index, map points, near-duplicate
+groups, the label view (with the images' paths) and what the Map, Review and Export screens
+make from it, the text tower of a CLIP backbone, the images' CLIP embeddings and the suggested
+cluster names) are cached with ``st.cache_resource`` (objects used
 in place) or ``st.cache_data`` (frames and lists, copied out). Each is keyed by the workspace
 path, the run id and a version of what it is made from (the modification time of the run file,
 the catalog version, the label edit marker), so a re-training, a re-scan or an edit is picked
@@ -301,6 +302,7 @@ class LabelView:
     members: dict                    # label -> image ids (not excluded), least confident first
     excluded: dict                   # label -> excluded image ids
     marker: str
+    key: tuple = ()                  # what it was made from: keys what is made from it
 
 
 @st.cache_resource(show_spinner="Building the table of final labels…", max_entries=8)
@@ -314,7 +316,8 @@ def _label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: 
     table = lab.final_table()
     summary = lab.cluster_summary(by="label", table=table)
     members, excluded = _by_label(table)
-    return LabelView(table, summary, members, excluded, marker)
+    return LabelView(table, summary, members, excluded, marker,
+                     (ws_path, run_id, head, marker, preds_mtime, catalog))
 
 
 def _by_label(table: "pd.DataFrame") -> tuple[dict, dict]:
@@ -353,8 +356,7 @@ class ReviewView:
 
 
 @st.cache_resource(show_spinner="Choosing the images to review…", max_entries=8)
-def _review(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: int, catalog: str,
-            size: int, _lab: Labels, _view: LabelView) -> ReviewView:
+def _review(view_key: tuple, size: int, _lab: Labels, _view: LabelView) -> ReviewView:
     from selfclassifier_core.curation.feedback import read_feedback
     from selfclassifier_core.curation.review import review_queue
 
@@ -367,9 +369,7 @@ def review(ctx: Context, size: int, lab: Labels | None = None) -> ReviewView:
     (any edit makes a new one; shared: do not change it)."""
     lab = lab or ctx.labels()
     view = label_view(ctx, lab)
-    return _review(str(ctx.ws.path), ctx.run.id, ctx.head, view.marker,
-                   _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version, int(size),
-                   lab, view)
+    return _review(view.key, int(size), lab, view)
 
 
 # --------------------------------------------------------------------------- export
@@ -384,8 +384,7 @@ class ExportView:
 
 
 @st.cache_resource(show_spinner="Building the final table…", max_entries=8)
-def _export_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: int,
-                 catalog: str, include_excluded: bool, preview_rows: int,
+def _export_view(view_key: tuple, include_excluded: bool, preview_rows: int,
                  _view: LabelView) -> ExportView:
     from selfclassifier_core.curation.formats import export_table
 
@@ -395,10 +394,7 @@ def _export_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime:
     return ExportView(table.head(preview_rows), counts, len(table))
 
 
-def export_view(ctx: Context, include_excluded: bool, preview_rows: int,
-                lab: Labels | None = None) -> ExportView:
+def export_view(ctx: Context, include_excluded: bool, preview_rows: int) -> ExportView:
     """The Export screen's preview and counts, made once per label version (shared)."""
-    view = label_view(ctx, lab)
-    return _export_view(str(ctx.ws.path), ctx.run.id, ctx.head, view.marker,
-                        _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version,
-                        bool(include_excluded), int(preview_rows), view)
+    view = label_view(ctx)
+    return _export_view(view.key, bool(include_excluded), int(preview_rows), view)

@@ -463,6 +463,14 @@ def test_granularity_switch(fixture_app):
 
 
 # --------------------------------------------------------------------------- screen 3
+def label_map_selection(at, name: str) -> None:
+    """Give the map's selection a new label ``name`` through its form."""
+    at.selectbox(key="map_target").set_value(
+        next(o for o in at.selectbox(key="map_target").options if "New label" in o))
+    at.text_input(key="map_new").set_value(name)
+    next(b for b in at.button if b.label == "Apply label").click().run()
+
+
 def test_map_selection_labels_points(fixture_app):
     at, ws, run_id = fixture_app
     goto(at, "Map")
@@ -476,10 +484,7 @@ def test_map_selection_labels_points(fixture_app):
     at.run()
     assert_ok(at)
     assert any(s.value == "3 selected" for s in at.subheader)
-    at.selectbox(key="map_target").set_value(
-        next(o for o in at.selectbox(key="map_target").options if "New label" in o))
-    at.text_input(key="map_new").set_value("from the map")
-    next(b for b in at.button if b.label == "Apply label").click().run()
+    label_map_selection(at, "from the map")
     assert_ok(at)
     table = Labels(ws, run_id).final_table()
     assert list(table.loc[chosen, "label"]) == ["from the map"] * 3
@@ -507,10 +512,7 @@ def test_a_map_lasso_selects_every_image_inside_its_outline(fixture_app):
     at.run()
     assert_ok(at)
     assert any(s.value == f"{len(want)} selected" for s in at.subheader)
-    at.selectbox(key="map_target").set_value(
-        next(o for o in at.selectbox(key="map_target").options if "New label" in o))
-    at.text_input(key="map_new").set_value("lower left")
-    next(b for b in at.button if b.label == "Apply label").click().run()
+    label_map_selection(at, "lower left")
     assert_ok(at)
     table = Labels(ws, run_id).final_table()
     assert sorted(table.index[table["label"] == "lower left"].tolist()) == want

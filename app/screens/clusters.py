@@ -44,20 +44,28 @@ def render(ctx: Context) -> None:
 
 
 # --------------------------------------------------------------------------- actions
+def _renamed(ctx: Context, rename, name: str) -> str | None:
+    """Run ``rename(labels)`` giving a label ``name``; the note to add when that merged it
+    with an existing label ("" when not), or None after saying why it was refused."""
+    lab = ctx.labels()
+    existing = set(lab.label_names())
+    try:
+        rename(lab)
+    except ValueError as exc:
+        ui.flash(ui.error_in_words(exc), "error")
+        return None
+    return " (merged with the existing label of that name)" if name in existing else ""
+
+
 def _rename(ctx: Context, old: str, key: str) -> None:
     new = st.session_state.get(key, "")
     if new.strip() == old or not new.strip():
         if not new.strip():
             ui.flash("A label name cannot be empty.", "error")
         return
-    lab = ctx.labels()
-    existing = set(lab.label_names())
-    try:
-        lab.rename_label(old, new)
-    except ValueError as exc:
-        ui.flash(ui.error_in_words(exc), "error")
+    merged = _renamed(ctx, lambda lab: lab.rename_label(old, new), new.strip())
+    if merged is None:
         return
-    merged = " (merged with the existing label of that name)" if new.strip() in existing else ""
     ui.flash(f"Renamed “{old}” to “{new.strip()}”{merged}.")
     if st.session_state.get("open_label") == old:
         st.session_state.open_label = " ".join(new.split())
@@ -107,14 +115,9 @@ def _delete(ctx: Context, names: list[str]) -> None:
 
 def _use_suggestion(ctx: Context, cluster: int, name: str) -> None:
     """Rename a cluster to a suggested name: an ordinary rename, one undo step."""
-    lab = ctx.labels()
-    existing = set(lab.label_names())
-    try:
-        lab.rename(cluster, name)
-    except ValueError as exc:
-        ui.flash(ui.error_in_words(exc), "error")
+    merged = _renamed(ctx, lambda lab: lab.rename(cluster, name), name)
+    if merged is None:
         return
-    merged = " (merged with the existing label of that name)" if name in existing else ""
     ui.flash(f"Renamed cluster {cluster} to “{name}”{merged}; undo takes it back.")
 
 

@@ -19,7 +19,6 @@ from selfclassifier_core.curation.projection import in_selection
 MAX_SHOWN = 60
 MAX_POINTS = 200_000   # drawn at most; a lasso or box still selects every image inside it
 HOVER_PATHS = 20_000   # file names in the hover text up to this many points drawn
-COLOURS = None         # the label colours (plotly's Dark24 + Light24), set on first use
 
 
 @dataclass
@@ -41,21 +40,15 @@ class MapFigure:
         return self.ids[in_selection(self.xy, boxes, lassos, self.by_y)].tolist()
 
 
-def _colours() -> list[str]:
-    global COLOURS
-    if COLOURS is None:
-        import plotly.express as px
-
-        COLOURS = px.colors.qualitative.Dark24 + px.colors.qualitative.Light24
-    return COLOURS
-
-
 @st.cache_resource(show_spinner="Drawing the map…", max_entries=4)
-def _figure(ws_path: str, run_id: int, head: int, marker: str, points_version: int,
-            show_excluded: bool, _points, _view: LabelView) -> MapFigure:
-    """Built once per run, head, label version and toggle: a rerun (a click, a selection)
+def _figure(view_key: tuple, points_version: int, show_excluded: bool, _points,
+            _view: LabelView) -> MapFigure:
+    """Built once per label view, map version and toggle: a rerun (a click, a selection)
     only sends it. One WebGL trace per label, numbers as typed arrays (not JSON lists)."""
+    import plotly.express as px
     import plotly.graph_objects as go
+
+    colours = px.colors.qualitative.Dark24 + px.colors.qualitative.Light24
 
     table = _view.table
     df = _points.join(table[["label", "confidence", "path", "excluded"]], how="inner")
@@ -79,7 +72,7 @@ def _figure(ws_path: str, run_id: int, head: int, marker: str, points_version: i
             customdata=custom[rows], text=None if paths is None else paths[rows],
             hovertemplate=("<b>%{fullData.name}</b><br>confidence %{customdata[1]:.2f}"
                            + ("<br>%{text}" if paths is not None else "") + "<extra></extra>"),
-            marker=dict(size=size, opacity=0.8, color=_colours()[code % len(_colours())])))
+            marker=dict(size=size, opacity=0.8, color=colours[code % len(colours)])))
     fig = go.Figure(traces)
     fig.update_layout(dragmode="lasso", height=620, margin=dict(l=0, r=0, t=10, b=0),
                       legend=dict(itemsizing="constant", title="label"),
@@ -94,10 +87,10 @@ def _selection_of(event) -> Mapping:
     return sel or {}
 
 
-def selected_ids(event, shown: MapFigure | None = None) -> list[int]:
+def selected_ids(event, shown: MapFigure | None = None, known=None) -> list[int]:
     """Image ids the person selected in the chart: every image inside a box or lasso (of
     ``shown``, all its points, drawn or not), else the points clicked (``custom_data`` carries
-    the id)."""
+    the id), only those in ``known`` when given (an event can outlive the labels it saw)."""
     sel = _selection_of(event)
     boxes, lassos = sel.get("box") or [], sel.get("lasso") or []
     if shown is not None and (boxes or lassos):
@@ -112,7 +105,7 @@ def selected_ids(event, shown: MapFigure | None = None) -> list[int]:
             out.append(int(value))
         except (TypeError, ValueError):
             continue
-    return list(dict.fromkeys(out))
+    return [i for i in dict.fromkeys(out) if known is None or i in known]
 
 
 def render(ctx: Context) -> None:
@@ -128,8 +121,7 @@ def render(ctx: Context) -> None:
     view = caches.label_view(ctx)
     table = view.table
     show_excluded = st.toggle("Show excluded images", key="map_excluded")
-    shown = _figure(str(ctx.ws.path), ctx.run.id, ctx.head, view.marker,
-                    caches.map_version(ctx), show_excluded, points, view)
+    shown = _figure(view.key, caches.map_version(ctx), show_excluded, points, view)
     if shown.drawn < len(shown.ids):
         st.caption(f"Showing a random {shown.drawn:,} of the {len(shown.ids):,} images; a "
                    "lasso or a box selects every image inside it, shown or not.")
@@ -139,8 +131,7 @@ def render(ctx: Context) -> None:
     with chart:
         event = st.plotly_chart(shown.figure, key=f"map|{ctx.key}|{view.marker}",
                                 on_select="rerun", selection_mode=("points", "box", "lasso"))
-    ids = selected_ids(event, shown)
-    ids = [i for i in ids if i in table.index] if len(ids) < 1000 else ids
+    ids = selected_ids(event, shown, table.index)
     if len(ids) == 1:
         image_panel.show(ctx, ids[0], panel)
     else:

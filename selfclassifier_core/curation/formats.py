@@ -44,10 +44,7 @@ def export_table(workspace: Workspace | str | os.PathLike, run_id: int | None = 
     by id. ``labels`` reuses an open :class:`Labels` (``workspace``, ``run_id`` and ``head`` are
     then not used); ``table``, its :meth:`~Labels.final_table` just read.
     """
-    if table is None:
-        labels = labels or Labels(workspace, run_id, head)
-        table = labels.final_table()
-    df = table
+    df = table if table is not None else (labels or Labels(workspace, run_id, head)).final_table()
     if not include_excluded:
         df = df[~df["excluded"]]
     cols = COLUMNS + (["excluded"] if include_excluded else [])

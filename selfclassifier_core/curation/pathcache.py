@@ -7,19 +7,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..store.database import CATALOG_CHANGES
+from ..store.database import catalog_changes
 from ..store.workspace import Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-_CATALOG_CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-# database -> (catalog change counter, (ids, paths, usable)) as last returned
-_LAST: dict[str, tuple[str, tuple]] = {}
+# database -> (catalog change counter, object paths, the answer) as last read
+_CATALOG_CACHE: dict[str, tuple[str | None, np.ndarray, tuple]] = {}
 _CATALOG_LOCK = threading.Lock()
 
 
-def cached_catalog(workspace: Workspace, conn) -> tuple[np.ndarray, "pd.api.extensions.ExtensionArray", np.ndarray]:
+def cached_catalog(workspace: Workspace, conn) -> tuple[np.ndarray, "pd.arrays.StringArray",
+                                                         np.ndarray]:
     """``(ids, paths, usable)`` of the whole catalog, ids ascending; ``paths`` is a pandas
     string array (index it with positions; shared: do not change it).
 
@@ -34,16 +34,15 @@ def cached_catalog(workspace: Workspace, conn) -> tuple[np.ndarray, "pd.api.exte
     import pandas as pd
 
     key = str(Path(workspace.db_path).resolve())
-    row = conn.execute("SELECT value FROM meta WHERE key=?", (CATALOG_CHANGES,)).fetchone()
-    changes = None if row is None else str(row[0])
+    changes = catalog_changes(conn)
+    empty = (None, np.zeros(0, object), (np.zeros(0, np.int64),))
     with _CATALOG_LOCK:
-        last = _LAST.get(key)
-    if changes is not None and last is not None and last[0] == changes:
-        return last[1]
+        last, paths, answer = _CATALOG_CACHE.get(key, empty)
+    if changes is not None and last == changes:
+        return answer
+    ids = answer[0]
     max_id, count = conn.execute("SELECT max(id), count(*) FROM images").fetchone()
     max_id = int(max_id or 0)
-    with _CATALOG_LOCK:
-        ids, paths = _CATALOG_CACHE.get(key, (np.zeros(0, np.int64), np.zeros(0, object)))
     have = int(ids[-1]) if len(ids) else 0
     if max_id > have:
         rows = conn.execute("SELECT id, path FROM images WHERE id > ? ORDER BY id",
@@ -54,15 +53,12 @@ def cached_catalog(workspace: Workspace, conn) -> tuple[np.ndarray, "pd.api.exte
         rows = conn.execute("SELECT id, path FROM images ORDER BY id").fetchall()
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         paths = np.array([r[1] for r in rows] + [None], object)[:-1]
-    with _CATALOG_LOCK:
-        _CATALOG_CACHE[key] = (ids, paths)
     usable = np.ones(len(ids), dtype=bool)
     bad = np.fromiter((r[0] for r in conn.execute("SELECT id FROM images WHERE status != 'ok'")),
                       np.int64)
     if len(bad) and len(ids):
         usable[np.searchsorted(ids, bad)] = False
     answer = (ids, pd.array(paths, dtype="str"), usable)
-    if changes is not None:
-        with _CATALOG_LOCK:
-            _LAST[key] = (changes, answer)
+    with _CATALOG_LOCK:
+        _CATALOG_CACHE[key] = (changes, paths, answer)
     return answer

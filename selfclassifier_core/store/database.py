@@ -68,6 +68,12 @@ TRIGGERS = (
 )
 
 
+def catalog_changes(conn: sqlite3.Connection) -> str | None:
+    """The catalog change counter (:data:`TRIGGERS`), None in a database without it."""
+    row = conn.execute("SELECT value FROM meta WHERE key=?", (CATALOG_CHANGES,)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def migrate(conn: sqlite3.Connection, version: int) -> None:
     """Bring a database written at schema ``version`` up to :data:`SCHEMA_VERSION`, inside the
     caller's ``BEGIN IMMEDIATE`` transaction. Each step checks what is there, so a second

@@ -63,8 +63,8 @@ class RunInfo:
     str | None, "at": unix time}`` (``at`` is None for a record moved over from a schema-1
     workspace); while a finished run is being continued the stored record is ``{"status":
     "running", "at", "was": {"finished", "message", "config"}}``, and once that continuation's
-    process is gone the run reads as the finished run it was, its continuation ``interrupted``. Show people
-    :attr:`summary`, which puts both into words.
+    process is gone the run reads as the finished run it was, its continuation ``interrupted``.
+    Show people :attr:`summary`, which puts both into words.
 
     ``status`` is the stored one, except ``interrupted``: the database says ``created`` or
     ``running`` but the process recorded as training the run is gone
@@ -229,7 +229,8 @@ class Workspace:
     def _remove_stale_creations(self) -> None:
         """Remove the temporary databases (and their WAL files) of creators that were killed
         half-way (:meth:`_create_db`): those whose process is gone. A live creator's are kept."""
-        pattern = re.compile(rf"^\.{re.escape(DB_NAME)}\.(\d+)-[0-9a-f]+\.tmp(-wal|-shm|-journal)?$")
+        pattern = re.compile(
+            rf"^\.{re.escape(DB_NAME)}\.(\d+)-[0-9a-f]+\.tmp(-wal|-shm|-journal)?$")
         try:
             entries = list(self.path.iterdir())
         except OSError:
@@ -410,12 +411,11 @@ class Workspace:
         with self._conn() as conn:
             conn.execute("BEGIN")  # the counter and the rows from one snapshot
             try:
-                changes, memo = conn.execute(
-                    "SELECT (SELECT value FROM meta WHERE key=?), "
-                    "(SELECT value FROM meta WHERE key='catalog_version')",
-                    (database.CATALOG_CHANGES,)).fetchone()
-                at, _, remembered = (memo or "").partition(":")
-                if changes is not None and remembered and at == str(changes):
+                changes = database.catalog_changes(conn)
+                memo = conn.execute(
+                    "SELECT value FROM meta WHERE key='catalog_version'").fetchone()
+                at, _, remembered = (memo[0] if memo else "").partition(":")
+                if changes is not None and remembered and at == changes:
                     return remembered
                 h = hashlib.sha1()
                 for row in conn.execute(
@@ -428,10 +428,7 @@ class Workspace:
                 return version
             try:
                 with self.transaction(conn) as tx:  # only if nothing changed meanwhile
-                    tx.execute("UPDATE meta SET value=? WHERE key='catalog_version' AND "
-                               "(SELECT value FROM meta WHERE key=?) = ?",
-                               (f"{changes}:{version}", database.CATALOG_CHANGES, changes))
-                    tx.execute("INSERT OR IGNORE INTO meta SELECT 'catalog_version', ? WHERE "
+                    tx.execute("INSERT OR REPLACE INTO meta SELECT 'catalog_version', ? WHERE "
                                "(SELECT value FROM meta WHERE key=?) = ?",
                                (f"{changes}:{version}", database.CATALOG_CHANGES, changes))
             except (WorkspaceError, sqlite3.OperationalError) as exc:  # read-only: not kept
