@@ -177,6 +177,7 @@ def test_a_fresh_folder_groups_itself_in_a_real_browser(tmp_path):
             page.locator('[data-testid="stSidebar"]').get_by_text("Clusters", exact=True).click()
             names = page.locator('[data-testid="stMain"] [aria-label="Name"]')
             expect(names.first).to_be_visible(timeout=60_000)
+            expect(names.nth(1)).to_be_visible(timeout=60_000)  # cards arrive one by one
             assert names.count() >= 2
         finally:
             browser.close()
