@@ -172,9 +172,14 @@ def screens(ws, run_id: int) -> None:
     name = next(t for t in at.text_input if t.key.startswith("rn_detail|"))
     timed("clusters: rename it (an edit: labels re-read)", lambda: name.input("renamed").run())
     at.switch_page("screens/review.py").run()
-    right = next((b for b in at.button if b.label == "✓ Right"), None)
-    if right is not None:
-        timed("review: one image is right (an edit)", lambda: right.click().run())
+    for check in range(1, 4):   # each check is an edit: the queue is chosen again
+        right = next((b for b in at.button if b.label == "✓ Right"), None)
+        if right is not None:
+            timed(f"review: an image is right (an edit, #{check})", lambda: right.click().run())
+    wrong = next((s for s in at.selectbox if s.key.startswith("rv_to|")), None)
+    if wrong is not None:
+        timed("review: an image is wrong, moved (an edit)",
+              lambda: wrong.set_value(wrong.options[-1]).run())
     at.switch_page("screens/neighbours.py").run()
     for attempt in ("first: opens the index", "again"):
         at.session_state["nn_query"] = int(ws.usable_images()[7][0]) if attempt != "again" else 8

@@ -160,6 +160,49 @@ def test_queue_then_checks_each_group_in_proportion_to_its_size(ws_run, monkeypa
         assert abs(have - size * 31 / total) <= 1.5
 
 
+def test_a_group_with_excluded_members_offers_the_centre_of_the_others(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    ids = set(lab.image_ids.tolist())
+    central, fine_of = _central(ws, run, ids)
+    preds = load_predictions(ws.run_dir(run))
+    x = np.asarray(preds.embeddings, np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    row_of = dict(zip(preds.image_ids.tolist(), range(len(preds.image_ids))))
+    group = [i for i, f in fine_of.items() if f == 0]
+    # leave out the half of group 0 nearest its old centre: the centre moves to the rest
+    near = sorted(group, key=lambda i: -float(x[row_of[i]] @ x[row_of[central[0]]]))
+    gone, kept = near[:len(group) // 2], near[len(group) // 2:]
+    lab.exclude(gone)
+    centre = x[[row_of[i] for i in kept]].mean(0)
+    expected = max(kept, key=lambda i: float(x[row_of[i]] @ centre))
+    q = review_queue(lab, len(central)).index.tolist()
+    assert expected in q and central[0] not in q
+    assert not set(q) & set(gone)
+
+
+def test_a_basis_kept_across_edits_gives_the_queue_a_fresh_one_gives(ws_run, tmp_path):
+    from selfclassifier_core.curation.review import review_basis
+
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    basis = review_basis(lab)                    # made once, as the app keeps it
+    other_ws, other_run = make_workspace_with_run(tmp_path / "other", n_images=30,
+                                                  heads=(3, 6), seed=2, write_images=False)
+    foreign = review_basis(Labels(other_ws, other_run))
+    seen = []
+    for step in range(4):
+        fresh = review_queue(lab, 8)
+        assert review_queue(lab, 8, basis=basis).equals(fresh)
+        assert review_queue(lab, 8, basis=foreign).equals(fresh)   # other images: made again
+        ids = fresh.index.tolist()
+        seen += ids
+        lab.confirm(ids[:4])
+        lab.move_to_label(ids[4:6], lab.label_names()[(step + 1) % 3])
+        lab.exclude(ids[6:])
+    assert len(set(seen)) == len(seen) == 32     # no image offered twice
+
+
 def test_queue_weighs_a_sample_of_a_huge_group(ws_run, monkeypatch):
     from selfclassifier_core.curation import review
 
@@ -167,7 +210,8 @@ def test_queue_weighs_a_sample_of_a_huge_group(ws_run, monkeypatch):
     lab = Labels(ws, run)
     central, _ = _central(ws, run, set(lab.image_ids.tolist()))
     lab.confirm(list(central.values()))
-    monkeypatch.setattr(review, "COVER_SAMPLE", 3)  # groups of ~10: members and candidates cut
+    monkeypatch.setattr(review, "COVER_SAMPLE", 3)      # groups of ~10: members cut ...
+    monkeypatch.setattr(review, "COVER_CANDIDATES", 2)  # ... and candidates
     q = review_queue(lab, 30)
     assert len(q) == 30 and q.index.is_unique
     assert not set(q.index) & set(central.values())

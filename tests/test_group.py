@@ -40,7 +40,7 @@ def test_group_of_an_empty_folder_says_so(tmp_path, capsys):
 
 @pytest.mark.slow  # trains
 def test_group_then_group_again_reuses_the_run(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(group_mod, "default_run_options", lambda n: dict(TINY))
+    monkeypatch.setattr(recipes, "default_run_options", lambda n: dict(TINY))
     folder = make_folder(tmp_path / "imgs", n=16)
     ws_path = tmp_path / "ws"
     assert main(["group", str(folder), "--workspace", str(ws_path)]) == 0

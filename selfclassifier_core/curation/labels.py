@@ -379,7 +379,9 @@ class Labels(LabelStore):
             edited[pos] = mc | ml | oexc
             excluded[pos] = oexc
         cat_ids, cat_paths, cat_ok = cat
-        cpos = np.clip(np.searchsorted(cat_ids, self.image_ids), 0, max(len(cat_ids) - 1, 0))
+        same = np.array_equal(cat_ids, self.image_ids)  # the usual case: no take of the paths
+        cpos = (np.arange(n) if same else
+                np.clip(np.searchsorted(cat_ids, self.image_ids), 0, max(len(cat_ids) - 1, 0)))
         usable = ((cat_ids[cpos] == self.image_ids) & cat_ok[cpos] if len(cat_ids)
                   else np.zeros(n, bool))
         if not usable.all():
@@ -389,7 +391,7 @@ class Labels(LabelStore):
         cl = pd.array(np.where(has_cluster, cluster, 0), dtype="Int64")
         cl[~has_cluster] = pd.NA
         df = pd.DataFrame({
-            "path": (cat_paths[cpos] if len(cat_ids)
+            "path": (cat_paths if same and len(cat_ids) else cat_paths[cpos] if len(cat_ids)
                      else pd.array(np.array([""] * n, object), dtype="str")),
             "label": pd.array(label, dtype="str"),
             "cluster": cl,
@@ -401,7 +403,7 @@ class Labels(LabelStore):
             "confirmed": confirmed,
             "predicted_cluster": self.predicted,
         }, index=pd.Index(self.image_ids, name="id"))
-        return df[usable]
+        return df if usable.all() else df[usable]
 
     def cluster_summary(self, by: str = "cluster", table=None):
         """Sizes and mean confidences, excluded images left out.

@@ -20,11 +20,19 @@ central images alone (50 checks, lending to 80 neighbours: MNIST 0.809 vs 0.813,
 0.838 vs 0.852, emoji 0.635 vs 0.654); taking each group's next most central image instead of
 its share taught less at 100 and 200 checks. A run with a single head falls back to the most
 doubtful images, a few per cluster, spread over each cluster's embedding space.
+
+What no edit changes -- each image's doubt, its group, the order of each group's members by
+their distance to the group's mean -- is a :class:`ReviewBasis`, made once per run
+(:func:`review_basis`; the app keeps it), so that choosing the queue again after a check costs
+the size of the few groups it picks from: at a million images 1.1 s for the basis, then
+0.01-0.2 s per queue of 12 (``benchmarks/scale.py``).
 """
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,17 +42,77 @@ from .labels import Labels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["review_queue", "DEFAULT_QUEUE"]
+__all__ = ["review_queue", "review_basis", "ReviewBasis", "DEFAULT_QUEUE"]
 
 DEFAULT_QUEUE = 20
 POOL_PER_PICK = 4   # candidates considered per pick inside a cluster (most doubtful first)
 MIX = False         # True: alternate the central images with the most doubtful ones
 SPREAD = 0.5        # weight of the distance to earlier picks against the doubt
-COVER_SAMPLE = 2000  # at most this many members and candidates of a group (cover gain)
+COVER_SAMPLE = 2000  # at most this many members of a group weigh a candidate (cover gain)
+COVER_CANDIDATES = 500  # at most this many of a group's candidates are weighed for one pick
+                        # (a million images, 12 picks after every group has one: 2,000
+                        # candidates cost 0.32 s; the refit benchmark's groups are smaller)
+
+
+@dataclass(frozen=True)
+class ReviewBasis:
+    """What the queue needs from a run and head that no edit changes, made once
+    (:func:`review_basis`) and reused for every label version: at a million images it is most
+    of the work (reading the embeddings, ordering each group's members by how central they are).
+
+    Arrays are aligned with ``ids`` (the rows of :meth:`Labels.final_table`). The embeddings
+    stay memory-mapped: :meth:`unit` reads the few rows a pick weighs."""
+
+    ids: np.ndarray             # int64: the table's image ids
+    doubt: np.ndarray           # float64: 1 - margin + disagreement
+    disagreement: np.ndarray    # float64: share of the other heads that disagree
+    embeddings: Any             # float16 [N, D] memory map (None: the run has none)
+    pos: np.ndarray             # int64: each row's row in ``embeddings``
+    fine: np.ndarray | None     # int64: each row's group in the finest head (None: no finer head)
+    order: np.ndarray | None    # rows by group, ascending within a group
+    starts: np.ndarray | None   # group g is ``order[starts[g]:starts[g + 1]]``
+    by_centre: np.ndarray | None  # rows by group, the nearest to the group's mean first
+
+    def unit(self, rows: np.ndarray) -> np.ndarray:
+        """The embeddings of ``rows`` as float32 unit rows."""
+        return _unit_rows(self.embeddings, self.pos[rows])
+
+    def members(self, g: int) -> np.ndarray:
+        return self.order[self.starts[g]:self.starts[g + 1]]
+
+
+def review_basis(labels: Labels, table=None) -> ReviewBasis:
+    """The :class:`ReviewBasis` of ``labels``' run and head (``table``: a
+    :meth:`Labels.final_table` just read)."""
+    table = labels.final_table() if table is None else table
+    ids = table.index.to_numpy(np.int64)
+    run = labels.workspace.get_run(labels.run_id)
+    preds = load_predictions(run.dir, embeddings=True)
+    pos = preds.position(ids)
+    predicted = table["predicted_cluster"].to_numpy(np.int64)
+    disagree = _disagreement(preds, labels.head, pos, predicted)
+    doubt = (1.0 - table["margin"].to_numpy(np.float64)) + disagree
+    emb = preds.embeddings
+    k = _finest_head(preds, labels.head)
+    if k is None or emb is None:
+        return ReviewBasis(ids, doubt, disagree, emb, pos, None, None, None, None)
+    fine = preds.heads[k].cluster[pos].astype(np.int64)
+    order = np.argsort(fine, kind="stable")
+    starts = np.searchsorted(fine[order], np.arange(k + 1))
+    basis = ReviewBasis(ids, doubt, disagree, emb, pos, fine, order, starts,
+                        np.empty(len(ids), np.int64))
+    for g in range(k):  # each group's members, the most central first (ties: lowest row)
+        members = basis.members(g)
+        if len(members):
+            x = basis.unit(members)
+            score = x @ x.mean(0)
+            basis.by_centre[starts[g]:starts[g + 1]] = members[np.argsort(-score,
+                                                                          kind="stable")]
+    return basis
 
 
 def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None = None,
-                 table=None):
+                 table=None, basis: ReviewBasis | None = None, feedback=None):
     """The next ``n`` images to check, best first.
 
     Args:
@@ -53,6 +121,9 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
         per_cluster: at most this many from one cluster (default: ``ceil(n / clusters with
             candidates)``, at least 1; a cluster gives more only when the others run out).
         table: a :meth:`Labels.final_table` just read, reused instead of reading it again.
+        basis: a :func:`review_basis` of the same run, head and images, reused (one made for
+            other images is made again).
+        feedback: a :func:`~.feedback.read_feedback` of ``table``, reused.
 
     Returns:
         A DataFrame indexed by image id with ``path``, ``label``, ``cluster``, ``confidence``,
@@ -64,30 +135,22 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
                                     or per_cluster < 1):
         raise ValueError(f"per_cluster must be a positive integer, got {per_cluster!r}")
     table = labels.final_table() if table is None else table
-    fb = read_feedback(labels, table)
+    fb = read_feedback(labels, table) if feedback is None else feedback
+    if basis is None or not np.array_equal(basis.ids, fb.ids):
+        basis = review_basis(labels, table)
     cand = ~fb.checked & ~fb.excluded
-    run = labels.workspace.get_run(labels.run_id)
-    preds = load_predictions(run.dir, embeddings=True)
-    pos = preds.position(fb.ids)
-    disagree = _disagreement(preds, labels.head, pos, fb.cluster)
-    margin = table["margin"].to_numpy(np.float64)
-    doubt = (1.0 - margin) + disagree
-    emb = _unit_rows(preds.embeddings, pos) if preds.embeddings is not None else None
     cluster = table["cluster"].fillna(-1).to_numpy(np.int64)
-
-    fine = _finest_head(preds, labels.head)
-    if fine is not None and emb is not None:
-        central = _representatives(cand, fb.checked, cluster,
-                                   preds.heads[fine].cluster[pos].astype(np.int64), doubt, emb,
-                                   n, per_cluster)
+    if basis.fine is not None:
+        central = _representatives(basis, cand, fb.checked, fb.excluded, cluster, n,
+                                   per_cluster)
         if MIX:
-            chosen = _interleave(central, _by_doubt(cand, cluster, doubt, emb, n, per_cluster), n)
+            chosen = _interleave(central, _by_doubt(cand, cluster, basis, n, per_cluster), n)
         else:
             chosen = central
     else:
-        chosen = _by_doubt(cand, cluster, doubt, emb, n, per_cluster)
-    out = table.iloc[chosen].assign(disagreement=disagree[chosen].round(4),
-                                    doubt=doubt[chosen].round(4))
+        chosen = _by_doubt(cand, cluster, basis, n, per_cluster)
+    out = table.iloc[chosen].assign(disagreement=basis.disagreement[chosen].round(4),
+                                    doubt=basis.doubt[chosen].round(4))
     return out[_COLUMNS]
 
 
@@ -112,8 +175,8 @@ def _finest_head(preds, head: int) -> int | None:
     return k if k > head else None
 
 
-def _representatives(cand: np.ndarray, checked: np.ndarray, cluster: np.ndarray,
-                     fine: np.ndarray, doubt: np.ndarray, emb: np.ndarray, n: int,
+def _representatives(basis: ReviewBasis, cand: np.ndarray, checked: np.ndarray,
+                     excluded: np.ndarray, cluster: np.ndarray, n: int,
                      per_cluster: int | None) -> list[int]:
     """First one image per group of the finest head that has no checked image yet -- its most
     central unchecked image --, the most doubtful groups first, taken in turns over the reviewed
@@ -124,22 +187,33 @@ def _representatives(cand: np.ndarray, checked: np.ndarray, cluster: np.ndarray,
     A group's image stands for the group: its answer (right, or moved) tells a refit about
     the images around it (:func:`~.feedback.plan_refit` lends it to its neighbours), which
     the most doubtful images, alone at the borders, measured here to do less well; a second
-    image next to the first would tell it little more."""
-    x = emb  # unit rows (_unit_rows)
-    order = np.argsort(fine, kind="stable")
-    bounds = np.flatnonzero(np.diff(fine[order])) + 1
-    groups: list[np.ndarray] = []  # per group: its members (candidates and checked ones)
-    score: list[float] = []
-    central: list[int] = []        # per group: its most central candidate
-    for members in np.split(order, bounds):
-        members = members[cand[members] | checked[members]]
+    image next to the first would tell it little more.
+
+    A group's centre is the mean of its members that are not excluded: the basis orders the
+    members by their distance to the mean of all, and only groups with an excluded member are
+    weighed again. Everything else is counted per group at once, so a pick costs the size of
+    one group, not of the folder."""
+    fine, starts = basis.fine, basis.starts
+    k = len(starts) - 1
+    n_cand = np.bincount(fine[cand], minlength=k)
+    n_checked = np.bincount(fine[checked], minlength=k)
+    live = np.flatnonzero(n_cand)   # the groups with a candidate, in group order
+    if not len(live):
+        return []
+    # each group's most central candidate: the first candidate in the basis order ...
+    hits = np.flatnonzero(cand[basis.by_centre])
+    first = np.searchsorted(hits, starts[live])
+    central = np.full(k, -1, np.int64)
+    central[live] = basis.by_centre[hits[first]]   # n_cand > 0: the hit lies in the group
+    # ... but the centre of a group with excluded members is the mean of the others
+    for g in np.intersect1d(np.unique(fine[excluded]), live).tolist():
+        members = basis.members(g)
+        members = members[~excluded[members]]
         rows = members[cand[members]]
-        if not len(rows):
-            continue
-        centre = x[members].mean(0)
-        groups.append(members)
-        central.append(int(rows[np.argmax(x[rows] @ centre)]))
-        score.append(-float(doubt[rows].mean()))
+        x = basis.unit(members)
+        central[g] = int(rows[np.argmax(x[cand[members]] @ x.mean(0))])
+    doubt_sum = np.bincount(fine[cand], weights=basis.doubt[cand], minlength=k)
+    score = -(doubt_sum[live] / n_cand[live])   # most doubtful groups first
     limit = per_cluster or n
     per: dict[int, int] = {}
     chosen: list[int] = []
@@ -154,38 +228,39 @@ def _representatives(cand: np.ndarray, checked: np.ndarray, cluster: np.ndarray,
         per[int(cluster[r])] = per.get(int(cluster[r]), 0) + 1
 
     # 1. the centre of every group nobody checked yet
-    uncovered = sorted((g for g in range(len(groups)) if not checked[groups[g]].any()),
-                       key=lambda g: score[g])
+    open_ = n_checked[live] == 0
     by_cluster: dict[int, list[int]] = {}
-    for g in uncovered:
-        by_cluster.setdefault(int(cluster[central[g]]), []).append(central[g])
+    for g in live[open_][np.argsort(score[open_], kind="stable")].tolist():
+        by_cluster.setdefault(int(cluster[central[g]]), []).append(int(central[g]))
     for turn in range(max((len(v) for v in by_cluster.values()), default=0)):
+        if len(chosen) >= n:
+            break
         for rows in by_cluster.values():
             if turn < len(rows) and len(chosen) < n and allowed(rows[turn]):
                 take(rows[turn])
     # 2. then each group in proportion to its size, its least covered part first
-    sizes = np.array([len(m) for m in groups], np.float64)
-    have = np.array([int((checked[m] | taken[m]).sum()) for m in groups], np.float64)
+    sizes = (n_cand + n_checked)[live].astype(np.float64)
+    have = (n_checked + np.bincount(fine[taken], minlength=k))[live].astype(np.float64)
     while len(chosen) < n:
         share = sizes * (have.sum() + 1) / sizes.sum() - have
+        full = [c for c, m in per.items() if m >= limit]
         best = None
-        for g in np.argsort(-share, kind="stable").tolist():
-            members = groups[g]
+        for j in np.argsort(-share, kind="stable").tolist():
+            members = basis.members(int(live[j]))
             rows = members[cand[members] & ~taken[members]]
-            rows = rows[np.fromiter((allowed(r) for r in rows.tolist()), bool,
-                                    len(rows))]
+            if full:
+                rows = rows[~np.isin(cluster[rows], full)]
             if len(rows):
-                best = (g, rows)
+                best = (j, members[~excluded[members]], rows)
                 break
         if best is None:
             break
-        g, rows = best
-        if len(rows) > COVER_SAMPLE:   # a huge group: weigh an even sample of its candidates
-            rows = rows[np.linspace(0, len(rows) - 1, COVER_SAMPLE).astype(np.int64)]
-        members = groups[g]
+        j, members, rows = best
+        if len(rows) > COVER_CANDIDATES:   # a huge group: weigh an even sample of them
+            rows = rows[np.linspace(0, len(rows) - 1, COVER_CANDIDATES).astype(np.int64)]
         covered = members[checked[members] | taken[members]]
-        take(int(rows[np.argmax(_cover_gain(x, members, covered, rows))]))
-        have[g] += 1
+        take(int(rows[np.argmax(_cover_gain(basis, members, covered, rows))]))
+        have[j] += 1
     return chosen
 
 
@@ -200,20 +275,22 @@ def _unit_rows(embeddings: np.ndarray, pos: np.ndarray, chunk: int = 100_000) ->
     return out
 
 
-def _cover_gain(x: np.ndarray, members: np.ndarray, covered: np.ndarray, rows: np.ndarray
-                ) -> np.ndarray:
+def _cover_gain(basis: ReviewBasis, members: np.ndarray, covered: np.ndarray,
+                rows: np.ndarray) -> np.ndarray:
     """For each of ``rows``: how much closer it would bring the ``members`` of its group to
     their nearest checked image (``covered``), summed over at most :data:`COVER_SAMPLE` of them
     (the facility-location gain: the image that stands for most of what is not covered yet)."""
     if len(members) > COVER_SAMPLE:
         members = members[np.linspace(0, len(members) - 1, COVER_SAMPLE).astype(np.int64)]
-    near = (x[members] @ x[covered].T).max(1) if len(covered) else np.zeros(len(members))
-    return np.maximum(x[rows] @ x[members].T - near[None, :], 0.0).sum(1)
+    xm = basis.unit(members)
+    near = (xm @ basis.unit(covered).T).max(1) if len(covered) else np.zeros(len(members))
+    return np.maximum(basis.unit(rows) @ xm.T - near[None, :], 0.0).sum(1)
 
 
-def _by_doubt(cand: np.ndarray, cluster: np.ndarray, doubt: np.ndarray,
-              emb: np.ndarray | None, n: int, per_cluster: int | None) -> list[int]:
+def _by_doubt(cand: np.ndarray, cluster: np.ndarray, basis: ReviewBasis, n: int,
+              per_cluster: int | None) -> list[int]:
     """Without a finer head: the most doubtful images, few per cluster, spread in each."""
+    doubt = basis.doubt
     groups: dict[int, np.ndarray] = {}
     for c in np.unique(cluster[cand]).tolist():
         rows = np.flatnonzero(cand & (cluster == c))
@@ -221,7 +298,7 @@ def _by_doubt(cand: np.ndarray, cluster: np.ndarray, doubt: np.ndarray,
     if not groups:
         return []
     quota = per_cluster or max(1, math.ceil(n / len(groups)))
-    picks = {c: _spread(rows, doubt, emb, quota) for c, rows in groups.items()}
+    picks = {c: _spread(rows, basis, quota) for c, rows in groups.items()}
     order = sorted(groups, key=lambda c: -float(doubt[groups[c][:quota]].mean()))
     chosen: list[int] = []
     for turn in range(quota):
@@ -254,18 +331,16 @@ def _disagreement(preds, head: int, pos: np.ndarray, cluster: np.ndarray) -> np.
     return total / len(others)
 
 
-def _spread(rows: np.ndarray, doubt: np.ndarray, emb: np.ndarray | None, quota: int
-            ) -> list[int]:
+def _spread(rows: np.ndarray, basis: ReviewBasis, quota: int) -> list[int]:
     """Up to ``quota`` of ``rows`` (sorted by doubt, most first): the most doubtful, then each
     next one maximising its doubt plus :data:`SPREAD` times its distance to the picks so far."""
     pool = rows[:max(quota, quota * POOL_PER_PICK)]
-    if emb is None or len(pool) <= 1:
+    if basis.embeddings is None or len(pool) <= 1:
         return pool[:quota].tolist()
-    x = emb[pool]
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = basis.unit(pool)
     chosen = [0]
     dist = 1.0 - x @ x[0]
-    d = doubt[pool]
+    d = basis.doubt[pool]
     while len(chosen) < min(quota, len(pool)):
         score = d + SPREAD * dist
         score[chosen] = -np.inf

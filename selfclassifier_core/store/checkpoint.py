@@ -18,12 +18,17 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .fsutil import atomic_open
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# torch is imported by the functions that need it, not here: the app names CHECKPOINT_FILE on
+# every page and should not pay for importing torch (about 1.5 s) to do so.
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,8 @@ class CheckpointError(ValueError):
 
 def rng_states() -> dict[str, Any]:
     """The Python, NumPy, torch and CUDA generator states as weights-only-loadable values."""
+    import torch
+
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -49,6 +56,8 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     """Restore what :func:`rng_states` returned (CUDA states only when the devices match)."""
+    import torch
+
     if not states:
         return
     if "python" in states:
@@ -71,6 +80,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     The new file replaces the old one only after it is completely written and synced, so a
     crash or a failing save leaves the previous checkpoint intact.
     """
+    import torch
+
     state = {"format_version": FORMAT_VERSION, **state}
     with atomic_open(path, "wb") as fh:
         torch.save(state, fh)
@@ -82,6 +93,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Raises:
         CheckpointError: the file is missing, unreadable, or of a newer format.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")

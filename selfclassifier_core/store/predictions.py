@@ -94,12 +94,11 @@ def load_predictions(run_dir: str | Path, embeddings: bool = True) -> Prediction
     if not path.exists():
         raise FileNotFoundError(f"run {run_dir} has no predictions ({PREDICTIONS_FILE} missing); "
                                 "run `predict` on it")
-    with np.load(path) as z:
-        ids = z["image_ids"]
-        heads = {
-            int(k): HeadPrediction(int(k), z["cluster"][i], z["confidence"][i], z["margin"][i])
-            for i, k in enumerate(z["heads"])
-        }
+    with np.load(path) as z:  # each z[...] reads (and inflates) the whole array: once each
+        ids, sizes = z["image_ids"], z["heads"]
+        cluster, confidence, margin = z["cluster"], z["confidence"], z["margin"]
+    heads = {int(k): HeadPrediction(int(k), cluster[i], confidence[i], margin[i])
+             for i, k in enumerate(sizes)}
     emb = None
     if embeddings and (run_dir / EMBEDDINGS_FILE).exists():
         emb = np.load(run_dir / EMBEDDINGS_FILE, mmap_mode="r")

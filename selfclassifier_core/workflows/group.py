@@ -25,8 +25,6 @@ from ..store.predictions import load_predictions
 from ..store.progress import Progress
 from ..store.runfiles import ProgressFn
 from ..store.workspace import Workspace
-from ..training.recipes import default_run_options
-from .pipeline import train
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +97,9 @@ def group(folder: str | os.PathLike, workspace: Workspace | str | os.PathLike | 
     else:
         if report.usable == 0:
             raise ValueError(f"{folder} has no usable images to group (see the scan report)")
+        from ..training.recipes import default_run_options  # torch: only when it trains
+        from .pipeline import train
+
         options = default_run_options(report.usable)
         trained = train(None, ws, progress=progress, should_stop=should_stop, **options)
         result = GroupResult(ws, trained.run_id, trained.status, False, report, options)

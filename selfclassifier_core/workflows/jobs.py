@@ -34,7 +34,6 @@ from ..store.runfiles import (CANCEL_FILE, JOB_FILE, LOG_FILE, RunRecorder, busy
 from ..store.workspace import INTERRUPTED, RunBusyError, Workspace, WorkspaceError, as_workspace
 from ..training.config import flag_name, make_config, option_specs, run_mode
 from .group import VIEWS, prepare_views
-from .pipeline import train
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +374,8 @@ def _child(argv: list[str] | None = None) -> int:
     """``python -m selfclassifier_core.workflows.jobs WORKSPACE RUN_ID [--resume]``: train one run."""
     import argparse
     import threading
+
+    from .pipeline import train  # torch: here, not in the app that starts and watches jobs
 
     parser = argparse.ArgumentParser(prog="python -m selfclassifier_core.workflows.jobs")
     parser.add_argument("workspace")
