@@ -45,28 +45,28 @@ def mode_choices() -> list[str]:
 
 def backbone_choices() -> list[str]:
     """``auto``, then the core's backbones: the common ones first."""
-    from selfclassifier_core.engine.backbones import BACKBONES  # imports torch: only when asked
+    from selfclassifier_core.engine.backbone_names import NAMES  # no torch
 
-    return ([AUTO] + [b for b in COMMON_BACKBONES if b in BACKBONES]
-            + [b for b in BACKBONES if b not in COMMON_BACKBONES])
+    return ([AUTO] + [b for b in COMMON_BACKBONES if b in NAMES]
+            + [b for b in NAMES if b not in COMMON_BACKBONES])
 
 
 def backbone_weights_note(full: bool = False) -> str:
     """Which backbones have pretrained weights on this machine (no network) and how to get the
     DINOv2 / CLIP / SigLIP ones that do not, in words (under the Backbone list; ``full``: every
     download command, for its help)."""
-    from selfclassifier_core.engine import backbones_hub
+    from selfclassifier_core.engine import hub_weights  # no torch
     from selfclassifier_core.training.recipes import default_backbone_choice, offline_weights
 
-    here = [n for n in backbones_hub.SHORT_NAMES if backbones_hub.weights_available(n)]
-    missing = [n for n in backbones_hub.SHORT_NAMES if n not in here]
+    here = [n for n in hub_weights.SHORT_NAMES if hub_weights.weights_available(n)]
+    missing = [n for n in hub_weights.SHORT_NAMES if n not in here]
     if offline_weights():
         here.append("efficientnet_lite0")
     name, reason = default_backbone_choice()
     lines = [f"Automatic (fast mode): **{name}**, {reason}.",
              "Weights on this machine: " + (", ".join(f"✓ {n}" for n in here) or "none") + "."]
     if missing:
-        how = ("; ".join(f"`{backbones_hub.download_command(n)}` ({n})" for n in missing)
+        how = ("; ".join(f"`{hub_weights.download_command(n)}` ({n})" for n in missing)
                if full else "`hf download REPO FILE` (each one's command: this list's help)")
         lines.append(f"Not here: {', '.join(missing)}. They download from the Hugging Face hub "
                      f"on first use when online; offline, get them once with {how}, or give a "

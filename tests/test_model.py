@@ -227,6 +227,12 @@ def test_unknown_backbone_lists_valid_names():
         build_backbone("resnet9000", small_input=False)
 
 
+def test_the_torch_free_names_are_the_registry_s_own():
+    from selfclassifier_core.engine.backbone_names import NAMES
+
+    assert tuple(BACKBONES) == NAMES    # the app's form lists these without importing torch
+
+
 def test_config_dict_round_trip_and_unknown_keys():
     cfg = _tiny_config(heads=[4, 8, 16], small_input=False)
     d = cfg.to_dict()

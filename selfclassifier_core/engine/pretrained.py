@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hub_weights import WEIGHT_SUFFIXES, is_weights_file  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
 
 __all__ = ["PretrainedError", "LoadReport", "load_backbone_weights", "resolve_weights",
@@ -51,7 +53,6 @@ HEAD_NAMES = {"fc", "_fc", "head", "heads", "classifier", "projection", "project
 # at most this fraction of the backbone's parameter tensors may be missing from the weights
 MAX_MISSING_FRACTION = 0.5
 LITE_NAMES = {"default", "imagenet", "imagenet1k", "imagenet1k_v1"}
-WEIGHT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".ckpt", ".bin", ".tar", ".safetensors")
 
 
 class PretrainedError(ValueError):
@@ -85,13 +86,6 @@ class LoadReport:
 def _few(keys: list[str], n: int = 4) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def is_weights_file(name_or_path: str | os.PathLike) -> bool:
-    """True when ``name_or_path`` reads as a file path rather than a weights name."""
-    s = str(name_or_path)
-    return (Path(s).expanduser().exists() or os.sep in s or "/" in s
-            or s.lower().endswith(WEIGHT_SUFFIXES))
 
 
 def _sha256(path: Path) -> str:

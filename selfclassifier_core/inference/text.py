@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 
 from ..engine.device import autocast, resolve_device
 from ..store.fsutil import atomic_open
@@ -43,6 +42,9 @@ from ..store.workspace import RunInfo, Workspace, as_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+    import torch
+# torch is imported where text is embedded, not here: the app asks text_support on its first
+# Clusters page, and that needs only the run's files.
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ def run_config(run: RunInfo) -> dict:
     started = run.config if isinstance(run.config, dict) else {}
     ckpt = Path(run.dir) / CHECKPOINT_FILE
     if not started.get("backbone") and ckpt.is_file():
+        import torch
+
         try:  # memory-mapped: the config is read, the weights are not
             data = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - corrupt or foreign file: the options it has
@@ -95,7 +99,7 @@ def run_config(run: RunInfo) -> dict:
 def text_source(run: RunInfo) -> tuple[str, str]:
     """``(backbone, pretrained)`` of a run whose backbone has a text tower aligned with its
     image features (a fast run on a CLIP/SigLIP backbone); :class:`TextTowerError` otherwise."""
-    from ..engine.backbones_hub import has_text_tower
+    from ..engine.hub_weights import has_text_tower
 
     cfg = run_config(run)
     backbone = cfg.get("backbone")
@@ -124,8 +128,8 @@ def text_support(workspace: Workspace | str | os.PathLike, run_id: int | None = 
     what to do, in one line. Builds nothing and reads no weights: it checks the run's mode and
     backbone, that its weights file is still there, and, offline, that ``DEFAULT`` weights are
     in the Hugging Face cache."""
-    from ..engine import backbones_hub as hub
-    from ..engine.pretrained import is_weights_file
+    from ..engine import hub_weights as hub
+    from ..engine.hub_weights import is_weights_file
 
     run = as_workspace(workspace).resolve_run(run_id)
     try:
@@ -180,6 +184,8 @@ class TextModel:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         order = np.argsort([len(t) for t in texts], kind="stable")  # short with short: cut more
+        import torch
+
         tally = Tally(progress, len(texts))
         with torch.inference_mode(), autocast(self.device):
             for s in range(0, len(texts), batch_size):

