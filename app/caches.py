@@ -32,6 +32,7 @@ from selfclassifier_core.store.progress import Progress, TimeLeft, format_second
 from selfclassifier_core.store.workspace import Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import pandas as pd
 
     from app.session import Context
@@ -305,7 +306,8 @@ class LabelView:
     key: tuple = ()                  # what it was made from: keys what is made from it
 
 
-@st.cache_resource(show_spinner="Building the table of final labels…", max_entries=8)
+# per label version (every edit makes one; about 100 MB at a million images): the newest few
+@st.cache_resource(show_spinner="Building the table of final labels…", max_entries=4)
 def _label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: int,
                 catalog: str) -> LabelView:
     from selfclassifier_core.curation.labels import Labels
@@ -363,9 +365,12 @@ def label_view(ctx: Context, lab: Labels | None = None) -> LabelView:
 @dataclass
 class ReviewView:
     """What the Review screen shows for one label version: the counts of what the person told
-    us (:func:`~selfclassifier_core.curation.feedback.read_feedback`) and the queue."""
+    us (:func:`~selfclassifier_core.curation.feedback.read_feedback`) and the queue. Only the
+    counts are kept: the feedback's arrays hold a name per image (about 90 MB at a million)."""
 
-    feedback: Any
+    n_checked: int
+    n_named: int
+    n_excluded: int
     queue: "pd.DataFrame"
 
 
@@ -389,14 +394,14 @@ def review_basis(ctx: Context, wait: bool = True):
                   lambda progress: make(lab, view.table), wait)
 
 
-@st.cache_resource(show_spinner="Choosing the images to review…", max_entries=8)
+@st.cache_resource(show_spinner="Choosing the images to review…", max_entries=4)
 def _review(view_key: tuple, size: int, _lab: Labels, _view: LabelView, _basis) -> ReviewView:
     from selfclassifier_core.curation.feedback import read_feedback
     from selfclassifier_core.curation.review import review_queue
 
     fb = read_feedback(_lab, _view.table)
-    return ReviewView(fb, review_queue(_lab, size, table=_view.table, basis=_basis,
-                                       feedback=fb))
+    return ReviewView(fb.n_checked, fb.n_named, fb.n_excluded,
+                      review_queue(_lab, size, table=_view.table, basis=_basis, feedback=fb))
 
 
 def review(ctx: Context, size: int, lab: Labels | None = None) -> ReviewView:
@@ -419,7 +424,7 @@ class ExportView:
     rows: int
 
 
-@st.cache_resource(show_spinner="Building the final table…", max_entries=8)
+@st.cache_resource(show_spinner="Building the final table…", max_entries=4)
 def _export_view(view_key: tuple, include_excluded: bool, preview_rows: int,
                  _view: LabelView) -> ExportView:
     from selfclassifier_core.curation.formats import export_table

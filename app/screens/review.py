@@ -37,7 +37,7 @@ def render(ctx: Context) -> None:
     c1, c2, c3, c4 = st.columns(4)
     size = c4.selectbox("Images to review", SIZES, index=0, key="rv_size")
     shown = caches.review(ctx, size, lab)  # once per label version
-    fb, queue = shown.feedback, shown.queue
+    fb, queue = shown, shown.queue
     c1.metric("Checked", f"{fb.n_checked:,}")
     c2.metric("In groups you named", f"{fb.n_named:,}")
     c3.metric("Excluded", f"{fb.n_excluded:,}")
