@@ -856,6 +856,55 @@ def test_carry_over_with_permuted_clusters(tmp_path):
     assert Labels(ws, run1).cluster_names()[0] == "Cats"   # the old run is untouched
 
 
+def test_carry_over_keeps_confirmed_images_confirmed_with_their_label(tmp_path):
+    ws, run1 = make_workspace_with_run(tmp_path, n_images=60, heads=(4,), write_images=False)
+    old_cl = cluster_assignments(60, 4, 0)
+    perm = np.array([2, 0, 3, 1])
+    new_cl = perm[old_cl].astype(np.int32)
+    new_cl[0] = (new_cl[0] + 1) % 4            # the new model puts image 1 elsewhere
+    run2 = add_run(ws, heads=(4,), seed=5, image_ids=range(1, 60), clusters={4: new_cl[:59]})
+    old = Labels(ws, run1)
+    old.rename(int(old_cl[0]), "Cats")
+    old.move([7], label="Birds")
+    old.confirm([1, 5, 7, 60])                 # 60 is not in the new run
+    report = carry_over(ws, run1, run2)
+    assert (report.confirmations_carried, report.confirmed_moved,
+            report.confirmations_dropped) == (3, 1, 1)
+    assert "3 confirmed images carried (1 moved to keep their label), 1 dropped" in str(report)
+    new = Labels(ws, run2)
+    assert new.confirmed_ids().tolist() == [1, 5, 7]
+    df = new.final_table()
+    assert df.loc[1, "cluster"] == perm[old_cl[0]] and df.loc[1, "label"] == "Cats"
+    assert df.loc[1, "edited"]                  # moved back to the label it was confirmed in
+    assert df.loc[5, "cluster"] == new_cl[4] and not df.loc[5, "edited"]
+    assert df.loc[7, "label"] == "Birds"
+    new.undo()                                  # one operation: the confirmations go with it
+    assert new.confirmed_ids().tolist() == []
+
+
+def test_carry_over_of_a_confirmed_image_in_an_unmatched_cluster(tmp_path):
+    ws, run1 = make_workspace_with_run(tmp_path, n_images=40, heads=(4,), write_images=False)
+    old_cl = cluster_assignments(40, 4, 0)
+    new_cl = np.minimum(old_cl, 2).astype(np.int32)   # old clusters 2 and 3 become new 2
+    run2 = add_run(ws, heads=(3,), seed=3, clusters={3: new_cl})
+    old = Labels(ws, run1)
+    in2, in3 = (int(np.flatnonzero(old_cl == c)[0]) + 1 for c in (2, 3))
+    old.confirm([in2, in3])
+    report = carry_over(ws, run1, run2)
+    (unmatched,) = report.unmatched_old
+    gone = in2 if unmatched["old"] == 2 else in3
+    kept = in3 if gone == in2 else in2
+    assert report.confirmations_dropped == 1     # unnamed and unmatched: no label to keep
+    assert Labels(ws, run2).confirmed_ids().tolist() == [kept]
+    # named, the name is kept as the image's label
+    Labels(ws, run2).undo()
+    old.rename(unmatched["old"], "Rare")
+    carry_over(ws, run1, run2)
+    new = Labels(ws, run2)
+    assert new.confirmed_ids().tolist() == sorted([in2, in3])
+    assert new.final_table().loc[gone, "label"] == "Rare"
+
+
 def test_carry_over_reports_unmatched(tmp_path):
     ws, run1 = make_workspace_with_run(tmp_path, n_images=40, heads=(4,), write_images=False)
     old_cl = cluster_assignments(40, 4, 0)

@@ -1,7 +1,7 @@
 """Carrying a person's labels from an earlier run to a new one (:func:`carry_over`).
 
-Old and new clusters are matched by the images they share; names, per-image edits and created
-labels follow the match, as one operation in the new run's label history.
+Old and new clusters are matched by the images they share; names, per-image edits, created
+labels and confirmed images follow the match, as one operation in the new run's label history.
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ class CarryOverReport:
     names_copied: dict[int, str] = field(default_factory=dict)   # new cluster -> name
     overrides_carried: int = 0
     overrides_dropped: int = 0      # images of the old overrides missing from the new run
+    confirmations_carried: int = 0  # confirmed images confirmed in the new run too
+    confirmed_moved: int = 0        # of those, moved to keep the label they were confirmed in
+    confirmations_dropped: int = 0  # not in the new run, excluded there, or no label to keep
     labels_created: list[str] = field(default_factory=list)
     # edits of the new run that were there before and were replaced (undo brings them back):
     names_overwritten: list[dict[str, Any]] = field(default_factory=list)  # cluster, before, after
@@ -56,6 +59,10 @@ class CarryOverReport:
             lines.append(f"  new clusters without a match: {self.unmatched_new}")
         lines.append(f"  {len(self.names_copied)} names copied, {self.overrides_carried} image "
                      f"edits carried, {self.overrides_dropped} dropped (images not in the new run)")
+        if self.confirmations_carried or self.confirmations_dropped:
+            lines.append(f"  {self.confirmations_carried} confirmed images carried ("
+                         f"{self.confirmed_moved} moved to keep their label), "
+                         f"{self.confirmations_dropped} dropped")
         if self.labels_created:
             lines.append(f"  labels created: {self.labels_created}")
         n_over = len(self.names_overwritten) + len(self.overrides_overwritten)
@@ -111,7 +118,10 @@ def carry_over(workspace: Workspace | str | os.PathLike, from_run: int, to_run: 
     sharing no image stay unmatched. Names of matched clusters that the person had set are
     copied; per-image edits of images present in both runs are copied (a move to an old cluster
     becomes a move to its matched new cluster, or to the old cluster's name if it has no match);
-    created labels are copied. Edits the new run already had on those clusters and images are
+    created labels are copied; an image the person confirmed is confirmed in the new run too,
+    with the label it was confirmed in: where the new run put it in another cluster than the
+    match of its old one, it is moved there (or to the old cluster's name, when that cluster
+    has no match and the person named it; unnamed, its confirmation is dropped). Edits the new run already had on those clusters and images are
     replaced; the report lists each one it replaced (``names_overwritten``,
     ``overrides_overwritten``). Everything is one operation in the new run's history (undo takes
     it all back, replaced edits included) and is described in the returned report (also logged).
@@ -140,6 +150,7 @@ def carry_over(workspace: Workspace | str | os.PathLike, from_run: int, to_run: 
         ops = ChangeSet()
         old_names = _carry_names(conn, old, new, match, ops, report)
         _carry_overrides(conn, old, new, match, old_names, ops, report)
+        _carry_confirmed(conn, old, new, match, old_names, ops, report)
         _carry_created(conn, old, new, ops, report)
         _list_overwritten(new, ops, report)
         args = {"from_run": report.from_run, "from_head": report.from_head,
@@ -212,6 +223,50 @@ def _carry_overrides(conn, old: LabelStore, new: LabelStore, match: _Match,
                 lab = old_names.get(int(ocl), old._defaults[int(ocl)])
         new._set_override(ops, image_id, current.get(image_id), cl, lab, int(oexc))
         report.overrides_carried += 1
+
+
+def _carry_confirmed(conn, old: LabelStore, new: LabelStore, match: _Match,
+                     old_names: dict[int, str], ops: ChangeSet, report: CarryOverReport) -> None:
+    """Confirm in the new run the images the person confirmed in the old one, each with the
+    label it was confirmed in (after :func:`_carry_overrides`: a carried edit already keeps
+    it). An image the new run predicts in another cluster than the match of its old one is
+    moved to that match, or to the old cluster's name when it has no match; an unnamed
+    unmatched cluster leaves nothing to keep (dropped), as does an excluded image."""
+    confirmed = sorted(old._confirmed(conn))
+    shared_set = set(match.shared.tolist())
+    kept = [i for i in confirmed if i in shared_set]
+    report.confirmations_dropped = len(confirmed) - len(kept)
+    if not kept:
+        return
+    already = new._confirmed(conn, kept)
+    current = new._overrides(conn, kept)
+    carried = ops.changes["overrides"]          # image -> [before, after] of the carried edits
+    old_pred = dict(zip(old.image_ids.tolist(), old.predicted.tolist()))
+    new_pred = dict(zip(new.image_ids.tolist(), new.predicted.tolist()))
+    for image_id in kept:
+        if image_id in carried:
+            after = carried[image_id][1]
+            if after is not None and after[2]:  # carried as excluded: nothing to confirm
+                report.confirmations_dropped += 1
+                continue
+        else:
+            before = current.get(image_id)
+            if before is not None and before[2]:   # the new run excluded it
+                report.confirmations_dropped += 1
+                continue
+            oc = old_pred[image_id]
+            target = match.mapping.get(oc)
+            if target is None and oc not in old_names:
+                report.confirmations_dropped += 1
+                continue
+            cl = target if target is not None and target != new_pred[image_id] else None
+            lab = old_names[oc] if target is None else None
+            if (cl, lab) != (None, None) or before is not None:
+                new._set_override(ops, image_id, before, cl, lab, 0)
+            if cl is not None or lab is not None:
+                report.confirmed_moved += 1
+        ops.set("confirmed", image_id, image_id in already, True)
+        report.confirmations_carried += 1
 
 
 def _carry_created(conn, old: LabelStore, new: LabelStore, ops: ChangeSet,
