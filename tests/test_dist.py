@@ -113,6 +113,9 @@ def test_nccl_group_sends_cpu_tensors_through_gloo(monkeypatch):
     assert calls["device"] == 1
     assert calls["group"]["backend"] == "cpu:gloo,cuda:nccl"
     assert (calls["group"]["rank"], calls["group"]["world_size"]) == (1, 2)
+    # the ranks that wait while rank 0 scans or predicts a big folder are not ended at torch's
+    # 30-minute default
+    assert calls["group"]["timeout"].total_seconds() >= 3600
 
 
 def test_init_from_env_rejects_unknown_backend(monkeypatch):

@@ -123,7 +123,14 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / world_size()
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
+# How long a rank waits in a collective. Rank 0 alone scans the folder and predicts it after
+# training while the others wait at a barrier: a million images took 120 s to scan on a 2-core
+# CPU, and torch's 30-minute default would end the waiting ranks (and the run) of a folder
+# that takes longer. A rank that dies is noticed by torchrun at once, not by this timeout.
+TIMEOUT_S = 4 * 3600.0
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = TIMEOUT_S) -> bool:
     """Join the process group described by torchrun's environment variables.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. Without
