@@ -882,12 +882,17 @@ def test_carry_over_keeps_confirmed_images_confirmed_with_their_label(tmp_path):
     assert new.confirmed_ids().tolist() == []
 
 
-def test_carry_over_of_a_confirmed_image_in_an_unmatched_cluster(tmp_path):
+def _two_clusters_become_one(tmp_path):
+    """A 4-cluster run and a new 3-cluster run in which old clusters 2 and 3 are one."""
     ws, run1 = make_workspace_with_run(tmp_path, n_images=40, heads=(4,), write_images=False)
     old_cl = cluster_assignments(40, 4, 0)
-    new_cl = np.minimum(old_cl, 2).astype(np.int32)   # old clusters 2 and 3 become new 2
+    new_cl = np.minimum(old_cl, 2).astype(np.int32)
     run2 = add_run(ws, heads=(3,), seed=3, clusters={3: new_cl})
-    old = Labels(ws, run1)
+    return ws, run1, run2, old_cl, Labels(ws, run1)
+
+
+def test_carry_over_of_a_confirmed_image_in_an_unmatched_cluster(tmp_path):
+    ws, run1, run2, old_cl, old = _two_clusters_become_one(tmp_path)
     in2, in3 = (int(np.flatnonzero(old_cl == c)[0]) + 1 for c in (2, 3))
     old.confirm([in2, in3])
     report = carry_over(ws, run1, run2)
@@ -906,11 +911,7 @@ def test_carry_over_of_a_confirmed_image_in_an_unmatched_cluster(tmp_path):
 
 
 def test_carry_over_reports_unmatched(tmp_path):
-    ws, run1 = make_workspace_with_run(tmp_path, n_images=40, heads=(4,), write_images=False)
-    old_cl = cluster_assignments(40, 4, 0)
-    new_cl = np.minimum(old_cl, 2).astype(np.int32)   # old clusters 2 and 3 become new 2
-    run2 = add_run(ws, heads=(3,), seed=3, clusters={3: new_cl})
-    old = Labels(ws, run1)
+    ws, run1, run2, old_cl, old = _two_clusters_become_one(tmp_path)
     for c, n in enumerate(["a", "b", "c", "d"]):
         old.rename(c, n)
     img3 = int(np.flatnonzero(old_cl == 3)[0]) + 1
