@@ -239,3 +239,32 @@ def test_training_seed_reuses_cached_views_feature_seed_does_not(dark_bright):
         embeddings.append(load_predictions(ws.run_dir(run_id)).embeddings)
     assert keys[0] == keys[1] != keys[2]
     assert not np.array_equal(embeddings[0], embeddings[1])   # the training seed does change the model
+
+
+def test_smoothed_predictions_average_each_image_with_its_neighbours():
+    """A refit's predictions (training/fast.py, PREDICT_NEIGHBOURS): each row's probabilities
+    are the mean of its own and its neighbours' (in whatever batch it falls), its embedding
+    stays its own; without neighbours nothing changes."""
+    from selfclassifier_core.engine.model import ModelConfig, SelfClassifier
+
+    torch.manual_seed(0)
+    model = SelfClassifier(ModelConfig(backbone="resnet18", image_size=32, small_input=True,
+                                       proj_hidden_dim=16, proj_layers=2, proj_bn=True,
+                                       out_dim=8, heads=[3, 5])).eval()
+    feats = torch.randn(37, 512)
+    nn = fastmode.knn_graph(feats, 4)
+    emb0, plain = fastmode._predict(model, feats, 0.1)
+    emb, heads = fastmode._predict(model, feats, 0.1, batch=7, neighbours=nn)   # 1 row a batch
+    emb2, heads2 = fastmode._predict(model, feats, 0.1, batch=22, neighbours=nn)  # 4 rows
+    np.testing.assert_allclose(emb, emb0, atol=1e-6)
+    np.testing.assert_allclose(emb2, emb0, atol=1e-6)
+    for a, b in zip(heads, heads2):
+        np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    with torch.no_grad():
+        out = model.forward_features(feats)
+    for h, z in enumerate(out.logits):
+        p = fastmode._head_probs(z, 0.1)
+        want = (p + p[nn].sum(1)) / 5
+        assert np.array_equal(heads[h][0], want.argmax(1).numpy())
+        np.testing.assert_allclose(heads[h][1], want.max(1).values.numpy(), atol=1e-5)
+        assert np.array_equal(plain[h][0], p.argmax(1).numpy())

@@ -5,9 +5,11 @@ fixes the class of every label before training (:func:`~..curation.feedback.plan
 creates a new run of the same mode with those heads, starting from the earlier run's weights
 (fast mode: its projection and heads on the same cached features; scratch and finetune: its
 whole checkpoint), and trains it with the Self-Classifier loss on every usable image plus a
-supervised term on the labelled ones. When it is done the new run's clusters carry the names
-(no carry-over guessing) and every image the person checked keeps its label
-(:func:`~..curation.feedback.apply_refit_labels`). The earlier run is not touched.
+supervised term on the labelled ones. A fast refit's predictions are each image's probabilities
+averaged with its nearest neighbours' (:data:`~..training.fast.PREDICT_NEIGHBOURS`). When it
+is done the new run's clusters carry the names (no carry-over guessing) and every image the
+person checked keeps its label (:func:`~..curation.feedback.apply_refit_labels`). The earlier
+run is not touched.
 
 A refit is an ordinary run: it shows in ``runs``, can be cancelled, and a scratch or finetune
 refit that stopped midway resumes with ``train --resume --run N`` (its targets are in its
