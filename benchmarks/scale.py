@@ -136,8 +136,10 @@ def recall_at_10(index, exact, ids: np.ndarray, n_queries: int = 500) -> float:
     return hits / (10 * len(q_ids))
 
 
-def screens(ws, run_id: int) -> None:
-    """Every screen's server time in AppTest: first run (caches cold) and a rerun."""
+def screens(ws, run_id: int, pause: float = 0.0) -> None:
+    """Every screen's server time in AppTest: first run (caches cold) and a rerun; ``pause``
+    seconds before each first view, as a person looks at a page before the next (what a page
+    warms in the background for the next one has that long)."""
     from streamlit.testing.v1 import AppTest
 
     app = str(ROOT / "app" / "main.py")
@@ -158,6 +160,7 @@ def screens(ws, run_id: int) -> None:
 
     for page in ("screens/clusters.py", "screens/review.py", "screens/map.py",
                  "screens/neighbours.py", "screens/export.py", "screens/folder_training.py"):
+        time.sleep(pause)
         for attempt in ("first", "again"):
             timed(f"screen {page.split('/')[-1][:-3]} ({attempt})",
                   lambda: at.switch_page(page).run())
@@ -198,7 +201,7 @@ def screens(ws, run_id: int) -> None:
     print(f"{'':<44} {heading}", flush=True)
 
 
-def screens_of(base: Path) -> int:
+def screens_of(base: Path, pause: float = 0.0) -> int:
     """The screens step alone, on the workspace and latest finished run under ``base``."""
     os.environ["SELFCLASSIFIER_HOME"] = str(base / "home")
     from selfclassifier_core.store.workspace import Workspace
@@ -207,8 +210,9 @@ def screens_of(base: Path) -> int:
     run = ws.latest_run()
     if run is None:
         raise SystemExit(f"no finished run in {base / 'ws'}: build it first with --keep")
-    print(f"screens of run {run.id} (a process of its own)", flush=True)
-    screens(ws, run.id)
+    print(f"screens of run {run.id} (a process of its own)"
+          + (f", {pause:g} s before each first view" if pause else ""), flush=True)
+    screens(ws, run.id, pause)
     return 0
 
 
@@ -220,9 +224,11 @@ def main() -> int:
     ap.add_argument("--skip-imagefolder", action="store_true")
     ap.add_argument("--screens-only", action="store_true",
                     help="only the app screens, on the workspace an earlier --keep DIR left")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="with --screens-only: seconds before each screen's first view")
     args = ap.parse_args()
     if args.screens_only:
-        return screens_of(Path(args.keep))
+        return screens_of(Path(args.keep), args.pause)
 
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sc-scale-"))
     os.environ["SELFCLASSIFIER_HOME"] = str(base / "home")
