@@ -18,24 +18,20 @@ def _table(n: int, labels: list[str], seed: int) -> pd.DataFrame:
 
 
 def _reference(table: pd.DataFrame) -> tuple[dict, dict]:
+    """Plain pandas: a stable sort by label, exclusion and confidence (ties keep id order)."""
+    ordered = table.sort_values(["label", "excluded", "confidence"], kind="stable")
     members, excluded = {}, {}
-    for (label, exc), part in table.groupby(["label", "excluded"]):
-        ids = part.sort_values("confidence", kind="stable").index.to_numpy(np.int64)
-        (excluded if exc else members)[label] = ids
+    for (label, exc), ids in ordered.groupby(["label", "excluded"], sort=False).groups.items():
+        (excluded if exc else members)[label] = list(ids)
     return members, excluded
 
 
 @pytest.mark.parametrize("labels", [["a", "b", "c", "d"],
-                                    [f"l{i}" for i in range(20_000)]])  # past a 16-bit key
+                                    [f"l{i}" for i in range(16_500)]])  # past a 16-bit key
 def test_members_of_each_label_least_confident_first_apart_from_the_excluded(labels):
-    table = _table(30_000, labels, seed=len(labels))
+    table = _table(17_000, labels, seed=len(labels))
     want_members, want_excluded = _reference(table)
     order = np.argsort(table["confidence"].to_numpy(), kind="stable")
-    for got in (_by_label(table), _by_label(table, order)):
-        members, excluded = got
-        assert members.keys() == want_members.keys()
-        assert excluded.keys() == want_excluded.keys()
-        for label, ids in want_members.items():
-            np.testing.assert_array_equal(members[label], ids)
-        for label, ids in want_excluded.items():
-            np.testing.assert_array_equal(excluded[label], ids)
+    for members, excluded in (_by_label(table), _by_label(table, order)):
+        assert {k: v.tolist() for k, v in members.items()} == want_members
+        assert {k: v.tolist() for k, v in excluded.items()} == want_excluded
