@@ -1,4 +1,4 @@
-"""How fast the curation layer is: FAISS kNN, the UMAP map, fetching a page of thumbnails.
+"""How fast the curation layer is: FAISS kNN, the UMAP map, a page of thumbnails, the label table.
 
     python benchmarks/curation_speed.py [--sizes 10000 100000] [--umap-n 10000] [--skip-umap]
 
@@ -110,6 +110,30 @@ def bench_thumbnails(tmp: Path, n_rows: int = 100_000, page: int = 100) -> None:
           f"{1000 * statistics.median(times):.1f} ms (min {1000 * min(times):.1f})")
 
 
+def bench_final_table(tmp: Path, n: int = 100_000) -> None:
+    """``Labels.final_table`` of a run of ``n`` images with 10,000 edits (moves to a label, to a
+    cluster, exclusions), warm: what every screen reads after an edit."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from workspace_fixtures import make_workspace_with_run
+
+    from selfclassifier_core.curation.labels import Labels
+
+    ws, _ = make_workspace_with_run(tmp, n_images=n, heads=(50,), write_images=False)
+    lab = Labels(ws)
+    lab.move(list(range(1, 5001)), label="Moved")
+    lab.exclude(list(range(5001, 7001)))
+    lab.move(list(range(9001, 12001)), cluster=3)
+    lab.final_table()  # warm: the catalog read once, as the app keeps it
+    times = []
+    for _ in range(5):
+        s = time.perf_counter()
+        df = lab.final_table()
+        times.append(time.perf_counter() - s)
+    assert len(df) == n
+    print(f"final table  {n:,} images, 10,000 edits: median {statistics.median(times):.3f} s "
+          f"(min {min(times):.3f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -120,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu cores: {os.cpu_count()}")
     with tempfile.TemporaryDirectory(prefix="sc-bench-") as tmp:
         bench_thumbnails(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="sc-bench-") as tmp:
+        bench_final_table(Path(tmp))
     bench_faiss(args.sizes, ivf=not args.no_ivf)
     if not args.skip_umap:
         bench_umap(args.umap_n)

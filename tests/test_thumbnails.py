@@ -127,18 +127,16 @@ def test_thumbnail_bytes_without_making(ws):
         assert im.size == (128, 128)
 
 
-def test_page_of_100_thumbnails_is_fast_on_a_100k_catalog(tmp_path):
+def test_a_page_of_cached_thumbnails_from_a_large_catalog(tmp_path):
+    """A page of the app reads its thumbnails' bytes among many catalog rows (its speed at
+    100,000 rows: benchmarks/curation_speed.py)."""
     ws, _ = make_workspace_with_run(tmp_path, n_images=100, image_size=64)
     now = time.time_ns()
     with ws.transaction() as conn:
         conn.executemany(
             "INSERT INTO images (id, path, bytes, mtime_ns, status) VALUES (?, ?, ?, ?, 'ok')",
-            ((i, f"more/{i:06d}.jpg", 1000, now) for i in range(101, 100_001)))
+            ((i, f"more/{i:06d}.jpg", 1000, now) for i in range(101, 10_001)))
     page = list(range(1, 101))
     ensure_thumbnails(ws, page, workers=2)                # cached once, as the app would
-    thumbnail_bytes(ws, page)                             # warm the OS cache
-    start = time.perf_counter()
     data = thumbnail_bytes(ws, page)
-    elapsed = time.perf_counter() - start
-    assert len(data) == 100 and all(v[:2] == b"\xff\xd8" for v in data.values())
-    assert elapsed < 0.5, f"100 cached thumbnails took {elapsed:.3f} s"
+    assert sorted(data) == page and all(v[:2] == b"\xff\xd8" for v in data.values())
