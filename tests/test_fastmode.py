@@ -268,3 +268,12 @@ def test_smoothed_predictions_average_each_image_with_its_neighbours():
         assert np.array_equal(heads[h][0], want.argmax(1).numpy())
         np.testing.assert_allclose(heads[h][1], want.max(1).values.numpy(), atol=1e-5)
         assert np.array_equal(plain[h][0], p.argmax(1).numpy())
+
+
+def test_a_larger_neighbour_search_starts_with_the_smaller_one():
+    """fit_fast searches once for training's positives and a refit's averaged predictions
+    and takes each one's first k columns: they must be the k-nearest search itself."""
+    torch.manual_seed(1)
+    x = torch.randn(700, 48)
+    wide = fastmode.knn_graph(x, 20, max_elements=700 * 64)   # several chunks
+    assert torch.equal(wide[:, :10], fastmode.knn_graph(x, 10, max_elements=700 * 64))

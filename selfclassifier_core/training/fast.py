@@ -230,8 +230,18 @@ def fit_fast(ws: Workspace, run_id: int, cfg: FastConfig, recorder: RunRecorder,
              if targets is not None else "")
     deadline = t_start + cfg.minutes * 60 if cfg.minutes else None
     labelled = _labelled(targets, train_ids) if targets is not None else None
+    # nearest neighbours in the pretrained space, a search quadratic in the images: training's
+    # positives (``nn_k``) and a refit's averaged predictions share one when training sees
+    # every image (a row's first k neighbours of a larger search are its k nearest)
+    smooth = cfg.refit_of is not None and PREDICT_NEIGHBOURS > 0  # module docs
+    train_k = cfg.nn_k if cfg.nn_k > 0 and cfg.nn_prob > 0 else 0
+    shared = knn_graph(full, max(train_k, PREDICT_NEIGHBOURS)) if smooth and keep.all() else None
+    if shared is not None:
+        nn_idx = shared[:, :train_k] if train_k else None
+    else:
+        nn_idx = knn_graph(train_feats[0], train_k) if train_k else None
     step, status, message = _train_heads(model, train_feats, cfg, recorder, stop_requested,
-                                         deadline, labelled)
+                                         deadline, labelled, nn_idx)
 
     # 3. checkpoint and predictions ---------------------------------------------------------
     model.cpu()
@@ -240,9 +250,10 @@ def fit_fast(ws: Workspace, run_id: int, cfg: FastConfig, recorder: RunRecorder,
         "train_config": cfg.to_dict(), "step": step, "steps": cfg.steps,
         "weights": cache.weights, "feature_cache": cache.key, "views": cache.recipe.to_dict()})
     model.to(device)
-    smooth = cfg.refit_of is not None and PREDICT_NEIGHBOURS > 0  # module docs
-    preds = _predictions(model, cache, full, cfg,
-                         knn_graph(full, PREDICT_NEIGHBOURS) if smooth else None)
+    if smooth:
+        near = (shared[:, :PREDICT_NEIGHBOURS] if shared is not None
+                else knn_graph(full, PREDICT_NEIGHBOURS))
+    preds = _predictions(model, cache, full, cfg, near if smooth else None)
     in_use = {k: int(len(np.unique(h.cluster))) for k, h in preds.heads.items()}
     spe = max(1, len(cache) // cfg.batch_size)
     total_s = time.perf_counter() - t_start
@@ -317,13 +328,15 @@ def _batch_views(idx: torch.Tensor, cfg: FastConfig, nn_idx: torch.Tensor | None
 
 def _train_heads(model, feats: torch.Tensor, cfg: FastConfig, recorder: RunRecorder,
                  stop_requested: Callable[[], bool], deadline: float | None,
-                 labelled: _Labelled | None = None) -> tuple[int, str, str | None]:
+                 labelled: _Labelled | None = None, nn_idx: torch.Tensor | None = None
+                 ) -> tuple[int, str, str | None]:
     """The optimisation loop; returns ``(steps taken, status, message)``. With ``labelled``
-    rows (a refit) each step adds ``cfg.supervised_weight`` times the supervised term."""
+    rows (a refit) each step adds ``cfg.supervised_weight`` times the supervised term;
+    ``nn_idx`` (``[N, nn_k]``, :func:`knn_graph` of ``feats[0]``) gives the neighbour
+    positives (None: none)."""
     n, batch, steps = feats.shape[1], cfg.batch_size, cfg.steps
     device = feats.device
     full = feats[0]
-    nn_idx = knn_graph(full, cfg.nn_k) if cfg.nn_k > 0 and cfg.nn_prob > 0 else None
     params = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
     opt = _make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
