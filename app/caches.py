@@ -380,14 +380,15 @@ def _review_basis(ws_path: str, run_id: int, head: int, preds_mtime: int, catalo
     return _Slot()
 
 
-def review_basis(ctx: Context, wait: bool = True):
+def review_basis(ctx: Context, wait: bool = True, view: LabelView | None = None):
     """What the review queue needs from the run that no edit changes
     (:func:`~selfclassifier_core.curation.review.review_basis`), made once per run, head and
-    catalog version (``wait=False``: start making it in the background, None until made)."""
+    catalog version (``wait=False``: start making it in the background, None until made);
+    ``view``: the :func:`label_view` the page has already."""
     from selfclassifier_core.curation.review import review_basis as make
 
     lab = ctx.labels()
-    view = label_view(ctx, lab)
+    view = view or label_view(ctx, lab)
     slot = _review_basis(str(ctx.ws.path), ctx.run.id, ctx.head,
                          _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version)
     return _built(slot, "Reading the run for the review queue (once per run)", "",
@@ -410,7 +411,7 @@ def review(ctx: Context, size: int, lab: Labels | None = None) -> ReviewView:
     :func:`review_basis`, made once."""
     lab = lab or ctx.labels()
     view = label_view(ctx, lab)
-    return _review(view.key, int(size), lab, view, review_basis(ctx))
+    return _review(view.key, int(size), lab, view, review_basis(ctx, view=view))
 
 
 # --------------------------------------------------------------------------- export

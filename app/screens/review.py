@@ -37,11 +37,11 @@ def render(ctx: Context) -> None:
     c1, c2, c3, c4 = st.columns(4)
     size = c4.selectbox("Images to review", SIZES, index=0, key="rv_size")
     shown = caches.review(ctx, size, lab)  # once per label version
-    fb, queue = shown, shown.queue
-    c1.metric("Checked", f"{fb.n_checked:,}")
-    c2.metric("In groups you named", f"{fb.n_named:,}")
-    c3.metric("Excluded", f"{fb.n_excluded:,}")
-    _refit_section(ctx, fb)
+    queue = shown.queue
+    c1.metric("Checked", f"{shown.n_checked:,}")
+    c2.metric("In groups you named", f"{shown.n_named:,}")
+    c3.metric("Excluded", f"{shown.n_excluded:,}")
+    _refit_section(ctx, shown)
     if queue.empty:
         st.success("Every usable image is checked or excluded.")
         return
@@ -93,7 +93,7 @@ def _refits_of(ctx: Context, run_id: int):
     return [r for r in ctx.ws.list_runs() if r.refit_of == run_id]
 
 
-def _refit_section(ctx: Context, fb) -> None:
+def _refit_section(ctx: Context, shown) -> None:
     with st.container(border=True):
         refits = _refits_of(ctx, ctx.run.id)
         latest = refits[-1] if refits else None
@@ -105,7 +105,7 @@ def _refit_section(ctx: Context, fb) -> None:
             if _open_once(ctx, latest.id, now):
                 st.rerun()
             _refit_outcome(ctx, latest.id, now)
-        nothing = fb.n_checked == 0 and fb.n_named == 0
+        nothing = shown.n_checked == 0 and shown.n_named == 0
         active = jobs.active_run(ctx.ws)
         if st.button("Retrain with my corrections", key="rv_refit", type="primary",
                      disabled=nothing or active is not None,
@@ -119,7 +119,7 @@ def _refit_section(ctx: Context, fb) -> None:
                 return
             st.session_state.watch_run = new_id
             ui.flash(f"Refit run {new_id} started in the background; it learns from "
-                     f"{fb.n_checked} checked images and {fb.n_named} in named groups.")
+                     f"{shown.n_checked} checked images and {shown.n_named} in named groups.")
             st.rerun()
         if active is not None:
             st.caption(f"Run {active} is training; the refit can start when it is done.")

@@ -121,10 +121,11 @@ def carry_over(workspace: Workspace | str | os.PathLike, from_run: int, to_run: 
     created labels are copied; an image the person confirmed is confirmed in the new run too,
     with the label it was confirmed in: where the new run put it in another cluster than the
     match of its old one, it is moved there (or to the old cluster's name, when that cluster
-    has no match and the person named it; unnamed, its confirmation is dropped). Edits the new run already had on those clusters and images are
-    replaced; the report lists each one it replaced (``names_overwritten``,
-    ``overrides_overwritten``). Everything is one operation in the new run's history (undo takes
-    it all back, replaced edits included) and is described in the returned report (also logged).
+    has no match and the person named it; unnamed, its confirmation is dropped). Edits the new
+    run already had on those clusters and images are replaced; the report lists each one it
+    replaced (``names_overwritten``, ``overrides_overwritten``). Everything is one operation in
+    the new run's history (undo takes it all back, replaced edits included) and is described in
+    the returned report (also logged).
 
     Args:
         workspace: the workspace, or its directory (a path).

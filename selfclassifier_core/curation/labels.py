@@ -379,11 +379,13 @@ class Labels(LabelStore):
             edited[pos] = mc | ml | oexc
             excluded[pos] = oexc
         cat_ids, cat_paths, cat_ok = cat
-        same = np.array_equal(cat_ids, self.image_ids)  # the usual case: no take of the paths
-        cpos = (np.arange(n) if same else
-                np.clip(np.searchsorted(cat_ids, self.image_ids), 0, max(len(cat_ids) - 1, 0)))
-        usable = ((cat_ids[cpos] == self.image_ids) & cat_ok[cpos] if len(cat_ids)
-                  else np.zeros(n, bool))
+        if not len(cat_ids):
+            usable, paths = np.zeros(n, bool), pd.array(np.array([""] * n, object), dtype="str")
+        elif np.array_equal(cat_ids, self.image_ids):  # the usual case: no take of the paths
+            usable, paths = cat_ok, cat_paths
+        else:
+            cpos = np.clip(np.searchsorted(cat_ids, self.image_ids), 0, len(cat_ids) - 1)
+            usable, paths = (cat_ids[cpos] == self.image_ids) & cat_ok[cpos], cat_paths[cpos]
         if not usable.all():
             log.info("run %s: %d predicted images are no longer usable in the catalog; left out",
                      self.run_id, int((~usable).sum()))
@@ -391,8 +393,7 @@ class Labels(LabelStore):
         cl = pd.array(np.where(has_cluster, cluster, 0), dtype="Int64")
         cl[~has_cluster] = pd.NA
         df = pd.DataFrame({
-            "path": (cat_paths if same and len(cat_ids) else cat_paths[cpos] if len(cat_ids)
-                     else pd.array(np.array([""] * n, object), dtype="str")),
+            "path": paths,
             "label": pd.array(label, dtype="str"),
             "cluster": cl,
             "confidence": self.confidence,

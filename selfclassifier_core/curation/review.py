@@ -24,8 +24,8 @@ doubtful images, a few per cluster, spread over each cluster's embedding space.
 What no edit changes -- each image's doubt, its group, the order of each group's members by
 their distance to the group's mean -- is a :class:`ReviewBasis`, made once per run
 (:func:`review_basis`; the app keeps it), so that choosing the queue again after a check costs
-the size of the few groups it picks from: at a million images 1.1 s for the basis, then
-0.01-0.2 s per queue of 12 (``benchmarks/scale.py``).
+the size of the few groups it picks from: at a million images 0.7-0.9 s for the basis,
+then 0.01-0.2 s per queue of 12 (``benchmarks/scale.py``).
 """
 from __future__ import annotations
 
