@@ -203,6 +203,41 @@ def test_a_basis_kept_across_edits_gives_the_queue_a_fresh_one_gives(ws_run, tmp
     assert len(set(seen)) == len(seen) == 32     # no image offered twice
 
 
+def test_centrality_is_each_image_s_cosine_to_its_group_mean_across_chunks():
+    from selfclassifier_core.store.predictions import group_centrality
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(250, 8)).astype(np.float16)
+    groups = rng.integers(0, 7, size=250)
+    groups[groups == 5] = 6                      # group 5 empty
+    x = emb.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    want = np.array([x[i] @ x[groups == groups[i]].mean(0) for i in range(250)])
+    for chunk in (1000, 37):                     # one pass, and chunks cutting groups apart
+        got = group_centrality(emb, groups, 7, chunk=chunk)
+        assert got.dtype == np.float32 and np.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="0..6"):
+        group_centrality(emb, np.full(250, 7), 7)
+
+
+def test_predictions_keep_the_finest_head_s_centrality_and_older_files_compute_it(ws_run):
+    from selfclassifier_core.store.predictions import PREDICTIONS_FILE, group_centrality
+
+    ws, run = ws_run
+    preds = load_predictions(ws.run_dir(run))
+    stored = preds.centrality
+    want = group_centrality(np.asarray(preds.embeddings), preds.heads[6].cluster, 6)
+    assert stored is not None and np.array_equal(stored, want)
+    lab = Labels(ws, run)
+    queue = review_queue(lab, 12)
+    path = ws.run_dir(run) / PREDICTIONS_FILE    # a file written before centrality was kept
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "centrality"}
+    np.savez(path, **arrays)
+    assert load_predictions(ws.run_dir(run)).centrality is None
+    assert review_queue(Labels(ws, run), 12).equals(queue)
+
+
 def test_queue_weighs_a_sample_of_a_huge_group(ws_run, monkeypatch):
     from selfclassifier_core.curation import review
 
@@ -289,23 +324,47 @@ def test_read_feedback_sorts_checked_named_and_excluded(ws_run):
                            "named clusters, 1 excluded"
 
 
-def test_plan_merged_clusters_share_a_class_and_a_new_label_takes_the_freed_one(ws_run):
+def test_plan_merged_clusters_keep_their_classes_and_a_new_label_gets_one(ws_run):
     ws, run = ws_run
     lab = Labels(ws, run)
     cl = clusters_of(ws, run)
-    in2 = [i for i, c in cl.items() if c == 2]
-    lab.merge([1, 0], name="animals")           # clusters 0 and 1: one label -> class 0
+    in0, in1, in2 = ([i for i, c in cl.items() if c == k] for k in range(3))
+    lab.merge([1, 0], name="animals")           # clusters 0 and 1: one label, both kept
     lab.move_to_label(in2[:4], "birds")         # a label no cluster carries
+    lab.move_to_label(in2[4:7], "animals")      # moved into the merged label
     plan = plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbours=0)
-    assert plan.heads == [3, 6]                 # no growth: class 1 was freed by the merge
-    assert plan.classes == {"animals": 0, "birds": 1, "cluster_2": 2}
-    assert plan.names == {0: "animals", 1: "birds"}
+    assert plan.heads == [4, 6]                 # no class was freed: the main head grows
+    assert plan.classes == {"animals": 0, "birds": 3, "cluster_2": 2}
+    assert plan.names == {0: "animals", 1: "animals", 3: "birds"}
     t = plan.targets
-    birds = np.isin(t.image_ids, in2[:4])
-    assert (t.classes[birds, 0] == 1).all() and (t.weights[birds] == 1).all()
-    assert (t.classes[~birds, 0] == 0).all()    # the rest: named (merged) images, weak
-    assert np.allclose(t.weights[~birds], 0.25)
-    assert not np.isin(t.image_ids, [i for i, c in cl.items() if c == 2][4:]).any()
+    cls = dict(zip(t.image_ids.tolist(), t.classes[:, 0].tolist()))
+    w = dict(zip(t.image_ids.tolist(), t.weights.tolist()))
+    assert all(cls[i] == 3 and w[i] == 1 for i in in2[:4])
+    assert all(cls[i] == 0 and w[i] == 0.25 for i in in0)  # named: each in its own cluster
+    assert all(cls[i] == 1 and w[i] == 0.25 for i in in1)
+    preds = load_predictions(ws.run_dir(run))  # a moved image: the nearest of the label's
+    x = np.asarray(preds.embeddings, np.float32)
+    centre = {k: x[np.isin(preds.image_ids, ids)].mean(0) for k, ids in ((0, in0), (1, in1))}
+    for i in in2[4:7]:
+        row = x[np.searchsorted(preds.image_ids, i)]
+        assert cls[i] == max(centre, key=lambda k: row @ centre[k]) and w[i] == 1
+    assert not set(in2[7:]) & set(cls)          # an untouched default cluster teaches nothing
+
+
+def test_a_new_label_takes_over_the_merged_cluster_its_images_came_from(ws_run):
+    ws, run = ws_run
+    lab = Labels(ws, run)
+    cl = clusters_of(ws, run)
+    in0, in1, in2 = ([i for i, c in cl.items() if c == k] for k in range(3))
+    lab.merge([0, 1], name="animals")
+    lab.move_to_label(in1[:3] + in2[:1], "birds")   # most of them from cluster 1
+    lab.move_to_label(in2[1:3], "fish")             # cluster 2 is its label's only one
+    plan = plan_refit(read_feedback(lab), [3, 6], ws.run_dir(run), neighbours=0)
+    assert plan.classes["birds"] == 1 and plan.classes["animals"] == 0
+    assert plan.heads == [4, 6] and plan.classes["fish"] == 3   # nothing freed: grown
+    assert plan.names == {0: "animals", 1: "birds", 3: "fish"}
+    cls = dict(zip(plan.targets.image_ids.tolist(), plan.targets.classes[:, 0].tolist()))
+    assert all(cls[i] == 0 for i in in1[3:])     # cluster 1's other images: still animals
 
 
 def test_plan_grows_the_main_head_when_labels_outnumber_classes(ws_run):
@@ -405,7 +464,7 @@ def test_applying_a_refit_names_its_clusters_and_keeps_every_checked_image(ws_ru
     save_plan(ws.run_dir(new), plan)
     out = apply_refit_labels(ws, new)
     nl = Labels(ws, new)
-    assert nl.cluster_names() == {0: "zero", 1: "rest", 2: "cluster_2"}
+    assert nl.cluster_names() == {0: "zero", 1: "rest", 2: "rest"}   # the merge: both kept
     df = nl.final_table()
     assert (df.loc[wrong, "label"] == "zero").all()   # the fixed one the model got wrong: moved
     assert df.loc[wrong[0], "edited"] and df.loc[wrong[1:], "confirmed"].all()
@@ -507,3 +566,25 @@ def test_start_state_puts_the_earlier_heads_in_the_new_order(tmp_path):
     state = start_state(ws, run, [7, 6])         # 3 grew to 7 and comes first
     assert torch.equal(state["heads.heads.0.weight"], model.heads.heads[1].weight)
     assert torch.equal(state["heads.heads.1.weight"], model.heads.heads[0].weight)
+
+
+def test_named_images_count_by_the_mode_of_the_run_refit(ws_run):
+    from selfclassifier_core.curation.feedback import NAMED_WEIGHTS
+    from selfclassifier_core.workflows.refit import prepare_refit
+
+    ws, run = ws_run                               # a finished scratch run
+    lab = Labels(ws, run)
+    lab.rename(0, "animals")
+    lab.confirm([int(lab.final_table().index[0])])
+    named = int(read_feedback(lab).named.sum())
+    weights = {}
+    for mode in ("scratch", "fast"):
+        with ws.transaction() as conn:
+            conn.execute("UPDATE runs SET mode = ? WHERE id = ?", (mode, run))
+        _new, plan, _opts = prepare_refit(ws, run, neighbours=0)
+        weights[mode] = sorted(plan.targets.weights.tolist())
+    assert weights["scratch"] == [1.0]             # a scratch refit: the checked image alone
+    assert weights["fast"] == [NAMED_WEIGHTS["fast"]] * named + [1.0]
+    assert 0 < NAMED_WEIGHTS["fast"] < 1
+    _new, plan, _opts = prepare_refit(ws, run, neighbours=0, named_weight=0.5)  # asked for
+    assert sorted(plan.targets.weights.tolist()) == [0.5] * named + [1.0]

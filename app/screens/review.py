@@ -119,7 +119,7 @@ def _refit_section(ctx: Context, shown) -> None:
                 return
             st.session_state.watch_run = new_id
             ui.flash(f"Refit run {new_id} started in the background; it learns from "
-                     f"{shown.n_checked} checked images and {shown.n_named} in named groups.")
+                     f"{shown.n_checked} checked images and the names of your groups.")
             st.rerun()
         if active is not None:
             st.caption(f"Run {active} is training; the refit can start when it is done.")

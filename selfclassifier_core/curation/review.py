@@ -22,10 +22,10 @@ its share taught less at 100 and 200 checks. A run with a single head falls back
 doubtful images, a few per cluster, spread over each cluster's embedding space.
 
 What no edit changes -- each image's doubt, its group, the order of each group's members by
-their distance to the group's mean -- is a :class:`ReviewBasis`, made once per run
-(:func:`review_basis`; the app keeps it), so that choosing the queue again after a check costs
-the size of the few groups it picks from: at a million images 0.7-0.9 s for the basis,
-then 0.01-0.2 s per queue of 12 (``benchmarks/scale.py``).
+how central they are (the predictions' ``centrality``, written with them) -- is a
+:class:`ReviewBasis`, made once per run (:func:`review_basis`; the app keeps it), so that
+choosing the queue again after a check costs the size of the few groups it picks from
+(``benchmarks/scale.py`` gives the figures at a million images).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..store.predictions import load_predictions
+from ..store.predictions import group_centrality, load_predictions, unit_rows
 from .feedback import read_feedback
 from .labels import Labels
 
@@ -57,8 +57,8 @@ COVER_CANDIDATES = 500  # at most this many of a group's candidates are weighed 
 @dataclass(frozen=True)
 class ReviewBasis:
     """What the queue needs from a run and head that no edit changes, made once
-    (:func:`review_basis`) and reused for every label version: at a million images it is most
-    of the work (reading the embeddings, ordering each group's members by how central they are).
+    (:func:`review_basis`) and reused for every label version (at a million images, sorting
+    each group's members by how central they are is most of the work).
 
     Arrays are aligned with ``ids`` (the rows of :meth:`Labels.final_table`). The embeddings
     stay memory-mapped: :meth:`unit` reads the few rows a pick weighs."""
@@ -75,7 +75,7 @@ class ReviewBasis:
 
     def unit(self, rows: np.ndarray) -> np.ndarray:
         """The embeddings of ``rows`` as float32 unit rows."""
-        return _unit_rows(self.embeddings, self.pos[rows])
+        return unit_rows(self.embeddings, self.pos[rows])
 
     def members(self, g: int) -> np.ndarray:
         return self.order[self.starts[g]:self.starts[g + 1]]
@@ -99,16 +99,12 @@ def review_basis(labels: Labels, table=None) -> ReviewBasis:
     fine = preds.heads[k].cluster[pos].astype(np.int64)
     order = np.argsort(fine, kind="stable")
     starts = np.searchsorted(fine[order], np.arange(k + 1))
-    basis = ReviewBasis(ids, doubt, disagree, emb, pos, fine, order, starts,
-                        np.empty(len(ids), np.int64))
-    for g in range(k):  # each group's members, the most central first (ties: lowest row)
-        members = basis.members(g)
-        if len(members):
-            x = basis.unit(members)
-            score = x @ x.mean(0)
-            basis.by_centre[starts[g]:starts[g + 1]] = members[np.argsort(-score,
-                                                                          kind="stable")]
-    return basis
+    centrality = preds.centrality  # written with the predictions; older runs: computed now
+    if centrality is None:
+        centrality = group_centrality(emb, preds.heads[k].cluster, k)
+    # each group's members, the most central first (ties: lowest row)
+    by_centre = np.lexsort((-centrality[pos], fine))
+    return ReviewBasis(ids, doubt, disagree, emb, pos, fine, order, starts, by_centre)
 
 
 def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None = None,
@@ -262,18 +258,6 @@ def _representatives(basis: ReviewBasis, cand: np.ndarray, checked: np.ndarray,
         take(int(rows[np.argmax(_cover_gain(basis, members, covered, rows))]))
         have[j] += 1
     return chosen
-
-
-def _unit_rows(embeddings: np.ndarray, pos: np.ndarray, chunk: int = 100_000) -> np.ndarray:
-    """``embeddings[pos]`` as float32 unit rows, converted in chunks: a million stored float16
-    rows cost their float32 copy (512 MB) and no more."""
-    out = np.empty((len(pos), embeddings.shape[1]), np.float32)
-    for start in range(0, len(pos), chunk):
-        block = out[start:start + chunk]
-        block[:] = embeddings[pos[start:start + chunk]]
-        norm = np.sqrt(np.einsum("ij,ij->i", block, block))  # a third faster than linalg.norm
-        block /= np.maximum(norm, 1e-12)[:, None]
-    return out
 
 
 def _cover_gain(basis: ReviewBasis, members: np.ndarray, covered: np.ndarray,

@@ -192,9 +192,11 @@ def library_hub_files(s: HubSpec) -> tuple[str, str | None, list[str]]:
 
 def weights_file(name: str) -> Path | None:
     """The cached weights file of ``name`` in the hub cache, or None (never uses the network)."""
+    repo, revision, files = _hub_files(spec(name))
+    if not (hub_cache_dir() / f"models--{repo.replace('/', '--')}").is_dir():
+        return None  # the hub cache's folder of the repo: none, so no import (0.2-0.4 s)
     from huggingface_hub import try_to_load_from_cache
 
-    repo, revision, files = _hub_files(spec(name))
     for filename in files:
         found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir(),
                                        revision=revision)

@@ -5,6 +5,11 @@ Files in the run directory (both written atomically):
 - ``predictions.npz``: ``image_ids`` int64 [N] (catalog ids, ascending), ``heads`` int64 [H]
   (class count of each head), ``cluster`` int32 [H, N], ``confidence`` float32 [H, N]
   (top-1 probability), ``margin`` float32 [H, N] (top-1 minus top-2 probability).
+  With embeddings, also ``centrality`` float32 [N]: how central each image is in its group of
+  the finest head (the most classes): its unit embedding's dot product with the mean of its
+  group's unit embeddings (:func:`group_centrality`). The review queue orders each group's
+  members by it; computed once here, where the embeddings are written, instead of reading a
+  million embeddings again in the app. Older files lack it (``None``: computed when needed).
 - ``embeddings.npy``: float16 [N, D], L2-normalised projection output, rows aligned with
   ``image_ids``; loaded memory-mapped.
 """
@@ -35,6 +40,7 @@ class Predictions:
     image_ids: np.ndarray                 # int64 [N]
     heads: dict[int, HeadPrediction]      # keyed by class count, in head order
     embeddings: np.ndarray | None = None  # float16 [N, D] (memory-mapped when loaded)
+    centrality: np.ndarray | None = None  # float32 [N], in the finest head (module docs)
 
     @property
     def head_sizes(self) -> list[int]:
@@ -65,6 +71,12 @@ def save_predictions(run_dir: str | Path, preds: Predictions) -> None:
     order = np.argsort(preds.image_ids, kind="stable")
     ids = np.asarray(preds.image_ids, dtype=np.int64)[order]
     heads = list(preds.heads.values())
+    emb = None if preds.embeddings is None else np.asarray(preds.embeddings, np.float16)[order]
+    centre = {}
+    if emb is not None and heads:
+        finest = preds.heads[max(preds.heads)]
+        centre["centrality"] = group_centrality(
+            emb, np.asarray(finest.cluster, np.int64)[order], finest.classes)
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -76,10 +88,11 @@ def save_predictions(run_dir: str | Path, preds: Predictions) -> None:
         else np.zeros((0, len(ids)), np.float32),
         margin=np.stack([np.asarray(h.margin, np.float32)[order] for h in heads]) if heads
         else np.zeros((0, len(ids)), np.float32),
+        **centre,
     )
-    if preds.embeddings is not None:
+    if emb is not None:
         with atomic_open(run_dir / EMBEDDINGS_FILE, "wb") as fh:
-            np.save(fh, np.asarray(preds.embeddings, dtype=np.float16)[order])
+            np.save(fh, emb)
     with atomic_open(run_dir / PREDICTIONS_FILE, "wb") as fh:
         fh.write(buf.getvalue())
 
@@ -97,12 +110,56 @@ def load_predictions(run_dir: str | Path, embeddings: bool = True) -> Prediction
     with np.load(path) as z:  # each z[...] reads (and inflates) the whole array: once each
         ids, sizes = z["image_ids"], z["heads"]
         cluster, confidence, margin = z["cluster"], z["confidence"], z["margin"]
+        centrality = z["centrality"] if "centrality" in z.files else None
     heads = {int(k): HeadPrediction(int(k), cluster[i], confidence[i], margin[i])
              for i, k in enumerate(sizes)}
     emb = None
     if embeddings and (run_dir / EMBEDDINGS_FILE).exists():
         emb = np.load(run_dir / EMBEDDINGS_FILE, mmap_mode="r")
-    return Predictions(image_ids=ids, heads=heads, embeddings=emb)
+    return Predictions(image_ids=ids, heads=heads, embeddings=emb, centrality=centrality)
+
+
+def unit_rows(embeddings: np.ndarray, pos: np.ndarray | None = None,
+              chunk: int = 100_000) -> np.ndarray:
+    """``embeddings[pos]`` (all rows when ``pos`` is None) as float32 unit rows, converted in
+    chunks: a million stored float16 rows cost their float32 copy (512 MB) and no more."""
+    n = len(embeddings) if pos is None else len(pos)
+    out = np.empty((n, embeddings.shape[1]), np.float32)
+    for start in range(0, n, chunk):
+        block = out[start:start + chunk]
+        block[:] = (embeddings[start:start + chunk] if pos is None
+                    else embeddings[pos[start:start + chunk]])
+        norm = np.sqrt(np.einsum("ij,ij->i", block, block))  # a third faster than linalg.norm
+        block /= np.maximum(norm, 1e-12)[:, None]
+    return out
+
+
+def group_centrality(embeddings: np.ndarray, groups: np.ndarray, k: int,
+                     chunk: int = 100_000) -> np.ndarray:
+    """For each row, the dot product of its unit embedding with the mean of the unit embeddings
+    of its group (``groups`` [N] in ``0..k-1``): near 1 at a group's centre, lower at its edge.
+    Two passes over ``embeddings`` in chunks (float16 or float32; memory-mapped is fine)."""
+    groups = np.asarray(groups, np.int64)
+    n, d = len(groups), embeddings.shape[1]
+    if len(embeddings) != n:
+        raise ValueError(f"{len(embeddings)} embeddings for {n} group ids")
+    if n and (groups.min() < 0 or groups.max() >= k):
+        raise ValueError(f"group ids must lie in 0..{k - 1}")
+    sums = np.zeros((k, d), np.float64)
+    step = max(1, min(chunk, (1 << 24) // max(k, 1)))  # the one-hot block stays under 64 MB
+    for start in range(0, n, step):
+        x = unit_rows(embeddings[start:start + step])
+        g = groups[start:start + step]
+        onehot = np.zeros((k, len(g)), np.float32)
+        onehot[g, np.arange(len(g))] = 1.0
+        sums += onehot @ x  # per-group sums as one product (np.add.reduceat is slower)
+    counts = np.bincount(groups, minlength=k)
+    means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    out = np.empty(n, np.float32)
+    for start in range(0, n, chunk):
+        x = unit_rows(embeddings[start:start + chunk])
+        out[start:start + chunk] = np.einsum("ij,ij->i", x, means[groups[start:start + chunk]])
+    return out
 
 
 def load_run_embeddings(workspace, run_id: int | None = None):

@@ -9,6 +9,8 @@ Layout::
                           neighbors.faiss (+ ids, key), umap.npy (+ key)
       features/           fast-mode feature caches (float16, memory-mapped)
       thumbnails/         thumbnails, made once
+      cache/              what is kept to start faster (catalog-paths.arrow: the catalog's
+                          ids and paths, for the next process)
       exports/            default place for exports
 
 The image folder itself is never written to. The default location is
@@ -366,6 +368,10 @@ class Workspace:
     @property
     def thumbnails_dir(self) -> Path:
         return self.path / "thumbnails"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.path / "cache"
 
     @property
     def exports_dir(self) -> Path:

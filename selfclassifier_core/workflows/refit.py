@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..curation.feedback import (NAMED_WEIGHT, NEIGHBOUR_WEIGHT, NEIGHBOURS, RefitPlan,
-                                 plan_refit, read_feedback, read_plan, save_plan)
+from ..curation.feedback import (NAMED_WEIGHT, NAMED_WEIGHTS, NEIGHBOUR_WEIGHT, NEIGHBOURS,
+                                 RefitPlan, plan_refit, read_feedback, read_plan, save_plan)
 from ..curation.labels import Labels
 from ..store.runfiles import ProgressFn
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
@@ -61,7 +61,7 @@ class RefitResult:
 
 
 def prepare_refit(workspace: Workspace | str | os.PathLike, run_id: int | None = None, *,
-                  head: int | None = None, named_weight: float = NAMED_WEIGHT,
+                  head: int | None = None, named_weight: float | None = None,
                   neighbours: int = NEIGHBOURS, neighbour_weight: float = NEIGHBOUR_WEIGHT,
                   **options: Any) -> tuple[int, RefitPlan, dict[str, Any]]:
     """Plan a refit of ``run_id`` (default: the newest finished run) and create its run
@@ -81,6 +81,8 @@ def prepare_refit(workspace: Workspace | str | os.PathLike, run_id: int | None =
         raise ValueError(f"run {source.id} has nothing to learn from yet: name some clusters, "
                          "move or confirm some images first (`labels WS next` lists the "
                          "images worth checking)")
+    if named_weight is None:
+        named_weight = NAMED_WEIGHTS.get(source.mode, NAMED_WEIGHT)
     plan = plan_refit(fb, source.heads, source.dir, named_weight, neighbours, neighbour_weight)
     opts = refit_options(source.config, plan, options)
     cls = config_class(source.mode)
@@ -113,7 +115,7 @@ def refit_options(source_config: dict[str, Any], plan: RefitPlan,
 
 
 def refit(workspace: Workspace | str | os.PathLike, run_id: int | None = None, *,
-          head: int | None = None, named_weight: float = NAMED_WEIGHT,
+          head: int | None = None, named_weight: float | None = None,
           neighbours: int = NEIGHBOURS, neighbour_weight: float = NEIGHBOUR_WEIGHT,
           progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
           **options: Any) -> RefitResult:
@@ -123,7 +125,8 @@ def refit(workspace: Workspace | str | os.PathLike, run_id: int | None = None, *
         workspace: the workspace, or its directory.
         run_id: the run whose labels teach (it stays as it is).
         head: its head whose labels are read (default: its main head).
-        named_weight: how much an unchecked image of a named cluster counts (a checked one: 1).
+        named_weight: how much an unchecked image of a named cluster counts (a checked one: 1;
+            default: the run's mode's, :data:`~..curation.feedback.NAMED_WEIGHTS`).
         neighbours, neighbour_weight: a checked image lends its label to this many nearest
             unchecked images, which count this much
             (:func:`~..curation.feedback.plan_refit`).
