@@ -51,9 +51,10 @@ REFIT_FILE = "refit.json"  # in a refit's run directory, next to targets.npz
 
 NAMED_WEIGHT = 0.25  # weight of an unchecked image of a named cluster (checked: 1), fast mode
 # ... by the mode of the run refit. A scratch or finetune refit trains the whole network, and
-# named images pulling toward their cluster's label moved it off the named grouping without
-# a check (benchmarks/refit.py, MNIST 2,000, default recipe: 0.672 -> 0.607 at 0.25, 0.577 at
-# 0); with 50 checks 0 did better: 0.775 vs 0.745 (see README "Teach it" for all three sets)
+# named images pulling toward their cluster (at full strength: the supervised term is
+# normalised by the batch's weights) moved it off the named grouping: benchmarks/refit.py,
+# MNIST 2,000, default recipe, no check: 0.672 -> 0.621 at 0.25, 0.683 at 0 (50 checks: 0.761
+# either way)
 NAMED_WEIGHTS = {"fast": NAMED_WEIGHT, "scratch": 0.0, "finetune": 0.0}
 NEIGHBOURS = 80      # each checked image lends its label to this many nearest neighbours
                      # (benchmarks/refit.py, 50 checks: 10 -> 80 gained 0.02-0.09 ACC

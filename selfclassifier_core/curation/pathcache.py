@@ -120,8 +120,10 @@ def _read_snapshot(workspace: Workspace, created: str | None):
     if created is None or not path.exists():
         return empty
     try:
-        with pa.OSFile(str(path), "rb") as fh:
-            table = ipc.open_file(fh).read_all()
+        # memory-mapped: the first read in a process costs ~10 ms instead of ~0.4 s (Linux
+        # keeps the mapped file while a newer snapshot replaces it; where the platform refuses
+        # to replace a mapped file, the newer one is not written and the database is read)
+        table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         if meta.get("created") != created:
             return empty
