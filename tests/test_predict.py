@@ -142,3 +142,35 @@ def test_predict_without_runs_is_clear(tmp_path):
     ws = Workspace.for_folder(make_folder(tmp_path / "f", n=2), tmp_path / "ws")
     with pytest.raises(WorkspaceError, match="no finished training run"):
         predict(ws, device="cpu")
+
+
+@pytest.mark.slow  # trains a model (fixture)
+def test_a_refit_s_predictions_average_each_image_with_its_neighbours(trained, monkeypatch):
+    """predict(neighbours=k), as a scratch refit's pipeline calls it: each image's class
+    probabilities are the mean of its own and its k nearest images' in the run's embedding;
+    the embeddings stay the model's own."""
+    from selfclassifier_core.inference import predict as predict_mod
+
+    _, res = trained
+    seen = {}
+    real = predict_mod._infer
+
+    def spy(*args, **kwargs):
+        seen["out"] = real(*args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(predict_mod, "_infer", spy)
+    smoothed = predict(res.workspace, device="cpu", save=False, neighbours=3)
+    _pos, emb, probs = seen["out"]
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    near = np.argsort(-sim, axis=1, kind="stable")[:, :3]
+    for k, p in zip(smoothed.heads, probs):
+        want = (p + p[near].sum(1)) / 4
+        assert np.array_equal(smoothed.heads[k].cluster, want.argmax(1))
+        np.testing.assert_allclose(smoothed.heads[k].confidence, want.max(1), atol=1e-5)
+    plain = predict(res.workspace, device="cpu", save=False)
+    for k, p in zip(plain.heads, seen["out"][2]):
+        assert np.array_equal(plain.heads[k].cluster, p.argmax(1))
+    np.testing.assert_allclose(smoothed.embeddings.astype(np.float32), emb, atol=2e-3)

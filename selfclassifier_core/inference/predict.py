@@ -133,7 +133,7 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
             progress: Progress | None = None, model: nn.Module | None = None,
             image_size: int | None = None, folder: str | os.PathLike | None = None,
             out_workspace: str | os.PathLike | None = None, workers: int | None = None,
-            save: bool = True) -> Predictions:
+            save: bool = True, neighbours: int = 0) -> Predictions:
     """Predict every usable catalog image with run ``run_id`` (default: the newest done run).
 
     Args:
@@ -147,6 +147,9 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
         folder: predict this *other* folder instead (see :func:`predict_folder`).
         out_workspace: with ``folder``, where its workspace goes (default: the folder's).
         save: write ``predictions.npz``/``embeddings.npy`` into the run directory.
+        neighbours: each image's class probabilities are the mean of its own and those of
+            this many nearest images in the run's embedding (a refit's, as fast mode's
+            :data:`~..training.fast.PREDICT_NEIGHBOURS`); 0: the model's own.
 
     Images that fail to load at prediction time are left out with a warning.
     """
@@ -178,6 +181,11 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
         log.warning("%d of %d images could not be read and have no prediction",
                     len(items) - len(pos), len(items))
     ids = np.array([items[i][0] for i in pos], dtype=np.int64)
+    if neighbours > 0 and len(emb) > 1:
+        from ..training.fast import knn_graph
+
+        near = knn_graph(torch.from_numpy(emb), neighbours).numpy()
+        probs = [(p + p[near].sum(1)) / (1 + near.shape[1]) for p in probs]
     heads = {k: head_prediction(k, p) for k, p in zip(model.head_sizes, probs)}
     preds = Predictions(image_ids=ids, heads=heads, embeddings=emb.astype(np.float16))
     if save:
