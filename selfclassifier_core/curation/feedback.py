@@ -203,7 +203,7 @@ def plan_refit(fb: Feedback, run_heads: list[int], run_dir,
     label = fb.label.copy()
     lent = np.zeros(len(fb.ids), bool)
     lending = bool(neighbours and neighbour_weight > 0 and fb.n_checked)
-    merged = any(len(cs) > 1 for n, cs in carriers.items() if n in classes)
+    merged = any(len(cs) > 1 for cs in carriers.values())  # carriers: labels with a class
     preds = (load_predictions(run_dir, embeddings=lending or merged)
              if others or lending or merged else None)
     if lending:
@@ -253,15 +253,16 @@ def _label_classes(fb: Feedback, kept: np.ndarray, label: np.ndarray, rows: np.n
                    preds) -> np.ndarray:
     """The main-head class of each labelled row: its label's class; for a label that several
     clusters carry (a merge), the row's own cluster when it is one of them, else (moved there,
-    or lent the label) the one whose mean embedding is nearest to the row's (the label's first
-    class when the run has no embeddings)."""
+    or lent the label) the one whose mean embedding is nearest to the row's (the label's lowest
+    cluster when the run has no embeddings). ``carriers``: each label with a class -> its
+    clusters."""
     out = np.array([classes[n] for n in label[rows]], np.int64)
-    merged = {n: cs for n, cs in carriers.items() if n in classes and len(cs) > 1}
+    merged = {n: cs for n, cs in carriers.items() if len(cs) > 1}
     if not merged:
         return out
-    emb = None
-    if preds is not None and preds.embeddings is not None:
-        emb = preds.embeddings[preds.position(fb.ids)]
+    emb = pos = None
+    if preds is not None and preds.embeddings is not None:  # rows read as needed, no copy
+        emb, pos = preds.embeddings, preds.position(fb.ids)
     own = fb.cluster[rows]
     for name, cs in merged.items():
         mine = np.flatnonzero(label[rows] == name)
@@ -270,12 +271,12 @@ def _label_classes(fb: Feedback, kept: np.ndarray, label: np.ndarray, rows: np.n
         rest = mine[~inside]
         if not len(rest) or emb is None:
             continue
-        x = np.asarray(emb[rows[rest]], np.float32)
+        x = np.asarray(emb[pos[rows[rest]]], np.float32)
         score = np.full((len(rest), len(cs)), -np.inf)
         for j, c in enumerate(cs):
             members = kept & (fb.cluster == c) & (fb.label == name)
             if members.any():  # a cluster of the label left with none of its images: not it
-                score[:, j] = x @ np.asarray(emb[members], np.float32).mean(0)
+                score[:, j] = x @ np.asarray(emb[pos[members]], np.float32).mean(0)
         out[rest] = np.asarray(cs)[np.argmax(score, axis=1)]
     return out
 

@@ -44,7 +44,6 @@ def cached_catalog(workspace: Workspace, conn) -> tuple[np.ndarray, "pd.arrays.S
     returned as it is (a million images: 0.2 s of counting and reading saved per call); read it
     in the caller's read transaction for an answer consistent with the caller's other reads.
     """
-    import pandas as pd
     import pyarrow as pa
 
     key = str(Path(workspace.db_path).resolve())
