@@ -307,9 +307,14 @@ class LabelView:
 
 
 # per label version (every edit makes one; about 100 MB at a million images): the newest few
-@st.cache_resource(show_spinner="Building the table of final labels…", max_entries=4)
+@st.cache_resource(show_spinner=False, max_entries=4)
 def _label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: int,
-                catalog: str) -> LabelView:
+                catalog: str) -> _Slot:
+    return _Slot()
+
+
+def _make_label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mtime: int,
+                     catalog: str) -> LabelView:
     from selfclassifier_core.curation.labels import Labels
 
     lab = Labels(Workspace.open(ws_path), run_id, head)
@@ -354,11 +359,14 @@ def _by_label(table: "pd.DataFrame", order=None) -> tuple[dict, dict]:
     return members, excluded
 
 
-def label_view(ctx: Context, lab: Labels | None = None) -> LabelView:
-    """Cached per edit marker: read fresh from the database whenever anything changed."""
+def label_view(ctx: Context, lab: Labels | None = None, wait: bool = True) -> LabelView | None:
+    """Cached per edit marker: read fresh from the database whenever anything changed
+    (``wait=False``: start making it in the background, None until made)."""
     lab = lab or ctx.labels()
-    return _label_view(str(ctx.ws.path), ctx.run.id, ctx.head, edit_marker(lab),
-                       _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version)
+    key = (str(ctx.ws.path), ctx.run.id, ctx.head, edit_marker(lab),
+           _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version)
+    return _built(_label_view(*key), "Building the table of final labels", "",
+                  lambda progress: _make_label_view(*key), wait)
 
 
 # --------------------------------------------------------------------------- review

@@ -817,6 +817,9 @@ def test_interrupted_run_shows_with_its_resume(tmp_path, monkeypatch):
     assert (f"python -m selfclassifier_core train {ws.root} --workspace {ws.path} --resume "
             f"--run {run_id}") in warning[0]
     assert warning[0].endswith("Resume (below) continues it from its last checkpoint.")
+    assert not at.dataframe                      # the runs table is folded: not drawn
+    at.session_state["runs_table"] = True        # opened, it is drawn
+    at.run()
     table = at.dataframe[0].value
     assert table.set_index("run").at[run_id, "status"] == "interrupted"
     at.button(key=f"resume_{run_id}").click().run()

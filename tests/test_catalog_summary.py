@@ -1,7 +1,9 @@
 """catalog_summary: counts by status, the last scan's report, unreadable files, the version."""
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 
 import pytest
 from PIL import Image
@@ -95,6 +97,23 @@ def test_version_changes_with_each_scan_and_each_change(scanned):
     assert s.version not in (v0, v1, v2)
     assert s.counts == {"ok": 2, "unreadable": 1, "missing": 1}
     assert s.last_scan["missing"] == 1
+
+
+def test_counts_are_remembered_until_any_writer_changes_the_catalog(scanned):
+    folder, ws = scanned
+    assert catalog_summary(ws).counts == {"ok": 3, "unreadable": 1, "missing": 0}
+    changes, _, remembered = ws.get_meta("status_counts").partition(":")
+    assert json.loads(remembered) == {"ok": 3, "unreadable": 1}
+    with sqlite3.connect(ws.path / "workspace.db") as raw:   # the memo is what is read ...
+        raw.execute("UPDATE meta SET value=? WHERE key='status_counts'",
+                    (f"{changes}:" + json.dumps({"ok": 7}),))
+    assert catalog_summary(ws).counts == {"ok": 7, "unreadable": 0, "missing": 0}
+    with sqlite3.connect(ws.path / "workspace.db") as raw:   # ... until the images change
+        raw.execute("UPDATE images SET status='missing' WHERE path='a.png'")
+    assert catalog_summary(ws).counts == {"ok": 2, "unreadable": 1, "missing": 1}
+    with sqlite3.connect(ws.path / "workspace.db") as raw:   # a change of reason alone: kept
+        raw.execute("UPDATE images SET reason='x' WHERE path='broken.png'")
+    assert catalog_summary(ws).counts == {"ok": 2, "unreadable": 1, "missing": 1}
 
 
 def test_an_unreadable_report_reads_as_empty(scanned):

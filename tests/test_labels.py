@@ -69,6 +69,27 @@ def test_unknown_head_and_run(ws_run):
         Labels(ws, run_id=99)
 
 
+def test_predictions_are_read_at_first_use_not_for_the_history(ws_run, monkeypatch):
+    import selfclassifier_core.curation.labelstate as labelstate
+
+    ws, run_id = ws_run
+    Labels(ws, head=3).rename(0, "cats")
+    reads = []
+    real = labelstate.load_predictions
+    monkeypatch.setattr(labelstate, "load_predictions",
+                        lambda *a, **k: reads.append(1) or real(*a, **k))
+    lab = Labels(ws, head=3)
+    assert [e.op for e in lab.history()] == ["rename"] and lab.can_undo() and reads == []
+    lab.undo()                             # a rename's undo needs no prediction either
+    assert lab.cluster_names()[0] == "cluster_0" and reads == []
+    lab.move([1, 2], cluster=1)            # checks the ids against the run's: reads them
+    assert len(reads) == 1
+    expected = cluster_assignments(30, 3, seed=0)
+    expected[:2] = 1                       # images 1 and 2, moved
+    assert lab.final_table()["cluster"].tolist() == expected.tolist()
+    assert len(reads) == 1                 # read once, then kept
+
+
 def test_image_no_longer_usable_left_out(ws_run):
     ws, _ = ws_run
     with ws.transaction() as conn:

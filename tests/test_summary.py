@@ -6,7 +6,9 @@ the code under test.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -115,6 +117,42 @@ def test_only_usable_images_count_and_exclusions_are_reported(ws12):
     assert s.head(2).sizes == (6, 5) and s.head(4).sizes == (3, 3, 3, 2)
     assert (s.head(2).excluded, s.head(4).excluded) == (0, 2)      # counted in, reported beside
     assert s.head(4).agreement == 1.0
+
+
+def test_the_numbers_are_remembered_until_the_predictions_or_the_catalog_change(
+        ws12, monkeypatch, caplog):
+    import selfclassifier_core.curation.summary as summary_module
+
+    reads = []
+    real = summary_module.load_predictions
+    monkeypatch.setattr(summary_module, "load_predictions",
+                        lambda *a, **k: reads.append(1) or real(*a, **k))
+    run_id = _run(ws12, {2: [0] * 6 + [1] * 6})
+    first = run_summary(ws12, run_id)
+    assert first.head(2).sizes == (6, 6) and len(reads) == 1
+    assert run_summary(ws12, run_id) == first and len(reads) == 1        # from the memo
+    with ws12.transaction() as conn:                                     # the catalog changes
+        conn.execute("UPDATE images SET status='missing' WHERE id=1")
+    s = run_summary(ws12, run_id)
+    assert (s.images, s.head(2).sizes, len(reads)) == (11, (6, 5), 2)
+    # exclusions are no key: counted at each call, among the usable images only (1 is missing)
+    Labels(ws12, run_id, head=2).exclude([1, 2])
+    s = run_summary(ws12, run_id)
+    assert (s.head(2).excluded, s.head(2).sizes, len(reads)) == (1, (6, 5), 2)
+    path = ws12.run_dir(run_id) / "predictions.npz"                     # new predictions
+    save_predictions(ws12.run_dir(run_id), Predictions(np.arange(1, 13, dtype=np.int64), {
+        2: HeadPrediction(2, np.array([0] * 9 + [1] * 3, np.int32), np.full(12, 0.9, np.float32),
+                          np.full(12, 0.5, np.float32))}))
+    stat = path.stat()            # a rewrite within the clock's tick would keep the time
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    s = run_summary(ws12, run_id)
+    assert (s.head(2).sizes, s.head(2).excluded, len(reads)) == ((8, 3), 1, 3)
+    memo = ws12.cache_dir / summary_module.MEMO.format(run_id)
+    memo.write_text("{not json")                                         # damaged: done again
+    with caplog.at_level("WARNING"):
+        assert run_summary(ws12, run_id) == s
+    assert "not used" in caplog.text and len(reads) == 4
+    assert json.loads(memo.read_text())["images"] == 11
 
 
 def test_the_fixture_run_and_every_form_of_the_workspace(tmp_path):

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import time
 
-import pandas as pd
 import streamlit as st
 
-from app import autogroup, session, training_form, ui
+from app import autogroup, caches, session, training_form, ui
 from app.run_summary import render_summary
 from app.session import Context
 from selfclassifier_core.catalog.summary import CatalogSummary, catalog_summary
@@ -30,6 +29,8 @@ def render(ctx: Context) -> None:
         st.divider()
     _settings_section(ctx, summary.usable)
     _runs_table(ctx)
+    if ctx.run is not None:  # what every other screen starts from, made while this one is read
+        caches.label_view(ctx, wait=False)  # (a million images: ~0.5 s, and pandas' import)
 
 
 # --------------------------------------------------------------------------- scan
@@ -70,7 +71,8 @@ def _scan_section(ctx: Context) -> CatalogSummary:
     if summary.unreadable:
         with st.expander(f"Unreadable images ({counts['unreadable']:,}) and why",
                          expanded=len(summary.unreadable) <= 10):
-            st.dataframe(pd.DataFrame(summary.unreadable, columns=["file", "reason"]),
+            st.dataframe({"file": [f for f, _ in summary.unreadable],
+                          "reason": [r for _, r in summary.unreadable]},
                          hide_index=True, width="stretch")
             if st.button("Read these files again", key="retry_unreadable",
                          help="A rescan reads only new and changed files; this also reads the "
@@ -79,7 +81,8 @@ def _scan_section(ctx: Context) -> CatalogSummary:
                 st.rerun()
     if summary.skipped:
         with st.expander(f"Skipped paths ({len(summary.skipped):,})"):
-            st.dataframe(pd.DataFrame(summary.skipped, columns=["path", "reason"]),
+            st.dataframe({"path": [p for p, _ in summary.skipped],
+                          "reason": [r for _, r in summary.skipped]},
                          hide_index=True)
     if counts["missing"]:
         st.caption(f"{counts['missing']:,} files seen earlier are gone from the folder.")
@@ -258,13 +261,16 @@ def _runs_table(ctx: Context) -> None:
     runs = ctx.ws.list_runs()
     if not runs:
         return
-    with st.expander(f"All runs ({len(runs)})"):
-        st.dataframe(pd.DataFrame([{
+    # drawn only while open: folded it costs nothing (a first table imports pandas, ~0.3 s)
+    with st.expander(f"All runs ({len(runs)})", key="runs_table", on_change="rerun") as box:
+        if not box.open:
+            return
+        st.dataframe([{
             "run": r.id, "status": r.status, "mode": r.mode,
             "classes": "/".join(map(str, r.heads)), "started": time.strftime(
                 "%Y-%m-%d %H:%M", time.localtime(r.created)),
             "minutes": round((r.finished - r.created) / 60, 1) if r.finished else None,
-            "message": r.summary or ""} for r in reversed(runs)]), hide_index=True,
+            "message": r.summary or ""} for r in reversed(runs)], hide_index=True,
             width="stretch")
 
 

@@ -70,6 +70,12 @@ def _parse_report(text: str | None, scan_id: int) -> dict[str, Any]:
     return report if isinstance(report, dict) else {}
 
 
+def _count_statuses(conn) -> str:
+    """Images per status as JSON (a million rows: ~0.1 s; remembered by the workspace)."""
+    return json.dumps({status: int(n) for status, n in conn.execute(
+        "SELECT status, COUNT(*) FROM images GROUP BY status")})
+
+
 def catalog_summary(workspace: Workspace | str | os.PathLike,
                     unreadable_limit: int = UNREADABLE_LIMIT) -> CatalogSummary:
     """Counts by status, the last finished scan's report and the unreadable files of a catalog.
@@ -90,12 +96,11 @@ def catalog_summary(workspace: Workspace | str | os.PathLike,
     # The version is taken before the rest is read: if a scan writes in between, the data is
     # at least as new as the version, so a cache keyed by it never keeps older data.
     usable_version = ws.catalog_version()
+    counts = dict.fromkeys(STATUSES, 0)
+    counts.update(json.loads(ws.catalog_memo("status_counts", _count_statuses)))
     conn = ws.connect()
     try:
         conn.execute("BEGIN")  # one read snapshot for everything below
-        counts = dict.fromkeys(STATUSES, 0)
-        counts.update({status: int(n) for status, n in conn.execute(
-            "SELECT status, COUNT(*) FROM images GROUP BY status")})
         row = conn.execute("SELECT id, report FROM scans WHERE finished IS NOT NULL "
                            "ORDER BY id DESC LIMIT 1").fetchone()
         unreadable = [(r[0], r[1] or "") for r in conn.execute(

@@ -17,6 +17,7 @@ operation, whoever made it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..store.predictions import load_predictions
+from ..store.predictions import load_predictions, prediction_heads
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
 
 log = logging.getLogger(__name__)
@@ -165,23 +166,19 @@ class LabelStore:
         self.workspace = workspace
         run = workspace.resolve_run(run_id)
         self.run_id = run.id
+        self._run_dir = run.dir
         try:
-            preds = load_predictions(run.dir, embeddings=False)
+            heads = prediction_heads(run.dir)  # the arrays are read when first needed
         except FileNotFoundError as exc:
             raise WorkspaceError(f"run {run.id} has no predictions yet; run `predict` on it "
                                  f"({exc})") from exc
         if head is None:
-            head = run.main_head if run.main_head in preds.heads else preds.head_sizes[0]
+            head = run.main_head if run.main_head in heads else heads[0]
         head = int(head)
-        if head not in preds.heads:
+        if head not in heads:
             raise ValueError(f"run {run.id} has no head with {head} classes; its heads are "
-                             f"{preds.head_sizes}")
+                             f"{heads}")
         self.head = head
-        hp = preds.heads[head]
-        self.image_ids = np.asarray(preds.image_ids, np.int64)
-        self.predicted = np.asarray(hp.cluster, np.int64)
-        self.confidence = np.asarray(hp.confidence, np.float32)
-        self.margin = np.asarray(hp.margin, np.float32)
         self._defaults = [default_name(c, head) for c in range(head)]
         with workspace._conn() as conn:
             have = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table' AND name "
@@ -190,6 +187,34 @@ class LabelStore:
         if have < 5:  # take the write lock only when the tables are missing
             with workspace.transaction() as conn:
                 ensure_schema(conn)
+
+    # ------------------------------------------------------------------ the run's predictions
+    @functools.cached_property
+    def _predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The head's ``(image_ids, predicted, confidence, margin)``, read once, at first use
+        (a million images: ~0.1 s; the history and the undo buttons never need them)."""
+        hp = load_predictions(self._run_dir, embeddings=False)
+        return (np.asarray(hp.image_ids, np.int64), np.asarray(hp.heads[self.head].cluster,
+                np.int64), np.asarray(hp.heads[self.head].confidence, np.float32),
+                np.asarray(hp.heads[self.head].margin, np.float32))
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """Ids of the images the run predicted, ascending."""
+        return self._predictions[0]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """The head's cluster of each image (aligned with :attr:`image_ids`)."""
+        return self._predictions[1]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self._predictions[2]
+
+    @property
+    def margin(self) -> np.ndarray:
+        return self._predictions[3]
 
     # ------------------------------------------------------------------ validation
     def _check_cluster(self, cluster: Any) -> int:

@@ -38,6 +38,9 @@ heads on different images. How many a head has excluded is reported beside (``ex
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -46,7 +49,8 @@ from shlex import quote
 
 import numpy as np
 
-from ..store.predictions import load_predictions
+from ..store.fsutil import atomic_write_json, file_identity
+from ..store.predictions import PREDICTIONS_FILE, has_predictions, load_predictions
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
 from .pathcache import cached_catalog
 
@@ -66,6 +70,8 @@ MIN_GROUP_IMAGES = 5
 """A head whose median group holds fewer images than this is too fine to review."""
 
 CLI = "python -m selfclassifier_core"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -226,23 +232,101 @@ def suggest(heads: tuple[HeadSummary, ...], main_head: int) -> tuple[int, str]:
     return best.classes, reason
 
 
-def _excluded(conn, run_id: int, ids: np.ndarray) -> dict[int, int]:
-    """Excluded images per head among ``ids`` (the labels tables may not exist yet)."""
+def _excluded(conn, run_id: int, usable_ids) -> dict[int, int]:
+    """Excluded images per head among the run's usable predicted images (``usable_ids()``,
+    called only when the person has excluded something; the labels tables may not exist yet)."""
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' "
                         "AND name='label_overrides'").fetchone():
         return {}
-    out: dict[int, int] = {}
     rows = conn.execute("SELECT head, image_id FROM label_overrides WHERE run_id=? AND excluded",
                         (int(run_id),)).fetchall()
+    if not rows:
+        return {}
+    ids = usable_ids()
+    out: dict[int, int] = {}
     for head in {r[0] for r in rows}:
         img = np.fromiter((r[1] for r in rows if r[0] == head), np.int64)
         out[int(head)] = int(np.isin(img, ids).sum())
     return out
 
 
+def _usable(ws: Workspace, conn, ids: np.ndarray) -> np.ndarray:
+    """Which of the predicted ``ids`` (ascending) are usable images of the catalog."""
+    cat_ids, _paths, cat_ok = cached_catalog(ws, conn)
+    if not len(cat_ids):
+        return np.zeros(len(ids), bool)
+    pos = np.clip(np.searchsorted(cat_ids, ids), 0, len(cat_ids) - 1)
+    return (cat_ids[pos] == ids) & cat_ok[pos]
+
+
+def _usable_predicted(ws: Workspace, conn, run_dir: Path) -> np.ndarray:
+    """The run's predicted ids that are usable images (only the ids are read)."""
+    with np.load(run_dir / PREDICTIONS_FILE) as z:
+        ids = np.asarray(z["image_ids"], np.int64)
+    return ids[_usable(ws, conn, ids)]
+
+
+MEMO = "run-{}-summary.json"
+"""In ``Workspace.cache_dir``: a run's grouping numbers (all but the exclusions), with the
+predictions file's size and time and the catalog version they were computed from. Reading a
+million predictions and the catalog again takes ~0.4 s; the memo, a few milliseconds."""
+
+
+def _memo_read(ws: Workspace, run_id: int, key: dict) -> tuple[int, list[HeadSummary]] | None:
+    path = ws.cache_dir / MEMO.format(int(run_id))
+    try:
+        memo = json.loads(path.read_text())
+        if memo.get("key") != key:
+            return None
+        heads = [HeadSummary(**{**h, "sizes": tuple(h["sizes"]),
+                                "confidence_hist": tuple(h["confidence_hist"])})
+                 for h in memo["heads"]]
+        return int(memo["images"]), heads
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # damaged: computed again
+        log.warning("run summary memo %s not used (%s); it will be written again", path, exc)
+        return None
+
+
+def _memo_write(ws: Workspace, run_id: int, key: dict, images: int,
+                heads: list[HeadSummary]) -> None:
+    rows = [{f: getattr(h, f) for f in HeadSummary.__dataclass_fields__ if f != "excluded"}
+            for h in heads]
+    try:
+        atomic_write_json(ws.cache_dir / MEMO.format(int(run_id)),
+                          {"key": key, "images": images, "heads": rows})
+    except OSError as exc:  # a read-only workspace: computed again next time
+        log.debug("run summary memo not written (%s)", exc)
+
+
+def _grouping(ws: Workspace, run, conn) -> tuple[int, list[HeadSummary], np.ndarray]:
+    """Images summarised, the heads' numbers (exclusions at 0) and the usable predicted ids."""
+    preds = load_predictions(run.dir, embeddings=False)
+    ids = np.asarray(preds.image_ids, np.int64)
+    keep = _usable(ws, conn, ids)
+    if not keep.any():
+        raise WorkspaceError(f"run {run.id} has no predictions for images still in the catalog; "
+                             "run `predict` on it")
+    order = sorted(preds.heads)
+    heads = []
+    for i, k in enumerate(order):
+        hp = preds.heads[k]
+        cluster = np.asarray(hp.cluster, np.int64)[keep]
+        coarser = order[i - 1] if i else None
+        agree = (agreement(cluster, np.asarray(preds.heads[coarser].cluster, np.int64)[keep])
+                 if coarser is not None else None)
+        heads.append(_head_summary(int(k), cluster, np.asarray(hp.confidence, np.float64)[keep],
+                                   np.asarray(hp.margin, np.float64)[keep], coarser, agree, 0))
+    return int(keep.sum()), heads, ids[keep]
+
+
 def run_summary(workspace: Workspace | str | os.PathLike,
                 run_id: int | None = None) -> RunSummary:
     """Summarise a finished run's grouping (see the module docs for every number).
+
+    The numbers are remembered in the workspace's cache (:data:`MEMO`) until the run's
+    predictions or the catalog's usable images change; the exclusions are counted every time.
 
     Args:
         workspace: a :class:`Workspace` or the path of its directory.
@@ -256,38 +340,31 @@ def run_summary(workspace: Workspace | str | os.PathLike,
     run = ws.resolve_run(run_id)
     if run.status != "done":
         raise WorkspaceError(f"run {run.id} is {run.status}; a summary needs a finished run")
-    preds = load_predictions(run.dir, embeddings=False)
+    if not has_predictions(run.dir):
+        load_predictions(run.dir, embeddings=False)  # raises the error that says what to run
+    # the key is taken before the data is read: data newer than its key is only read again
+    key = {"predictions": file_identity(run.dir / PREDICTIONS_FILE),
+           "catalog": ws.catalog_version()}
     conn = ws.connect()
     try:
         conn.execute("BEGIN")  # one read snapshot: the catalog and the exclusions
-        cat_ids, _paths, cat_ok = cached_catalog(ws, conn)
-        ids = np.asarray(preds.image_ids, np.int64)
-        pos = np.clip(np.searchsorted(cat_ids, ids), 0, max(len(cat_ids) - 1, 0))
-        keep = ((cat_ids[pos] == ids) & cat_ok[pos] if len(cat_ids)
-                else np.zeros(len(ids), bool))
-        excluded = _excluded(conn, run.id, ids[keep])
+        memo = _memo_read(ws, run.id, key)
+        if memo is None:
+            images, heads, usable = _grouping(ws, run, conn)
+            _memo_write(ws, run.id, key, images, heads)
+        else:
+            (images, heads), usable = memo, None
+        excluded = _excluded(conn, run.id, lambda: usable if usable is not None
+                             else _usable_predicted(ws, conn, run.dir))
         conn.execute("COMMIT")
     finally:
         conn.close()
-    if not keep.any():
-        raise WorkspaceError(f"run {run.id} has no predictions for images still in the catalog; "
-                             "run `predict` on it")
-    order = sorted(preds.heads)
-    heads = []
-    for i, k in enumerate(order):
-        hp = preds.heads[k]
-        cluster = np.asarray(hp.cluster, np.int64)[keep]
-        coarser = order[i - 1] if i else None
-        agree = (agreement(cluster, np.asarray(preds.heads[coarser].cluster, np.int64)[keep])
-                 if coarser is not None else None)
-        heads.append(_head_summary(int(k), cluster, np.asarray(hp.confidence, np.float64)[keep],
-                                   np.asarray(hp.margin, np.float64)[keep], coarser, agree,
-                                   excluded.get(int(k), 0)))
-    heads_t = tuple(heads)
-    main = run.main_head if run.main_head in preds.heads else order[0]
+    heads_t = tuple(dataclasses.replace(h, excluded=excluded.get(h.classes, 0)) for h in heads)
+    classes = [h.classes for h in heads_t]
+    main = run.main_head if run.main_head in classes else classes[0]
     suggested, reason = suggest(heads_t, int(main))
     newest = ws.latest_run("done")
-    return RunSummary(run_id=run.id, mode=run.mode, images=int(keep.sum()), main_head=int(main),
+    return RunSummary(run_id=run.id, mode=run.mode, images=images, main_head=int(main),
                       heads=heads_t, suggested=suggested, reason=reason, workspace=ws.path,
                       folder=ws.root, newest=newest is not None and newest.id == run.id)
 

@@ -101,12 +101,23 @@ def has_predictions(run_dir: str | Path) -> bool:
     return (Path(run_dir) / PREDICTIONS_FILE).exists()
 
 
-def load_predictions(run_dir: str | Path, embeddings: bool = True) -> Predictions:
-    run_dir = Path(run_dir)
-    path = run_dir / PREDICTIONS_FILE
+def _predictions_path(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / PREDICTIONS_FILE
     if not path.exists():
         raise FileNotFoundError(f"run {run_dir} has no predictions ({PREDICTIONS_FILE} missing); "
                                 "run `predict` on it")
+    return path
+
+
+def prediction_heads(run_dir: str | Path) -> list[int]:
+    """The class counts of the heads a run's predictions hold, reading nothing else."""
+    with np.load(_predictions_path(run_dir)) as z:
+        return [int(k) for k in z["heads"]]
+
+
+def load_predictions(run_dir: str | Path, embeddings: bool = True) -> Predictions:
+    run_dir = Path(run_dir)
+    path = _predictions_path(run_dir)
     with np.load(path) as z:  # each z[...] reads (and inflates) the whole array: once each
         ids, sizes = z["image_ids"], z["heads"]
         cluster, confidence, margin = z["cluster"], z["confidence"], z["margin"]

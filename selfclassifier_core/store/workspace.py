@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from shlex import quote
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import database, liveness
 from .database import SCHEMA_VERSION
@@ -408,38 +408,45 @@ class Workspace:
 
     def catalog_version(self) -> str:
         """A string that changes whenever the set of usable images or any of them changes: a
-        hash of every usable image's id, size and modification time.
+        hash of every usable image's id, size and modification time (remembered:
+        :meth:`catalog_memo`; a million images: ~1 s once per change, then ~1 ms)."""
+        def compute(conn: sqlite3.Connection) -> str:
+            h = hashlib.sha1()
+            for row in conn.execute(
+                    "SELECT id, bytes, mtime_ns FROM images WHERE status='ok' ORDER BY id"):
+                h.update(f"{row[0]}:{row[1]}:{row[2]};".encode())
+            return h.hexdigest()[:16]
 
-        The hash is remembered in ``meta`` next to the change counter the database's triggers
-        keep (:data:`~selfclassifier_core.store.database.TRIGGERS`), so it is computed once per
-        change of the catalog; every other call is one read (a million images: ~1 s -> ~1 ms).
-        """
+        return self.catalog_memo("catalog_version", compute)
+
+    def catalog_memo(self, name: str, compute: Callable[[sqlite3.Connection], str]) -> str:
+        """``compute(conn)``, a non-empty string made from the catalog, remembered in ``meta``
+        under ``name`` next to the change counter the database's triggers keep
+        (:data:`~selfclassifier_core.store.database.TRIGGERS`): computed once per change of
+        the catalog (an image added, removed, or its status, size or time changed); every
+        other call is one read. The counter and the rows are read in one snapshot, and the
+        value is kept only if the counter has not moved since."""
         with self._conn() as conn:
             conn.execute("BEGIN")  # the counter and the rows from one snapshot
             try:
                 changes = database.catalog_changes(conn)
-                memo = conn.execute(
-                    "SELECT value FROM meta WHERE key='catalog_version'").fetchone()
+                memo = conn.execute("SELECT value FROM meta WHERE key=?", (name,)).fetchone()
                 at, _, remembered = (memo[0] if memo else "").partition(":")
                 if changes is not None and remembered and at == changes:
                     return remembered
-                h = hashlib.sha1()
-                for row in conn.execute(
-                        "SELECT id, bytes, mtime_ns FROM images WHERE status='ok' ORDER BY id"):
-                    h.update(f"{row[0]}:{row[1]}:{row[2]};".encode())
-                version = h.hexdigest()[:16]
+                value = compute(conn)
             finally:
                 conn.execute("COMMIT")
             if changes is None:
-                return version
+                return value
             try:
                 with self.transaction(conn) as tx:  # only if nothing changed meanwhile
-                    tx.execute("INSERT OR REPLACE INTO meta SELECT 'catalog_version', ? WHERE "
+                    tx.execute("INSERT OR REPLACE INTO meta SELECT ?, ? WHERE "
                                "(SELECT value FROM meta WHERE key=?) = ?",
-                               (f"{changes}:{version}", database.CATALOG_CHANGES, changes))
+                               (name, f"{changes}:{value}", database.CATALOG_CHANGES, changes))
             except (WorkspaceError, sqlite3.OperationalError) as exc:  # read-only: not kept
-                log.debug("workspace %s: catalog version not remembered (%s)", self.path, exc)
-        return version
+                log.debug("workspace %s: %s not remembered (%s)", self.path, name, exc)
+        return value
 
     # ----------------------------------------------------------------- runs
     def create_run(self, mode: str, config: dict[str, Any], heads: list[int] | None = None,
