@@ -287,13 +287,6 @@ def thumbs(ctx: Context, image_ids) -> dict[int, str]:
 
 
 # --------------------------------------------------------------------------- labels
-def edit_marker(lab: Labels) -> str:
-    """Changes whenever anyone edits (or undoes/redoes) the labels of this run and head."""
-    hist = lab.history()
-    applied = sum(e.state == "applied" for e in hist)
-    return f"{len(hist)}.{hist[-1].id if hist else 0}.{applied}"
-
-
 @dataclass
 class LabelView:
     """The final labels of a run and head, with per-label members, for the browsing screens."""
@@ -363,7 +356,7 @@ def label_view(ctx: Context, lab: Labels | None = None, wait: bool = True) -> La
     """Cached per edit marker: read fresh from the database whenever anything changed
     (``wait=False``: start making it in the background, None until made)."""
     lab = lab or ctx.labels()
-    key = (str(ctx.ws.path), ctx.run.id, ctx.head, edit_marker(lab),
+    key = (str(ctx.ws.path), ctx.run.id, ctx.head, lab.edit_marker(),
            _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version)
     return _built(_label_view(*key), "Building the table of final labels", "",
                   lambda progress: _make_label_view(*key), wait)

@@ -10,6 +10,7 @@ import torchvision
 from PIL import Image
 
 from selfclassifier_core.catalog import scanner as catalog
+from selfclassifier_core.engine.neighbours import knn_graph
 from selfclassifier_core.training import fast as fastmode
 from selfclassifier_core.training import recipes
 from selfclassifier_core.workflows.pipeline import train
@@ -174,7 +175,7 @@ def test_default_heads():
 
 def test_knn_graph_excludes_self():
     x = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
-    nn = fastmode.knn_graph(x, 1)
+    nn = knn_graph(x, 1)
     assert nn[:, 0].tolist() == [1, 0, 3, 2]
 
 
@@ -185,7 +186,7 @@ def test_knn_graph_in_small_chunks_matches_the_full_matrix():
     sim.fill_diagonal_(-2.0)
     expected = sim.topk(5, dim=1).indices
     for max_elements in (203 * 7, 203, 1):          # 7 rows, one row, still one row a chunk
-        assert torch.equal(fastmode.knn_graph(x, 5, max_elements=max_elements), expected)
+        assert torch.equal(knn_graph(x, 5, max_elements=max_elements), expected)
 
 
 def test_default_recipe_fits_cpu_budget():
@@ -242,7 +243,7 @@ def test_training_seed_reuses_cached_views_feature_seed_does_not(dark_bright):
 
 
 def test_smoothed_predictions_average_each_image_with_its_neighbours():
-    """A refit's predictions (training/fast.py, PREDICT_NEIGHBOURS): each row's probabilities
+    """A refit's predictions (training/config.py, PREDICT_NEIGHBOURS): each row's probabilities
     are the mean of its own and its neighbours' (in whatever batch it falls), its embedding
     stays its own; without neighbours nothing changes."""
     from selfclassifier_core.engine.model import ModelConfig, SelfClassifier
@@ -252,7 +253,7 @@ def test_smoothed_predictions_average_each_image_with_its_neighbours():
                                        proj_hidden_dim=16, proj_layers=2, proj_bn=True,
                                        out_dim=8, heads=[3, 5])).eval()
     feats = torch.randn(37, 512)
-    nn = fastmode.knn_graph(feats, 4)
+    nn = knn_graph(feats, 4)
     emb0, plain = fastmode._predict(model, feats, 0.1)
     emb, heads = fastmode._predict(model, feats, 0.1, batch=7, neighbours=nn)   # 1 row a batch
     emb2, heads2 = fastmode._predict(model, feats, 0.1, batch=22, neighbours=nn)  # 4 rows
@@ -275,5 +276,5 @@ def test_a_larger_neighbour_search_starts_with_the_smaller_one():
     and takes each one's first k columns: they must be the k-nearest search itself."""
     torch.manual_seed(1)
     x = torch.randn(700, 48)
-    wide = fastmode.knn_graph(x, 20, max_elements=700 * 64)   # several chunks
-    assert torch.equal(wide[:, :10], fastmode.knn_graph(x, 10, max_elements=700 * 64))
+    wide = knn_graph(x, 20, max_elements=700 * 64)   # several chunks
+    assert torch.equal(wide[:, :10], knn_graph(x, 10, max_elements=700 * 64))

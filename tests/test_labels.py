@@ -90,6 +90,25 @@ def test_predictions_are_read_at_first_use_not_for_the_history(ws_run, monkeypat
     assert len(reads) == 1                 # read once, then kept
 
 
+def test_the_edit_marker_changes_with_every_edit_undo_and_redo(ws_run):
+    ws, _ = ws_run
+    lab, other = Labels(ws, head=3), Labels(ws, head=12)
+    seen = [lab.edit_marker()]
+    lab.rename(0, "cats")
+    seen.append(lab.edit_marker())
+    lab.undo()
+    seen.append(lab.edit_marker())
+    lab.redo()
+    seen.append(lab.edit_marker())
+    lab.undo()
+    lab.rename(1, "dogs")                  # the undone rename is discarded, one op is added
+    seen.append(lab.edit_marker())
+    assert all(a != b for a, b in zip(seen, seen[1:])), seen  # each step changes it
+    assert seen[3] == seen[1] and len(set(seen)) == 4         # a redo is the renamed state again
+    assert Labels(ws, head=3).edit_marker() == seen[-1]      # another object, same state
+    assert other.edit_marker() == "0.0.0"                    # the other head: untouched
+
+
 def test_image_no_longer_usable_left_out(ws_run):
     ws, _ = ws_run
     with ws.transaction() as conn:

@@ -421,6 +421,16 @@ class LabelStore:
                 self._key()).fetchall()
         return [self._entry(r) for r in rows]
 
+    def edit_marker(self) -> str:
+        """A string that changes whenever anyone edits, undoes or redoes the labels of this run
+        and head (one aggregate query, however long the history): a cache key."""
+        with self.workspace._conn() as conn:
+            n, last, applied = conn.execute(
+                "SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(SUM(state = 'applied'), 0) "
+                "FROM label_history WHERE run_id=? AND head=? AND state != 'discarded'",
+                self._key()).fetchone()
+        return f"{n}.{last}.{applied}"
+
     def can_undo(self) -> bool:
         return any(e.state == "applied" for e in self.history())
 

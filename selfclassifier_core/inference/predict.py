@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..engine.device import autocast, default_workers, resolve_device
+from ..engine.neighbours import knn_graph
 from ..store.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ..catalog.datasets import EvalDataset, make_loader
 from ..catalog.scanner import scan
@@ -149,7 +150,7 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
         save: write ``predictions.npz``/``embeddings.npy`` into the run directory.
         neighbours: each image's class probabilities are the mean of its own and those of
             this many nearest images in the run's embedding (a refit's, as fast mode's
-            :data:`~..training.fast.PREDICT_NEIGHBOURS`); 0: the model's own.
+            :data:`~..training.config.PREDICT_NEIGHBOURS`); 0: the model's own.
 
     Images that fail to load at prediction time are left out with a warning.
     """
@@ -182,8 +183,6 @@ def predict(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
                     len(items) - len(pos), len(items))
     ids = np.array([items[i][0] for i in pos], dtype=np.int64)
     if neighbours > 0 and len(emb) > 1:
-        from ..training.fast import knn_graph
-
         near = knn_graph(torch.from_numpy(emb), neighbours).numpy()
         probs = [(p + p[near].sum(1)) / (1 + near.shape[1]) for p in probs]
     heads = {k: head_prediction(k, p) for k, p in zip(model.head_sizes, probs)}

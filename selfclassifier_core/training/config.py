@@ -57,6 +57,17 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{flag_name(name)} must be one of {', '.join(choices)}, got {value!r}")
 
 
+PREDICT_NEIGHBOURS = 10  # a refit's probabilities: mean over the image and this many nearest
+                         # neighbours (benchmarks/refit.py, fast, 50 checks, queue / random:
+                         # MNIST 0.813 / 0.788 -> 0.831 / 0.815, digits 0.852 / 0.848 ->
+                         # 0.858 / 0.853, emoji 0.654 / 0.612 -> 0.665 / 0.636; 20
+                         # neighbours: MNIST random 0.799, digits 0.846 / 0.844; 200
+                         # checks: queue and random within 0.005 with or without; 0: off);
+                         # scratch and finetune refits average as many in their own embedding
+                         # (inference.predict; 50 checks, queue: MNIST 0.758 -> 0.790,
+                         # digits 0.917 -> 0.921, emoji 0.512 -> 0.514)
+
+
 @dataclass
 class _Common:
     """Options every mode has."""
@@ -96,6 +107,12 @@ class _Common:
     # toward the classes of the run directory's targets.npz (training.targets)
     refit_of: int | None = None
     supervised_weight: float = 1.0
+
+    @property
+    def prediction_neighbours(self) -> int:
+        """How many nearest images' class probabilities each image's prediction is averaged
+        with (:data:`PREDICT_NEIGHBOURS` for a refit, in every mode; 0: the model's own)."""
+        return PREDICT_NEIGHBOURS if self.refit_of is not None else 0
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "_Common":

@@ -13,12 +13,12 @@ prediction of new images works as for every other run) and returns the predictio
 cached image, computed from the cached features. The pipeline saves them and sets the status.
 
 A refit's predictions are smoothed: each image's class probabilities are the mean of its own
-and those of its :data:`PREDICT_NEIGHBOURS` nearest neighbours in the pretrained feature space
-(the neighbours training already treats as positives). A refit learns from labels lent by a few
-checked images, some of them wrong, and a single image's prediction follows that noise; its
-neighbourhood's mean follows it less. Images predicted later from the checkpoint get the
-model's own probabilities (they have no cached neighbours); an ordinary run's predictions are
-the model's own, as before.
+and those of its :data:`~.config.PREDICT_NEIGHBOURS` nearest neighbours in the pretrained
+feature space (the neighbours training already treats as positives). A refit learns from
+labels lent by a few checked images, some of them wrong, and a single image's prediction
+follows that noise; its neighbourhood's mean follows it less. Images predicted later from the
+checkpoint get the model's own probabilities (they have no cached neighbours); an ordinary
+run's predictions are the model's own, as before.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from ..engine.lars import LARS
 from ..engine.loss import SelfClassifierLoss
 from ..engine.loss import supervised_term
 from ..engine.model import ModelConfig, SelfClassifier, warm_start
+from ..engine.neighbours import knn_graph
 from ..engine.pretrained import load_backbone_weights
 from ..engine.schedules import cosine_with_warmup
 from ..store.predictions import HeadPrediction, Predictions
@@ -50,20 +51,9 @@ from .targets import Targets, load_targets, start_state
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FastFit", "PREDICT_NEIGHBOURS", "fit_fast", "knn_graph"]
+__all__ = ["FastFit", "fit_fast"]
 
 CHECKPOINT_FORMAT = 1
-PREDICT_NEIGHBOURS = 10  # a refit's probabilities: mean over the image and this many nearest
-                         # neighbours (benchmarks/refit.py, fast, 50 checks, queue / random:
-                         # MNIST 0.813 / 0.788 -> 0.831 / 0.815, digits 0.852 / 0.848 ->
-                         # 0.858 / 0.853, emoji 0.654 / 0.612 -> 0.665 / 0.636; 20
-                         # neighbours: MNIST random 0.799, digits 0.846 / 0.844; 200
-                         # checks: queue and random within 0.005 with or without; 0: off);
-                         # scratch and finetune refits average as many in their own embedding
-                         # (workflows/pipeline.py; 50 checks, queue: MNIST 0.758 -> 0.790,
-                         # digits 0.917 -> 0.921, emoji 0.512 -> 0.514)
-
-
 @dataclass
 class FastFit:
     """What a fast-mode loop ends with."""
@@ -76,25 +66,6 @@ class FastFit:
 
 
 # --------------------------------------------------------------------------- helpers
-def knn_graph(feats: torch.Tensor, k: int, max_elements: int = 1 << 26) -> torch.Tensor:
-    """Indices ``[N, k]`` of each row's k nearest rows by cosine similarity (itself excluded).
-
-    Rows are compared in chunks whose similarity block holds at most ``max_elements`` floats
-    (256 MB by default), so memory stays flat however many images there are."""
-    n = feats.shape[0]
-    k = min(k, n - 1)
-    if k < 1:
-        return torch.zeros((n, 0), dtype=torch.long, device=feats.device)
-    x = torch.nn.functional.normalize(feats.float(), dim=1)
-    chunk = max(1, min(n, max_elements // n))
-    out = []
-    for s in range(0, n, chunk):
-        sim = x[s:s + chunk] @ x.T
-        sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -float("inf")
-        out.append(sim.topk(k, dim=1).indices)
-    return torch.cat(out)
-
-
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     # LambdaLR calls with the number of steps taken; warm-up starts above 0 so step 1 learns
     return lambda step: max(cosine_with_warmup(min(step + 1, total), total, warmup), 0.0)
@@ -116,9 +87,10 @@ def _predict(model, feats: torch.Tensor, row_tau: float, batch: int = 4096,
              ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Embeddings and per-head (cluster, confidence, margin) from backbone features.
 
-    With ``neighbours`` (``[N, k]`` row indices, :func:`knn_graph`) a row's class probabilities
-    are the mean of its own and its neighbours' (its embedding stays its own). The neighbours
-    are run through the model with each batch, so memory stays that of ``batch`` rows."""
+    With ``neighbours`` (``[N, k]`` row indices, :func:`~..engine.neighbours.knn_graph`) a
+    row's class probabilities are the mean of its own and its neighbours' (its embedding stays
+    its own). The neighbours are run through the model with each batch, so memory stays that
+    of ``batch`` rows."""
     was = model.training
     model.eval()
     embs, per_head = [], [[] for _ in model.head_sizes]
@@ -236,9 +208,9 @@ def fit_fast(ws: Workspace, run_id: int, cfg: FastConfig, recorder: RunRecorder,
     # nearest neighbours in the pretrained space, a search quadratic in the images: training's
     # positives (``nn_k``) and a refit's averaged predictions share one when training sees
     # every image (a row's first k neighbours of a larger search are its k nearest)
-    smooth = cfg.refit_of is not None and PREDICT_NEIGHBOURS > 0  # module docs
+    smooth = cfg.prediction_neighbours  # module docs
     train_k = cfg.nn_k if cfg.nn_k > 0 and cfg.nn_prob > 0 else 0
-    shared = knn_graph(full, max(train_k, PREDICT_NEIGHBOURS)) if smooth and keep.all() else None
+    shared = knn_graph(full, max(train_k, smooth)) if smooth and keep.all() else None
     if shared is not None:
         nn_idx = shared[:, :train_k] if train_k else None
     else:
@@ -254,8 +226,7 @@ def fit_fast(ws: Workspace, run_id: int, cfg: FastConfig, recorder: RunRecorder,
         "weights": cache.weights, "feature_cache": cache.key, "views": cache.recipe.to_dict()})
     model.to(device)
     if smooth:
-        near = (shared[:, :PREDICT_NEIGHBOURS] if shared is not None
-                else knn_graph(full, PREDICT_NEIGHBOURS))
+        near = shared[:, :smooth] if shared is not None else knn_graph(full, smooth)
     preds = _predictions(model, cache, full, cfg, near if smooth else None)
     in_use = {k: int(len(np.unique(h.cluster))) for k, h in preds.heads.items()}
     spe = max(1, len(cache) // cfg.batch_size)
@@ -335,8 +306,8 @@ def _train_heads(model, feats: torch.Tensor, cfg: FastConfig, recorder: RunRecor
                  ) -> tuple[int, str, str | None]:
     """The optimisation loop; returns ``(steps taken, status, message)``. With ``labelled``
     rows (a refit) each step adds ``cfg.supervised_weight`` times the supervised term;
-    ``nn_idx`` (``[N, nn_k]``, :func:`knn_graph` of ``feats[0]``) gives the neighbour
-    positives (None: none)."""
+    ``nn_idx`` (``[N, nn_k]``, :func:`~..engine.neighbours.knn_graph` of ``feats[0]``) gives
+    the neighbour positives (None: none)."""
     n, batch, steps = feats.shape[1], cfg.batch_size, cfg.steps
     device = feats.device
     full = feats[0]

@@ -42,7 +42,7 @@ from ..store.runfiles import ProgressFn, RunRecorder, busy_message, other_traine
 from ..store.workspace import (RunBusyError, RunInfo, Workspace, WorkspaceError, as_workspace,
                                continuation_text)
 from ..training.config import RESUMABLE_MODES, TrainConfig, make_config, run_mode
-from ..training.fast import PREDICT_NEIGHBOURS, fit_fast
+from ..training.fast import fit_fast
 from ..training.recipes import resolve_augment, resolve_config
 from ..training.scratch import Trainer, TrainingError, Stopper
 
@@ -220,7 +220,7 @@ def _run_scratch(ws: Workspace, run_id: int, cfg: TrainConfig,
         predict(ws, run_id, model=trainer.model, device=trainer.device,
                 batch_size=max(64, cfg.batch_size), image_size=cfg.global_size,
                 progress=predicting,
-                neighbours=PREDICT_NEIGHBOURS if cfg.refit_of is not None else 0)
+                neighbours=cfg.prediction_neighbours)
         result.predictions_path = recorder.dir / PREDICTIONS_FILE
         recorder.finish("done", "stopped at the time budget"
                         if trainer.state.stop_reason == "time" else None)

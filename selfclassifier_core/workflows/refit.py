@@ -6,7 +6,7 @@ creates a new run of the same mode with those heads, starting from the earlier r
 (fast mode: its projection and heads on the same cached features; scratch and finetune: its
 whole checkpoint), and trains it with the Self-Classifier loss on every usable image plus a
 supervised term on the labelled ones. A refit's predictions are each image's probabilities
-averaged with its :data:`~..training.fast.PREDICT_NEIGHBOURS` nearest neighbours' (fast mode:
+averaged with its :data:`~..training.config.PREDICT_NEIGHBOURS` nearest neighbours' (fast mode:
 in the backbone's feature space; scratch and finetune: in the new run's embedding). When it
 is done the new run's clusters carry the names (no carry-over guessing) and every image the
 person checked keeps its label (:func:`~..curation.feedback.apply_refit_labels`). The earlier
