@@ -588,3 +588,21 @@ def test_named_images_count_by_the_mode_of_the_run_refit(ws_run):
     assert 0 < NAMED_WEIGHTS["fast"] < 1
     _new, plan, _opts = prepare_refit(ws, run, neighbours=0, named_weight=0.5)  # asked for
     assert sorted(plan.targets.weights.tolist()) == [0.5] * named + [1.0]
+
+
+def test_nearest_rows_in_chunks_match_a_full_search():
+    from selfclassifier_core.curation.feedback import _nearest_rows
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(50, 8)).astype(np.float16)       # stored as a run stores them
+    pos = rng.permutation(50)[:37]                            # some rows, in another order
+    queries = emb[pos[[0, 5, 36]]].astype(np.float32)
+    full = queries @ emb[pos].astype(np.float32).T
+    want = np.argsort(-full, axis=1, kind="stable")[:, :6]
+    for chunk in (7, 37, 1000):                               # chunks that cut the rows apart
+        sims, idx = _nearest_rows(emb, pos, queries, 6, chunk=chunk)
+        assert idx.tolist() == want.tolist()
+        assert np.allclose(sims, np.take_along_axis(full, want, 1))
+        assert idx[:, 0].tolist() == [0, 5, 36]               # each query's own row first
+    sims, idx = _nearest_rows(emb, pos, queries, 99, chunk=7)  # more asked than rows
+    assert idx.shape == (3, 37) and sorted(idx[0].tolist()) == list(range(37))

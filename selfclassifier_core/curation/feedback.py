@@ -281,26 +281,44 @@ def _label_classes(fb: Feedback, kept: np.ndarray, label: np.ndarray, rows: np.n
     return out
 
 
+def _nearest_rows(embeddings: np.ndarray, pos: np.ndarray, queries: np.ndarray, k: int,
+                  chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """``(similarities, indices into pos)`` of the ``k`` rows ``embeddings[pos]`` with the
+    largest dot product with each query, best first: exact, read in chunks (a million stored
+    float16 rows are never copied whole; a flat index would hold them all as float32)."""
+    k = min(k, len(pos))
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(pos), chunk):
+        block = np.asarray(embeddings[pos[start:start + chunk]], np.float32)
+        sims = np.concatenate([best_s, queries @ block.T], axis=1)
+        idx = np.concatenate([best_i, np.broadcast_to(
+            np.arange(start, start + len(block)), (len(queries), len(block)))], axis=1)
+        if sims.shape[1] > k:
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            sims, idx = np.take_along_axis(sims, top, 1), np.take_along_axis(idx, top, 1)
+        best_s, best_i = sims, idx
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+
+
 def _lend_to_neighbours(fb: Feedback, preds, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels with those of checked images lent to their ``k`` nearest unchecked, kept
     neighbours in the run's embedding (``preds``, the run's predictions; the nearest checked
     image wins). Returns ``(labels, lent)``."""
-    import faiss
-
     if preds.embeddings is None:
         return fb.label.copy(), np.zeros(len(fb.ids), bool)
-    emb = np.ascontiguousarray(preds.embeddings[preds.position(fb.ids)], dtype=np.float32)
-    index = faiss.IndexFlatIP(emb.shape[1])
-    index.add(emb)
+    pos = preds.position(fb.ids)
     src = np.flatnonzero(fb.checked)
-    sims, nbrs = index.search(emb[src], k + 1)
+    queries = np.asarray(preds.embeddings[pos[src]], np.float32)
+    sims, nbrs = _nearest_rows(preds.embeddings, pos, queries, k + 1)  # + itself
     label = fb.label.copy()
     lent = np.zeros(len(fb.ids), bool)
     best = np.full(len(fb.ids), -np.inf)
     open_ = ~fb.checked & ~fb.excluded
     for s_row, sim_row, nbr_row in zip(src.tolist(), sims, nbrs):
         for sim, j in zip(sim_row.tolist(), nbr_row.tolist()):
-            if j < 0 or not open_[j] or sim <= best[j]:
+            if not open_[j] or sim <= best[j]:
                 continue
             best[j] = sim
             label[j] = fb.label[s_row]
