@@ -310,7 +310,8 @@ def _make_label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mt
                      catalog: str) -> LabelView:
     from selfclassifier_core.curation.labels import Labels
 
-    lab = Labels(Workspace.open(ws_path), run_id, head)
+    ws = Workspace.open(ws_path)
+    lab = Labels(ws, run_id, head, predictions=predictions(str(ws.run_dir(run_id))))
     table = lab.final_table()
     summary = lab.cluster_summary(by="label", table=table)
     order = _confidence_order(ws_path, run_id, head, preds_mtime, catalog,

@@ -88,6 +88,8 @@ def test_predictions_are_read_at_first_use_not_for_the_history(ws_run, monkeypat
     expected[:2] = 1                       # images 1 and 2, moved
     assert lab.final_table()["cluster"].tolist() == expected.tolist()
     assert len(reads) == 1                 # read once, then kept
+    given = Labels(ws, head=3, predictions=real(ws.run_dir(run_id)))   # the caller's copy
+    assert given.final_table()["cluster"].tolist() == expected.tolist() and len(reads) == 1
 
 
 def test_the_edit_marker_changes_with_every_edit_undo_and_redo(ws_run):

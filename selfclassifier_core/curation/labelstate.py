@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..store.predictions import load_predictions, prediction_heads
+from ..store.predictions import Predictions, load_predictions, prediction_heads
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
 
 log = logging.getLogger(__name__)
@@ -158,20 +158,27 @@ class LabelStore:
         workspace: the workspace, or its directory (a path).
         run_id: the run (default: the newest finished run).
         head: the head's class count (default: the run's main head).
+        predictions: the run's predictions, when the caller has them loaded (else they are
+            read from the run directory at first use).
     """
 
     def __init__(self, workspace: Workspace | str | os.PathLike, run_id: int | None = None,
-                 head: int | None = None):
+                 head: int | None = None, predictions: Predictions | None = None):
         workspace = as_workspace(workspace)
         self.workspace = workspace
         run = workspace.resolve_run(run_id)
         self.run_id = run.id
         self._run_dir = run.dir
-        try:
-            heads = prediction_heads(run.dir)  # the arrays are read when first needed
-        except FileNotFoundError as exc:
-            raise WorkspaceError(f"run {run.id} has no predictions yet; run `predict` on it "
-                                 f"({exc})") from exc
+        if predictions is not None:  # the run's, loaded already (the app keeps one per run)
+            self._loaded: Predictions | None = predictions
+            heads = predictions.head_sizes
+        else:
+            self._loaded = None
+            try:
+                heads = prediction_heads(run.dir)  # the arrays are read when first needed
+            except FileNotFoundError as exc:
+                raise WorkspaceError(f"run {run.id} has no predictions yet; run `predict` on "
+                                     f"it ({exc})") from exc
         if head is None:
             head = run.main_head if run.main_head in heads else heads[0]
         head = int(head)
@@ -193,10 +200,10 @@ class LabelStore:
     def _predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The head's ``(image_ids, predicted, confidence, margin)``, read once, at first use
         (a million images: ~0.1 s; the history and the undo buttons never need them)."""
-        hp = load_predictions(self._run_dir, embeddings=False)
-        return (np.asarray(hp.image_ids, np.int64), np.asarray(hp.heads[self.head].cluster,
-                np.int64), np.asarray(hp.heads[self.head].confidence, np.float32),
-                np.asarray(hp.heads[self.head].margin, np.float32))
+        preds = self._loaded or load_predictions(self._run_dir, embeddings=False)
+        hp = preds.heads[self.head]
+        return (np.asarray(preds.image_ids, np.int64), np.asarray(hp.cluster, np.int64),
+                np.asarray(hp.confidence, np.float32), np.asarray(hp.margin, np.float32))
 
     @property
     def image_ids(self) -> np.ndarray:
