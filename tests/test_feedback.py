@@ -445,7 +445,8 @@ def test_plan_keeps_excluded_images_out(ws_run):
 
 
 # ----------------------------------------------------------------------------- labels of a refit
-def test_applying_a_refit_names_its_clusters_and_keeps_every_checked_image(ws_run):
+@pytest.mark.parametrize("earlier", ["npz", "json of an earlier release"])
+def test_applying_a_refit_names_its_clusters_and_keeps_every_checked_image(ws_run, earlier):
     ws, run = ws_run
     lab = Labels(ws, run)
     cl = clusters_of(ws, run)
@@ -462,6 +463,16 @@ def test_applying_a_refit_names_its_clusters_and_keeps_every_checked_image(ws_ru
     new_c[np.searchsorted(lab.image_ids, wrong[0])] = 1
     new = add_run(ws, heads=(3, 6), clusters={3: new_c}, seed=1)
     save_plan(ws.run_dir(new), plan)
+    stored = ws.run_dir(new) / "refit-labels.npz"
+    with np.load(stored) as z:                  # the earlier run's labels, as the plan saw them
+        labels = dict(zip(z["ids"].tolist(), z["names"][z["codes"]].tolist()))
+    before = Labels(ws, run).final_table()["label"]
+    assert labels == before.to_dict()
+    if earlier != "npz":                        # kept in refit.json before this file existed
+        record = json.loads((ws.run_dir(new) / "refit.json").read_text())
+        record["labels"] = {"ids": list(labels), "label": list(labels.values())}
+        (ws.run_dir(new) / "refit.json").write_text(json.dumps(record))
+        stored.unlink()
     out = apply_refit_labels(ws, new)
     nl = Labels(ws, new)
     assert nl.cluster_names() == {0: "zero", 1: "rest", 2: "rest"}   # the merge: both kept

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..store.fsutil import atomic_write_text
+from ..store.fsutil import atomic_open, atomic_write_text
 from ..store.predictions import load_predictions
 from ..store.workspace import Workspace, as_workspace
 from ..training.targets import Targets, load_targets, save_targets
@@ -43,11 +43,12 @@ from .labelstate import ChangeSet, LabelStore, default_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Feedback", "RefitPlan", "NAMED_WEIGHT", "NAMED_WEIGHTS", "REFIT_FILE",
-           "read_feedback", "plan_refit",
-           "save_plan", "read_plan", "apply_refit_labels"]
+__all__ = ["Feedback", "RefitPlan", "EARLIER_LABELS_FILE", "NAMED_WEIGHT", "NAMED_WEIGHTS",
+           "REFIT_FILE", "read_feedback", "plan_refit", "save_plan", "read_plan",
+           "apply_refit_labels"]
 
 REFIT_FILE = "refit.json"  # in a refit's run directory, next to targets.npz
+EARLIER_LABELS_FILE = "refit-labels.npz"  # beside it: the earlier run's label of every image
 
 NAMED_WEIGHT = 0.25  # weight of an unchecked image of a named cluster (checked: 1), fast mode
 # ... by the mode of the run refit. A scratch or finetune refit trains the whole network, and
@@ -365,13 +366,26 @@ def save_plan(run_dir: str | os.PathLike, plan: RefitPlan) -> None:
     ``refit.json`` (what the new run's labels get when it is done, and what it learned from)."""
     fb = plan.feedback
     save_targets(run_dir, plan.targets)
+    names, codes = np.unique(np.asarray(fb.label, dtype=str), return_inverse=True)
+    with atomic_open(Path(run_dir) / EARLIER_LABELS_FILE, "wb") as fh:  # ~5 MB a million
+        np.savez(fh, ids=np.asarray(fb.ids, np.int64), codes=codes.astype(np.int32),
+                 names=names)
     record = {"of": fb.run_id, "head": fb.head, "heads": plan.heads,
               "classes": plan.classes, "names": {str(k): v for k, v in plan.names.items()},
               "created": [n for n in fb.created if n not in plan.classes],
               "checked": fb.n_checked, "named": fb.n_named, "excluded": fb.n_excluded,
-              "labels": {"ids": fb.ids.tolist(), "label": fb.label.tolist()},
               "applied": None}
     atomic_write_text(Path(run_dir) / REFIT_FILE, json.dumps(record, ensure_ascii=False))
+
+
+def _earlier_labels(run_dir: Path, plan: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, labels)`` of the earlier run when the refit was planned (a refit planned by
+    an earlier release kept them in ``refit.json``)."""
+    if "labels" in plan:
+        return (np.asarray(plan["labels"]["ids"], np.int64),
+                np.asarray(plan["labels"]["label"], dtype=object))
+    with np.load(run_dir / EARLIER_LABELS_FILE) as z:
+        return z["ids"], z["names"].astype(object)[z["codes"]]
 
 
 def read_plan(run_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -429,8 +443,7 @@ def apply_refit_labels(workspace: Workspace | str | os.PathLike, run_id: int) ->
             ops.set("created", name, False, True)
         history_id = store._commit(conn, "refit", {"from_run": plan["of"]}, ops)
     new = Labels(ws, run_id, store.head).final_table()
-    old_ids = np.asarray(plan["labels"]["ids"], np.int64)
-    old_label = np.asarray(plan["labels"]["label"], dtype=object)
+    old_ids, old_label = _earlier_labels(run.dir, plan)
     shared, oi, ni = np.intersect1d(old_ids, new.index.to_numpy(np.int64), return_indices=True)
     kept = ~new["excluded"].to_numpy(bool)[ni]
     changed = int((old_label[oi][kept] != new["label"].to_numpy(dtype=object)[ni][kept]).sum())
