@@ -324,11 +324,18 @@ def _make_label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mt
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _confidence_order(ws_path: str, run_id: int, head: int, preds_mtime: int, catalog: str,
                       _confidence) -> "np.ndarray":
-    """The label table's rows, least confident first (ties in row order): no edit changes
-    them, so every label version of a run shares one sort (a million rows: 0.16 s)."""
+    """The label table's rows, :func:`least_confident_first`: no edit changes them, so every
+    label version of a run shares one sort."""
+    return least_confident_first(_confidence)
+
+
+def least_confident_first(confidence) -> "np.ndarray":
+    """Row order by confidence, lowest first (confidences rounded to 1/65535, ties in row
+    order). On the 16-bit key numpy sorts by radix: a million rows 0.05 s, not 0.16-0.28 s."""
     import numpy as np
 
-    return np.argsort(_confidence, kind="stable")
+    key = np.round(np.clip(confidence, 0.0, 1.0) * 65535).astype(np.uint16)
+    return np.argsort(key, kind="stable")
 
 
 def _by_label(table: "pd.DataFrame", order=None) -> tuple[dict, dict]:
@@ -343,7 +350,7 @@ def _by_label(table: "pd.DataFrame", order=None) -> tuple[dict, dict]:
     if len(names) < 2 ** 14:   # a 16-bit key: numpy sorts it by radix, in linear time
         key = key.astype(np.int16)
     if order is None:
-        order = np.argsort(table["confidence"].to_numpy(), kind="stable")
+        order = least_confident_first(table["confidence"].to_numpy())
     order = order[np.argsort(key[order], kind="stable")]
     key, ids = key[order], table.index.to_numpy(np.int64)[order]
     starts = np.flatnonzero(np.diff(key)) + 1

@@ -67,8 +67,9 @@ class Context:
         :class:`Labels` reads the edits from the database on every call, so it is never stale;
         the run's predictions come from the process's cache (:func:`caches.predictions`)."""
         if self._labels is None:
+            run_dir = str(self.run.dir)  # the process's copy, read when first needed
             self._labels = Labels(self.ws, self.run.id, self.head,
-                                  predictions=caches.predictions(str(self.run.dir)))
+                                  predictions=lambda: caches.predictions(run_dir))
         return self._labels
 
 

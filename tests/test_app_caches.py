@@ -35,3 +35,16 @@ def test_members_of_each_label_least_confident_first_apart_from_the_excluded(lab
     for members, excluded in (_by_label(table), _by_label(table, order)):
         assert {k: v.tolist() for k, v in members.items()} == want_members
         assert {k: v.tolist() for k, v in excluded.items()} == want_excluded
+
+
+def test_least_confident_first_is_a_stable_sort_at_a_65535th():
+    from app.caches import least_confident_first
+
+    conf = np.array([0.5, 0.2, 0.5, 0.9, 0.2 + 1e-6, 0.0, 1.0, 0.2 - 1e-4], np.float32)
+    # 0.2 and 0.2 + 1e-6 round alike (rows 1, 4 keep their order); 0.2 - 1e-4 comes before
+    assert least_confident_first(conf).tolist() == [5, 7, 1, 4, 0, 2, 3, 6]
+    rng = np.random.default_rng(0)
+    many = rng.random(100_000).astype(np.float32)
+    order = least_confident_first(many)
+    assert sorted(order.tolist()) == list(range(100_000))
+    assert (np.diff(many[order]) > -1 / 65535).all()          # sorted, to the key's step

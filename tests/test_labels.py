@@ -90,6 +90,12 @@ def test_predictions_are_read_at_first_use_not_for_the_history(ws_run, monkeypat
     assert len(reads) == 1                 # read once, then kept
     given = Labels(ws, head=3, predictions=real(ws.run_dir(run_id)))   # the caller's copy
     assert given.final_table()["cluster"].tolist() == expected.tolist() and len(reads) == 1
+    asked = []                                                         # or its way to get it
+    lazy = Labels(ws, head=3, predictions=lambda: asked.append(1) or real(ws.run_dir(run_id)))
+    assert lazy.edit_marker() and asked == []
+    assert lazy.final_table()["cluster"].tolist() == expected.tolist()
+    lazy.final_table()
+    assert asked == [1] and len(reads) == 1
 
 
 def test_the_edit_marker_changes_with_every_edit_undo_and_redo(ws_run):

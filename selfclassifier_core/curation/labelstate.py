@@ -24,7 +24,7 @@ import os
 import time
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -158,22 +158,23 @@ class LabelStore:
         workspace: the workspace, or its directory (a path).
         run_id: the run (default: the newest finished run).
         head: the head's class count (default: the run's main head).
-        predictions: the run's predictions, when the caller has them loaded (else they are
-            read from the run directory at first use).
+        predictions: the run's predictions, when the caller has them (the app keeps one copy
+            per run), or a function that returns them, called at first use; by default they
+            are read from the run directory at first use.
     """
 
     def __init__(self, workspace: Workspace | str | os.PathLike, run_id: int | None = None,
-                 head: int | None = None, predictions: Predictions | None = None):
+                 head: int | None = None,
+                 predictions: Predictions | Callable[[], Predictions] | None = None):
         workspace = as_workspace(workspace)
         self.workspace = workspace
         run = workspace.resolve_run(run_id)
         self.run_id = run.id
         self._run_dir = run.dir
-        if predictions is not None:  # the run's, loaded already (the app keeps one per run)
-            self._loaded: Predictions | None = predictions
+        self._loaded = predictions
+        if isinstance(predictions, Predictions):  # the run's, loaded already
             heads = predictions.head_sizes
         else:
-            self._loaded = None
             try:
                 heads = prediction_heads(run.dir)  # the arrays are read when first needed
             except FileNotFoundError as exc:
@@ -200,7 +201,11 @@ class LabelStore:
     def _predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The head's ``(image_ids, predicted, confidence, margin)``, read once, at first use
         (a million images: ~0.1 s; the history and the undo buttons never need them)."""
-        preds = self._loaded or load_predictions(self._run_dir, embeddings=False)
+        preds = self._loaded
+        if preds is None:
+            preds = load_predictions(self._run_dir, embeddings=False)
+        elif not isinstance(preds, Predictions):
+            preds = preds()
         hp = preds.heads[self.head]
         return (np.asarray(preds.image_ids, np.int64), np.asarray(hp.cluster, np.int64),
                 np.asarray(hp.confidence, np.float32), np.asarray(hp.margin, np.float32))
