@@ -67,6 +67,9 @@ def test_fast_mode_predicts_every_image_and_separates_kinds(dark_bright):
     assert any(p.get("phase") == "features" for p in seen) and seen[-1]["status"] == "done"
     cfg = json.loads((run.dir / "config.json").read_text())
     assert cfg["mode"] == "fast" and cfg["heads"] == [2, 4, 8]
+    # its summary is remembered, for the first page that shows it
+    memo = json.loads((ws.cache_dir / f"run-{run_id}-summary.json").read_text())
+    assert memo["images"] == 32 and [h["classes"] for h in memo["heads"]] == [2, 4, 8]
 
 
 @pytest.mark.slow  # trains

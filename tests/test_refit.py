@@ -170,6 +170,8 @@ def test_scratch_and_finetune_refits_start_from_the_checkpoint(three_kinds, tmp_
     assert Labels(ws, result.run_id).cluster_names()[used] == "one"   # its class: its cluster
     assert read_plan(ws.run_dir(result.run_id))["applied"]["confirmed"] + \
         read_plan(ws.run_dir(result.run_id))["applied"]["moved"] == 5
+    for run_id in (first.run_id, result.run_id):            # both summaries remembered
+        assert (ws.cache_dir / f"run-{run_id}-summary.json").exists()
 
 
 def test_a_scratch_refit_stopped_midway_resumes_and_gets_its_names(three_kinds, tmp_path):
