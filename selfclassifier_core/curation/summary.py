@@ -50,7 +50,7 @@ from shlex import quote
 import numpy as np
 
 from ..store.fsutil import atomic_write_json, file_identity
-from ..store.predictions import PREDICTIONS_FILE, has_predictions, load_predictions
+from ..store.predictions import load_predictions, prediction_ids, predictions_path
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
 from .pathcache import cached_catalog
 
@@ -261,8 +261,7 @@ def _usable(ws: Workspace, conn, ids: np.ndarray) -> np.ndarray:
 
 def _usable_predicted(ws: Workspace, conn, run_dir: Path) -> np.ndarray:
     """The run's predicted ids that are usable images (only the ids are read)."""
-    with np.load(run_dir / PREDICTIONS_FILE) as z:
-        ids = np.asarray(z["image_ids"], np.int64)
+    ids = prediction_ids(run_dir)
     return ids[_usable(ws, conn, ids)]
 
 
@@ -340,10 +339,8 @@ def run_summary(workspace: Workspace | str | os.PathLike,
     run = ws.resolve_run(run_id)
     if run.status != "done":
         raise WorkspaceError(f"run {run.id} is {run.status}; a summary needs a finished run")
-    if not has_predictions(run.dir):
-        load_predictions(run.dir, embeddings=False)  # raises the error that says what to run
     # the key is taken before the data is read: data newer than its key is only read again
-    key = {"predictions": file_identity(run.dir / PREDICTIONS_FILE),
+    key = {"predictions": file_identity(predictions_path(run.dir)),
            "catalog": ws.catalog_version()}
     conn = ws.connect()
     try:

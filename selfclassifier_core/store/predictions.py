@@ -101,7 +101,8 @@ def has_predictions(run_dir: str | Path) -> bool:
     return (Path(run_dir) / PREDICTIONS_FILE).exists()
 
 
-def _predictions_path(run_dir: str | Path) -> Path:
+def predictions_path(run_dir: str | Path) -> Path:
+    """The run's predictions file; FileNotFoundError saying what to run when there is none."""
     path = Path(run_dir) / PREDICTIONS_FILE
     if not path.exists():
         raise FileNotFoundError(f"run {run_dir} has no predictions ({PREDICTIONS_FILE} missing); "
@@ -111,13 +112,20 @@ def _predictions_path(run_dir: str | Path) -> Path:
 
 def prediction_heads(run_dir: str | Path) -> list[int]:
     """The class counts of the heads a run's predictions hold, reading nothing else."""
-    with np.load(_predictions_path(run_dir)) as z:
+    with np.load(predictions_path(run_dir)) as z:
         return [int(k) for k in z["heads"]]
+
+
+def prediction_ids(run_dir: str | Path) -> np.ndarray:
+    """The catalog ids (ascending) of the images a run's predictions cover, reading nothing
+    else."""
+    with np.load(predictions_path(run_dir)) as z:
+        return np.asarray(z["image_ids"], np.int64)
 
 
 def load_predictions(run_dir: str | Path, embeddings: bool = True) -> Predictions:
     run_dir = Path(run_dir)
-    path = _predictions_path(run_dir)
+    path = predictions_path(run_dir)
     with np.load(path) as z:  # each z[...] reads (and inflates) the whole array: once each
         ids, sizes = z["image_ids"], z["heads"]
         cluster, confidence, margin = z["cluster"], z["confidence"], z["margin"]
