@@ -171,6 +171,9 @@ def test_errors_in_words(ws12):
     created = ws12.create_run("scratch", {}, [2], 2)
     with pytest.raises(WorkspaceError, match=f"run {created} is created"):
         run_summary(ws12, created)
+    ws12.update_run(created, status="done")                # finished, but nothing predicted
+    with pytest.raises(FileNotFoundError, match="no predictions.*run `predict` on it"):
+        run_summary(ws12, created)
     empty = Workspace.open(ws12.path.parent / "empty-ws", create=True)
     with pytest.raises(WorkspaceError, match="no finished training run"):
         run_summary(empty)

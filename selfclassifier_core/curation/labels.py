@@ -44,7 +44,7 @@ import numpy as np
 from .carry import CarryOverReport, carry_over
 from .labelstate import (MAX_NAME_CHARS, ChangeSet, HistoryEntry, LabelStore, count_changes,
                          default_name, ensure_schema, normalize_name)
-from .pathcache import cached_catalog
+from .pathcache import cached_catalog, catalog_rows
 
 __all__ = ["Labels", "LabelStore", "HistoryEntry", "CarryOverReport", "carry_over",
            "default_name", "normalize_name", "ensure_schema", "MAX_NAME_CHARS"]
@@ -384,8 +384,8 @@ class Labels(LabelStore):
         elif np.array_equal(cat_ids, self.image_ids):  # the usual case: no take of the paths
             usable, paths = cat_ok, cat_paths
         else:
-            cpos = np.clip(np.searchsorted(cat_ids, self.image_ids), 0, len(cat_ids) - 1)
-            usable, paths = (cat_ids[cpos] == self.image_ids) & cat_ok[cpos], cat_paths[cpos]
+            cpos, usable = catalog_rows(cat, self.image_ids)
+            paths = cat_paths[cpos]
         if not usable.all():
             log.info("run %s: %d predicted images are no longer usable in the catalog; left out",
                      self.run_id, int((~usable).sum()))

@@ -77,6 +77,17 @@ def cached_catalog(workspace: Workspace, conn) -> tuple[np.ndarray, "pd.arrays.S
     return answer
 
 
+def catalog_rows(catalog: tuple, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(positions, usable)`` of image ``ids`` in a :func:`cached_catalog` answer: each id's
+    row (clipped into range: meaningful only where ``usable``) and whether it is a usable
+    image of the catalog."""
+    cat_ids, _paths, cat_ok = catalog
+    if not len(cat_ids):
+        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+    pos = np.clip(np.searchsorted(cat_ids, ids), 0, len(cat_ids) - 1)
+    return pos, (cat_ids[pos] == ids) & cat_ok[pos]
+
+
 def _keep(key: str, changes: str | None, ids: np.ndarray, paths, usable: np.ndarray) -> tuple:
     import pandas as pd
 

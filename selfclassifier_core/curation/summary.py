@@ -52,7 +52,7 @@ import numpy as np
 from ..store.fsutil import atomic_write_json, file_identity
 from ..store.predictions import load_predictions, prediction_ids, predictions_path
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
-from .pathcache import cached_catalog
+from .pathcache import cached_catalog, catalog_rows
 
 LOW_MARGIN = 0.1
 """An image whose margin (top-1 minus top-2 probability) is below this is a near tie."""
@@ -252,11 +252,7 @@ def _excluded(conn, run_id: int, usable_ids) -> dict[int, int]:
 
 def _usable(ws: Workspace, conn, ids: np.ndarray) -> np.ndarray:
     """Which of the predicted ``ids`` (ascending) are usable images of the catalog."""
-    cat_ids, _paths, cat_ok = cached_catalog(ws, conn)
-    if not len(cat_ids):
-        return np.zeros(len(ids), bool)
-    pos = np.clip(np.searchsorted(cat_ids, ids), 0, len(cat_ids) - 1)
-    return (cat_ids[pos] == ids) & cat_ok[pos]
+    return catalog_rows(cached_catalog(ws, conn), ids)[1]
 
 
 def _usable_predicted(ws: Workspace, conn, run_dir: Path) -> np.ndarray:
