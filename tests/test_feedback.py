@@ -238,6 +238,36 @@ def test_predictions_keep_the_finest_head_s_centrality_and_older_files_compute_i
     assert review_queue(Labels(ws, run), 12).equals(queue)
 
 
+def test_each_group_s_members_most_central_first_are_stored_and_kept_to_the_table(ws_run):
+    from selfclassifier_core.curation.review import review_basis
+    from selfclassifier_core.store.predictions import PREDICTIONS_FILE
+
+    ws, run = ws_run
+    preds = load_predictions(ws.run_dir(run))
+    fine, centrality = preds.heads[6].cluster, preds.centrality
+    n = len(fine)
+    want = sorted(range(n), key=lambda r: (int(fine[r]), -float(centrality[r]), r))
+    assert preds.central_order.tolist() == want
+    lab = Labels(ws, run)
+    table = lab.final_table()
+    assert review_basis(lab, table).by_centre.tolist() == want
+    # a table without some images (rows of its own): the same order over the rows it has
+    part = table.iloc[::3]
+    row_of = {int(i): r for r, i in enumerate(part.index)}
+    ids = preds.image_ids
+    expected = [row_of[int(ids[r])] for r in want if int(ids[r]) in row_of]
+    assert review_basis(lab, part).by_centre.tolist() == expected
+    queue = review_queue(lab, 12)
+    path = ws.run_dir(run) / PREDICTIONS_FILE    # a file written before the order was kept
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "central_order"}
+    np.savez(path, **arrays)
+    old = Labels(ws, run)
+    assert load_predictions(ws.run_dir(run)).central_order is None
+    assert review_basis(old, part).by_centre.tolist() == expected
+    assert review_queue(old, 12).equals(queue)
+
+
 def test_queue_weighs_a_sample_of_a_huge_group(ws_run, monkeypatch):
     from selfclassifier_core.curation import review
 

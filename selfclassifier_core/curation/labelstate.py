@@ -159,8 +159,9 @@ class LabelStore:
         run_id: the run (default: the newest finished run).
         head: the head's class count (default: the run's main head).
         predictions: the run's predictions, when the caller has them (the app keeps one copy
-            per run), or a function that returns them, called at first use; by default they
-            are read from the run directory at first use.
+            per run, its embeddings memory-mapped for the review queue), or a function that
+            returns them, called at first use; by default they are read from the run
+            directory at first use.
     """
 
     def __init__(self, workspace: Workspace | str | os.PathLike, run_id: int | None = None,
@@ -197,15 +198,19 @@ class LabelStore:
                 ensure_schema(conn)
 
     # ------------------------------------------------------------------ the run's predictions
+    def run_predictions(self, embeddings: bool = True) -> Predictions:
+        """The run's predictions: the copy (or the function returning it) given to the
+        constructor, else read now (``embeddings``: memory-mapped with them)."""
+        preds = self._loaded
+        if preds is None:
+            return load_predictions(self._run_dir, embeddings=embeddings)
+        return preds if isinstance(preds, Predictions) else preds()
+
     @functools.cached_property
     def _predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The head's ``(image_ids, predicted, confidence, margin)``, read once, at first use
         (a million images: ~0.1 s; the history and the undo buttons never need them)."""
-        preds = self._loaded
-        if preds is None:
-            preds = load_predictions(self._run_dir, embeddings=False)
-        elif not isinstance(preds, Predictions):
-            preds = preds()
+        preds = self.run_predictions(embeddings=False)
         hp = preds.heads[self.head]
         return (np.asarray(preds.image_ids, np.int64), np.asarray(hp.cluster, np.int64),
                 np.asarray(hp.confidence, np.float32), np.asarray(hp.margin, np.float32))

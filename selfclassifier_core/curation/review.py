@@ -22,7 +22,7 @@ its share taught less at 100 and 200 checks. A run with a single head falls back
 doubtful images, a few per cluster, spread over each cluster's embedding space.
 
 What no edit changes -- each image's doubt, its group, the order of each group's members by
-how central they are (the predictions' ``centrality``, written with them) -- is a
+how central they are (the predictions' ``central_order``, written with them) -- is a
 :class:`ReviewBasis`, made once per run (:func:`review_basis`; the app keeps it), so that
 choosing the queue again after a check costs the size of the few groups it picks from
 (``benchmarks/scale.py`` gives the figures at a million images).
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..store.predictions import group_centrality, load_predictions, unit_rows
+from ..store.predictions import central_order, group_centrality, unit_rows
 from .feedback import read_feedback
 from .labels import Labels
 
@@ -86,9 +86,9 @@ def review_basis(labels: Labels, table=None) -> ReviewBasis:
     :meth:`Labels.final_table` just read)."""
     table = labels.final_table() if table is None else table
     ids = table.index.to_numpy(np.int64)
-    run = labels.workspace.get_run(labels.run_id)
-    preds = load_predictions(run.dir, embeddings=True)
-    pos = preds.position(ids)
+    preds = labels.run_predictions()
+    same = len(ids) == len(preds.image_ids) and np.array_equal(ids, preds.image_ids)
+    pos = np.arange(len(ids)) if same else preds.position(ids)
     predicted = table["predicted_cluster"].to_numpy(np.int64)
     disagree = _disagreement(preds, labels.head, pos, predicted)
     doubt = (1.0 - table["margin"].to_numpy(np.float64)) + disagree
@@ -97,13 +97,24 @@ def review_basis(labels: Labels, table=None) -> ReviewBasis:
     if k is None or emb is None:
         return ReviewBasis(ids, doubt, disagree, emb, pos, None, None, None, None)
     fine = preds.heads[k].cluster[pos].astype(np.int64)
-    order = np.argsort(fine, kind="stable")
-    starts = np.searchsorted(fine[order], np.arange(k + 1))
-    centrality = preds.centrality  # written with the predictions; older runs: computed now
-    if centrality is None:
-        centrality = group_centrality(emb, preds.heads[k].cluster, k)
-    # each group's members, the most central first (ties: lowest row)
-    by_centre = np.lexsort((-centrality[pos], fine))
+    order = np.argsort(fine.astype(np.int16) if k <= 2 ** 15 else fine, kind="stable")
+    starts = np.r_[0, np.cumsum(np.bincount(fine, minlength=k))]
+    # each group's members, the most central first (ties: lowest row): the predictions'
+    # order of their rows, written with them (older runs: sorted now), kept to the table's
+    by_pred = preds.central_order
+    if by_pred is None:
+        centrality = preds.centrality
+        if centrality is None:
+            centrality = group_centrality(emb, preds.heads[k].cluster, k)
+        by_pred = central_order(preds.heads[k].cluster, centrality)
+    by_pred = np.asarray(by_pred, np.int64)
+    if same:
+        by_centre = by_pred
+    else:
+        row = np.full(len(preds.image_ids), -1, np.int64)
+        row[pos] = np.arange(len(pos))
+        by_centre = row[by_pred]
+        by_centre = by_centre[by_centre >= 0]
     return ReviewBasis(ids, doubt, disagree, emb, pos, fine, order, starts, by_centre)
 
 
@@ -310,8 +321,7 @@ def _disagreement(preds, head: int, pos: np.ndarray, cluster: np.ndarray) -> np.
     total = np.zeros(len(pos))
     for k in others:
         other = preds.heads[k].cluster[pos].astype(np.int64)
-        counts = np.zeros((k, head), np.int64)
-        np.add.at(counts, (other, cluster), 1)
+        counts = np.bincount(other * head + cluster, minlength=k * head).reshape(k, head)
         total += counts.argmax(1)[other] != cluster
     return total / len(others)
 
