@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -909,3 +910,59 @@ def test_retrain_with_my_corrections_from_the_app(tmp_path, monkeypatch):
     at.button(key="rv_open_refit").click().run()
     assert at.sidebar.selectbox(key="run_id").value == new.id
     assert "one" in Labels(ws, new.id).cluster_names().values()  # the name came along
+
+
+# --------------------------------------------------------------------------- computed once
+def test_every_screen_shares_one_label_table_predictions_read_and_queue_basis(tmp_path,
+                                                                              monkeypatch):
+    """What is expensive at a million images is made once per run or label version and shared
+    by every screen and rerun: the final label table (once per edit), what the review queue
+    needs from the run (once), the queue (once per edit); the run's predictions are read once
+    for the screens' labels and queue, once by the map and once by the neighbour index (each
+    kept for the process), and never again on a rerun or an edit."""
+    from collections import Counter
+
+    import selfclassifier_core.curation.labelstate as labelstate
+    import selfclassifier_core.curation.review as review
+    import selfclassifier_core.store.predictions as predictions
+    from selfclassifier_core.curation.summary import run_summary
+
+    made: Counter = Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            made[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    ws, run_id = make_workspace_with_run(tmp_path, n_images=40, heads=(3, 6))
+    run_summary(ws, run_id)            # remembered, as every finished run's is
+    monkeypatch.setattr(Labels, "final_table", counted("table", Labels.final_table))
+    load = counted("predictions", predictions.load_predictions)
+    monkeypatch.setattr(predictions, "load_predictions", load)
+    monkeypatch.setattr(labelstate, "load_predictions", load)
+    monkeypatch.setattr(review, "review_basis", counted("basis", review.review_basis))
+    monkeypatch.setattr(review, "review_queue", counted("queue", review.review_queue))
+    at = start_app(monkeypatch, ws.root, ws.path)
+    for page in ["Clusters", "Review", "Export"]:
+        goto(at, page)
+        at.run()                                               # a rerun of the same screen
+        assert_ok(at)
+    assert made == {"table": 1, "predictions": 1, "basis": 1, "queue": 1}
+    goto(at, "Map")
+    goto(at, "Neighbours")                 # starts opening the index in the background
+    deadline = time.monotonic() + 60
+    while made["predictions"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert made["predictions"] == 3                            # the map's and the index's
+    for page in ["Clusters", "Review", "Map", "Neighbours", "Export"]:
+        goto(at, page)
+        at.run()
+    assert made == {"table": 1, "predictions": 3, "basis": 1, "queue": 1}
+    goto(at, "Review")
+    shown = _review_ids(at)
+    at.button(key=f"rv_ok|{ws.path}|{run_id}|3|{shown[0]}").click().run()   # an edit
+    assert_ok(at)
+    for page in ["Clusters", "Map", "Export", "Review"]:
+        goto(at, page)
+    assert made == {"table": 2, "predictions": 3, "basis": 1, "queue": 2}
