@@ -916,13 +916,15 @@ def test_retrain_with_my_corrections_from_the_app(tmp_path, monkeypatch):
 def test_every_screen_shares_one_label_table_predictions_read_and_queue_basis(tmp_path,
                                                                               monkeypatch):
     """What is expensive at a million images is made once per run or label version and shared
-    by every screen and rerun: the final label table (once per edit), what the review queue
-    needs from the run (once), the queue (once per edit); the run's predictions are read once
-    for the screens' labels and queue, once by the map and once by the neighbour index (each
-    kept for the process), and never again on a rerun or an edit."""
+    by every screen and rerun: the final label table (once per edit), the run's predictions
+    (once), what the review queue needs from the run (once), the queue (once per edit); the
+    map and the neighbour index open the embeddings once each, reading no more of the
+    predictions than their ids."""
     from collections import Counter
 
     import selfclassifier_core.curation.labelstate as labelstate
+    import selfclassifier_core.curation.neighbors as neighbors
+    import selfclassifier_core.curation.projection as projection
     import selfclassifier_core.curation.review as review
     import selfclassifier_core.store.predictions as predictions
     from selfclassifier_core.curation.summary import run_summary
@@ -941,6 +943,9 @@ def test_every_screen_shares_one_label_table_predictions_read_and_queue_basis(tm
     load = counted("predictions", predictions.load_predictions)
     monkeypatch.setattr(predictions, "load_predictions", load)
     monkeypatch.setattr(labelstate, "load_predictions", load)
+    opened = counted("embeddings", predictions.load_run_embeddings)
+    monkeypatch.setattr(neighbors, "load_run_embeddings", opened)
+    monkeypatch.setattr(projection, "load_run_embeddings", opened)
     monkeypatch.setattr(review, "review_basis", counted("basis", review.review_basis))
     monkeypatch.setattr(review, "review_queue", counted("queue", review.review_queue))
     at = start_app(monkeypatch, ws.root, ws.path)
@@ -952,17 +957,16 @@ def test_every_screen_shares_one_label_table_predictions_read_and_queue_basis(tm
     goto(at, "Map")
     goto(at, "Neighbours")                 # starts opening the index in the background
     deadline = time.monotonic() + 60
-    while made["predictions"] < 3 and time.monotonic() < deadline:
+    while made["embeddings"] < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert made["predictions"] == 3                            # the map's and the index's
     for page in ["Clusters", "Review", "Map", "Neighbours", "Export"]:
         goto(at, page)
         at.run()
-    assert made == {"table": 1, "predictions": 3, "basis": 1, "queue": 1}
+    assert made == {"table": 1, "predictions": 1, "embeddings": 2, "basis": 1, "queue": 1}
     goto(at, "Review")
     shown = _review_ids(at)
     at.button(key=f"rv_ok|{ws.path}|{run_id}|3|{shown[0]}").click().run()   # an edit
     assert_ok(at)
     for page in ["Clusters", "Map", "Export", "Review"]:
         goto(at, page)
-    assert made == {"table": 2, "predictions": 3, "basis": 1, "queue": 2}
+    assert made == {"table": 2, "predictions": 1, "embeddings": 2, "basis": 1, "queue": 2}

@@ -290,6 +290,23 @@ def test_for_run_rebuilds_from_a_damaged_index_file(tmp_path):
     assert len(index.search(3, k=5)) == 5
 
 
+def test_for_run_and_the_map_refuse_embeddings_that_do_not_match_the_ids_in_words(tmp_path):
+    from selfclassifier_core.curation.projection import run_map
+    from selfclassifier_core.store.predictions import EMBEDDINGS_FILE
+    from selfclassifier_core.store.workspace import WorkspaceError
+
+    ws, run_id = make_workspace_with_run(tmp_path, n_images=50, write_images=False)
+    path = ws.run_dir(run_id) / EMBEDDINGS_FILE
+    np.save(path, np.load(path)[:49])                  # a row short: not these images' vectors
+    for build in (lambda: NeighborIndex.for_run(ws, run_id, use_gpu=False),
+                  lambda: run_map(ws, run_id)):
+        with pytest.raises(WorkspaceError, match=r"49 rows for 50 predicted images.*predict"):
+            build()
+    path.unlink()
+    with pytest.raises(WorkspaceError, match=r"no embeddings.*predict"):
+        NeighborIndex.for_run(ws, run_id, use_gpu=False)
+
+
 # ---------------------------------------------------------------------------- CLI
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -245,10 +245,10 @@ class NeighborIndex:
         vectors added to a new index (a saved one reports ``(n, n)`` once loaded).
         """
         workspace = as_workspace(workspace)
-        run, preds, emb_identity = load_run_embeddings(workspace, run_id)
-        n = len(preds.image_ids)
+        run, image_ids, embeddings, emb_identity = load_run_embeddings(workspace, run_id)
+        n = len(image_ids)
         key = {"format": INDEX_FORMAT, "embeddings": emb_identity,
-               "n": n, "dim": int(preds.embeddings.shape[1]),
+               "n": n, "dim": int(embeddings.shape[1]),
                "kind": "ivf" if n > ivf_threshold else "flat"}
         index_path, ids_path, key_path = (run.dir / INDEX_FILE, run.dir / IDS_FILE,
                                           run.dir / KEY_FILE)
@@ -258,27 +258,27 @@ class NeighborIndex:
                 if json.loads(key_path.read_text()) == key:
                     saved = _read_index(index_path)
                     saved_ids = np.load(ids_path)
-                    if not np.array_equal(saved_ids, preds.image_ids):
+                    if not np.array_equal(saved_ids, image_ids):
                         saved = None
             except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
                 log.warning("ignoring unreadable neighbour index in %s: %s", run.dir, exc)
                 saved = None
         if saved is not None:
             log.debug("loaded neighbour index of run %s", run.id)
-            self = cls(preds.embeddings, preds.image_ids, ivf_threshold=ivf_threshold,
+            self = cls(embeddings, image_ids, ivf_threshold=ivf_threshold,
                        nprobe=nprobe, use_gpu=use_gpu, _index=saved)
             self.loaded_from_disk = True
             if progress:
                 progress(n, n)
         else:
             log.info("building neighbour index of run %s (%d vectors)", run.id, n)
-            self = cls(preds.embeddings, preds.image_ids, ivf_threshold=ivf_threshold,
+            self = cls(embeddings, image_ids, ivf_threshold=ivf_threshold,
                        nprobe=nprobe, use_gpu=use_gpu, progress=progress)
             # Key last: a crash in between leaves a stale key that no longer matches.
             key_path.unlink(missing_ok=True)
             _write_index(self.cpu_index, index_path)
             with atomic_open(ids_path, "wb") as fh:
-                np.save(fh, np.asarray(preds.image_ids, dtype=np.int64))
+                np.save(fh, np.asarray(image_ids, dtype=np.int64))
             atomic_write_json(key_path, key)
         self.workspace = workspace
         self.run_id = run.id

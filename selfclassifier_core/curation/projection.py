@@ -145,8 +145,8 @@ def run_map(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
     import pandas as pd
 
     workspace = as_workspace(workspace)
-    run, preds, emb_identity = load_run_embeddings(workspace, run_id)
-    n = len(preds.image_ids)
+    run, image_ids, embeddings, emb_identity = load_run_embeddings(workspace, run_id)
+    n = len(image_ids)
     key: dict[str, Any] = {
         "format": MAP_FORMAT, "embeddings": emb_identity, "n": n,
         "params": {"seed": seed, "n_neighbors": n_neighbors, "min_dist": float(min_dist),
@@ -165,7 +165,7 @@ def run_map(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
             xy = None
     if xy is None:
         log.info("computing the 2-D map of run %s (%d points)", run.id, n)
-        xy = umap_2d(preds.embeddings, seed=seed, n_neighbors=n_neighbors, min_dist=min_dist,
+        xy = umap_2d(embeddings, seed=seed, n_neighbors=n_neighbors, min_dist=min_dist,
                      max_fit=max_fit, progress=progress)
         # Key removed first and written last: a crash in between never pairs a key with
         # the wrong coordinates.
@@ -176,7 +176,7 @@ def run_map(workspace: Workspace | str | os.PathLike, run_id: int | None = None,
     elif progress:
         progress(n, n)
     return pd.DataFrame({"x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32)},
-                        index=pd.Index(np.asarray(preds.image_ids, np.int64), name="id"))
+                        index=pd.Index(np.asarray(image_ids, np.int64), name="id"))
 
 
 # --------------------------------------------------------------------------- selections

@@ -195,11 +195,13 @@ def central_order(groups: np.ndarray, centrality: np.ndarray) -> np.ndarray:
 
 
 def load_run_embeddings(workspace, run_id: int | None = None):
-    """``(run, predictions, identity)`` for building caches from a run's embeddings.
+    """``(run, image_ids, embeddings, identity)`` for building caches from a run's embeddings.
 
-    ``run`` is the given run or the newest finished one; ``predictions`` carries the
-    memory-mapped embeddings; ``identity`` (size and mtime of the embeddings file) changes
-    whenever they are rewritten. A run without embeddings is a ``WorkspaceError``.
+    ``run`` is the given run or the newest finished one; ``image_ids`` are the predictions'
+    ids (only they are read from ``predictions.npz``: a million rows 0.006 s, the whole file
+    0.04-0.16 s); ``embeddings`` are memory-mapped, one row per id; ``identity`` (size and
+    mtime of the embeddings file) changes whenever they are rewritten. A run without
+    embeddings, or with embeddings that do not match its ids, is a ``WorkspaceError``.
     """
     from .workspace import WorkspaceError
 
@@ -208,4 +210,9 @@ def load_run_embeddings(workspace, run_id: int | None = None):
     if not emb_path.exists():
         raise WorkspaceError(f"run {run.id} has no embeddings ({emb_path} missing); "
                              "run `predict` on it")
-    return run, load_predictions(run.dir), file_identity(emb_path)
+    ids = prediction_ids(run.dir)
+    emb = np.load(emb_path, mmap_mode="r")
+    if emb.ndim != 2 or len(emb) != len(ids):
+        raise WorkspaceError(f"run {run.id}: {emb_path} holds {emb.shape[0] if emb.ndim else 0} "
+                             f"rows for {len(ids)} predicted images; run `predict` on it again")
+    return run, ids, emb, file_identity(emb_path)
