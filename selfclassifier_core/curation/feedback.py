@@ -102,14 +102,16 @@ def read_feedback(labels: Labels, table=None) -> Feedback:
     df = labels.final_table() if table is None else table
     names = labels.cluster_names()
     defaults = {default_name(c, labels.head) for c in range(labels.head)}
-    label = df["label"].to_numpy(dtype=object)
     excluded = df["excluded"].to_numpy(bool)
     confirmed = df["confirmed"].to_numpy(bool)
     moved = df["edited"].to_numpy(bool) & ~excluded
     checked = (moved | confirmed) & ~excluded
     import pandas as pd
 
-    codes, uniques = pd.factorize(df["label"])  # a few names for a million images: test those
+    # a few names for a million images: test those, and take each image's from them (a
+    # million rows 0.08 s; converting the column to Python strings 0.13 s)
+    codes, uniques = pd.factorize(df["label"], use_na_sentinel=False)
+    label = np.asarray(uniques, dtype=object)[codes]
     default = np.isin(np.asarray(uniques, dtype=object), list(defaults))
     named = ~checked & ~excluded & ~default[codes]
     with labels.workspace._conn() as conn:

@@ -52,6 +52,15 @@ __all__ = ["Labels", "LabelStore", "HistoryEntry", "CarryOverReport", "carry_ove
 log = logging.getLogger(__name__)
 
 
+def _strings(values: list[str], codes: np.ndarray):
+    """The pandas string array ``values[codes]``, taken in Arrow."""
+    import pandas as pd
+    import pyarrow as pa
+
+    taken = pa.array(values, pa.large_string()).take(pa.array(codes, pa.int32()))
+    return pd.Series(taken, dtype="str", copy=False).array
+
+
 class Labels(LabelStore):
     """The editable labels of one run and head.
 
@@ -354,7 +363,11 @@ class Labels(LabelStore):
             first_cluster.setdefault(n, c)
         n = len(self.image_ids)
         cluster = self.predicted.copy()
-        label = name_arr[cluster] if n else np.array([], dtype=object)
+        # each row's label as a code into ``names_of``: the cluster names, then the labels
+        # given to images; the column is taken from them in Arrow (a million rows: 0.03 s,
+        # building it from a million Python strings 0.2 s)
+        names_of = list(name_arr)
+        code = cluster.astype(np.int32)
         has_cluster = np.ones(n, dtype=bool)
         edited = np.zeros(n, dtype=bool)
         excluded = np.zeros(n, dtype=bool)
@@ -369,10 +382,12 @@ class Labels(LabelStore):
             oexc = np.fromiter((r[3] for r in ov), np.int64, len(ov)).astype(bool)
             mc = ocl >= 0
             cluster[pos[mc]] = ocl[mc]
-            label[pos[mc]] = name_arr[ocl[mc]]
+            code[pos[mc]] = ocl[mc]
             ml = np.array([v is not None for v in olab], dtype=bool)
             if ml.any():
-                label[pos[ml]] = olab[ml]
+                given = {v: len(name_arr) + i for i, v in enumerate(dict.fromkeys(olab[ml]))}
+                names_of += list(given)
+                code[pos[ml]] = [given[v] for v in olab[ml]]
                 lc = np.array([first_cluster.get(v, -1) for v in olab[ml]], dtype=np.int64)
                 cluster[pos[ml]] = lc
                 has_cluster[pos[ml]] = lc >= 0
@@ -394,7 +409,7 @@ class Labels(LabelStore):
         cl[~has_cluster] = pd.NA
         df = pd.DataFrame({
             "path": paths,
-            "label": pd.array(label, dtype="str"),
+            "label": _strings(names_of, code),
             "cluster": cl,
             "confidence": self.confidence,
             "margin": self.margin,
