@@ -63,7 +63,8 @@ def open_failed(exc: Exception) -> None:
 
 
 def main() -> None:
-    st.set_page_config(page_title="selfclassifier", page_icon="🗂️", layout="wide")
+    st.set_page_config(page_title="selfclassifier", page_icon=":material/folder_open:",
+                       layout="wide")  # a Material icon: no emoji catalogue to load (30 ms)
     session.init_session()
     by_slug = pages()
     page = st.navigation(list(by_slug.values()))
