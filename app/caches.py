@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from app.session import Context
+    from selfclassifier_core.curation.final import FinalLabels, LabelGroup
     from selfclassifier_core.curation.labels import Labels
 
 THUMB = 128
@@ -289,14 +290,29 @@ def thumbs(ctx: Context, image_ids) -> dict[int, str]:
 # --------------------------------------------------------------------------- labels
 @dataclass
 class LabelView:
-    """The final labels of a run and head, with per-label members, for the browsing screens."""
+    """The final labels of a run and head for the browsing screens: the arrays
+    (:class:`~selfclassifier_core.curation.final.FinalLabels`), each label's counts and
+    members. The pandas table is made from them when a screen first asks for it (Review, Map,
+    Export; the Clusters screen never does: at a million images it shows its groups without
+    pandas' import)."""
 
-    table: "pd.DataFrame"            # Labels.final_table()
-    summary: "pd.DataFrame"          # Labels.cluster_summary(by="label")
+    labels: "FinalLabels"
+    groups: dict[str, "LabelGroup"]  # label name -> counts, in label-name order
     members: dict                    # label -> image ids (not excluded), least confident first
     excluded: dict                   # label -> excluded image ids
     marker: str
     key: tuple = ()                  # what it was made from: keys what is made from it
+
+    @property
+    def table(self) -> "pd.DataFrame":
+        """:meth:`~selfclassifier_core.curation.labels.Labels.final_table`, made once per label
+        version (shared: do not change it)."""
+        return self.labels.frame()
+
+    @property
+    def names(self) -> list[str]:
+        """Every label name, in label-name order."""
+        return list(self.groups)
 
 
 # per label version (every edit makes one; about 100 MB at a million images): the newest few
@@ -312,52 +328,21 @@ def _make_label_view(ws_path: str, run_id: int, head: int, marker: str, preds_mt
 
     ws = Workspace.open(ws_path)
     lab = Labels(ws, run_id, head, predictions=predictions(str(ws.run_dir(run_id))))
-    table = lab.final_table()
-    summary = lab.cluster_summary(by="label", table=table)
-    order = _confidence_order(ws_path, run_id, head, preds_mtime, catalog,
-                              table["confidence"].to_numpy())
-    members, excluded = _by_label(table, order)
-    return LabelView(table, summary, members, excluded, marker,
+    labels = lab.final_labels()
+    order = _confidence_order(ws_path, run_id, head, preds_mtime, catalog, labels.confidence)
+    members, excluded = labels.members(order)
+    return LabelView(labels, {g.name: g for g in labels.groups()}, members, excluded, marker,
                      (ws_path, run_id, head, marker, preds_mtime, catalog))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _confidence_order(ws_path: str, run_id: int, head: int, preds_mtime: int, catalog: str,
                       _confidence) -> "np.ndarray":
-    """The label table's rows, :func:`least_confident_first`: no edit changes them, so every
-    label version of a run shares one sort."""
+    """The label rows, least confident first: no edit changes them, so every label version of
+    a run shares one sort."""
+    from selfclassifier_core.curation.final import least_confident_first
+
     return least_confident_first(_confidence)
-
-
-def least_confident_first(confidence) -> "np.ndarray":
-    """Row order by confidence, lowest first (confidences rounded to 1/65535, ties in row
-    order). On the 16-bit key numpy sorts by radix: a million rows 0.05 s, not 0.16-0.28 s."""
-    import numpy as np
-
-    key = np.round(np.clip(confidence, 0.0, 1.0) * 65535).astype(np.uint16)
-    return np.argsort(key, kind="stable")
-
-
-def _by_label(table: "pd.DataFrame", order=None) -> tuple[dict, dict]:
-    """Image ids of each label, least confident first (ties in id order), apart for the
-    images kept and those excluded: one sort of a million rows, not a pandas group-by.
-    ``order``: the rows by confidence (:func:`_confidence_order`), when known."""
-    import numpy as np
-    import pandas as pd
-
-    codes, names = pd.factorize(table["label"])
-    key = codes.astype(np.int64) * 2 + table["excluded"].to_numpy(bool)
-    if len(names) < 2 ** 14:   # a 16-bit key: numpy sorts it by radix, in linear time
-        key = key.astype(np.int16)
-    if order is None:
-        order = least_confident_first(table["confidence"].to_numpy())
-    order = order[np.argsort(key[order], kind="stable")]
-    key, ids = key[order], table.index.to_numpy(np.int64)[order]
-    starts = np.flatnonzero(np.diff(key)) + 1
-    members, excluded = {}, {}
-    for k, part in zip(key[np.r_[0, starts]] if len(key) else [], np.split(ids, starts)):
-        (excluded if k % 2 else members)[names[k // 2]] = part
-    return members, excluded
 
 
 def label_view(ctx: Context, lab: Labels | None = None, wait: bool = True) -> LabelView | None:
@@ -366,7 +351,7 @@ def label_view(ctx: Context, lab: Labels | None = None, wait: bool = True) -> La
     lab = lab or ctx.labels()
     key = (str(ctx.ws.path), ctx.run.id, ctx.head, lab.edit_marker(),
            _mtime(ctx.run.dir / PREDICTIONS_FILE), ctx.catalog_version)
-    return _built(_label_view(*key), "Building the table of final labels", "",
+    return _built(_label_view(*key), "Reading the final labels", "",
                   lambda progress: _make_label_view(*key), wait)
 
 

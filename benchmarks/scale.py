@@ -187,7 +187,8 @@ def screens(ws, run_id: int, pause: float = 0.0) -> None:
     timed("clusters: open a group", lambda: biggest.click().run())
     timed("clusters: the group again", lambda: at.run())
     name = next(t for t in at.text_input if t.key.startswith("rn_detail|"))
-    timed("clusters: rename it (an edit: labels re-read)", lambda: name.input("renamed").run())
+    new_name = f"renamed {time.strftime('%H%M%S')}"   # a new name each run: a real edit
+    timed("clusters: rename it (an edit: labels re-read)", lambda: name.input(new_name).run())
     at.switch_page("screens/review.py").run()
     for check in range(1, 4):   # each check is an edit: the queue is chosen again
         right = next((b for b in at.button if b.label == "✓ Right"), None)

@@ -342,6 +342,43 @@ def test_rename_cluster_changes_export(fixture_app):
     assert "Cats <b>**x**</b>" in csv
 
 
+def test_cards_filtered_sorted_and_empty_groups_on_request(fixture_app):
+    """The overview's cards against a group-by of the exported table: by size (largest first),
+    mean confidence (lowest first) or name; a filter on the name in any case; a label without
+    images only when empty groups are asked for; captions with the counts."""
+    at, ws, run_id = fixture_app
+    lab = Labels(ws, run_id)
+    lab.rename(0, "Cats")
+    lab.create_label("Nothing yet")
+    lab.exclude(ids_in_cluster(ws, run_id, 2)[:3])
+    df = lab.final_table()
+    kept = df[~df["excluded"]]
+    size = kept.groupby("label").size()
+    conf = kept.groupby("label")["confidence"].mean()
+    goto(at, "Clusters")
+
+    def cards() -> list[str]:
+        return [t.value for t in at.text_input if t.key and t.key.startswith("rn|")]
+
+    assert sorted(cards()) == sorted(size.index)
+    assert [size[name] for name in cards()] == sorted(size, reverse=True)
+    assert at.caption[0].value.startswith(f"4 groups · {len(kept):,} images · 3 excluded")
+    at.selectbox(key="cl_sort").set_value("confidence (low first)").run()
+    assert cards() == conf.sort_values().index.tolist()
+    at.selectbox(key="cl_sort").set_value("name").run()
+    assert cards() == ["Cats", "cluster_1", "cluster_2"]
+    at.toggle(key="cl_empty").set_value(True).run()
+    assert cards() == ["Cats", "Nothing yet", "cluster_1", "cluster_2"]
+    at.text_input(key="cl_filter").input("CLUSTER").run()
+    assert cards() == ["cluster_1", "cluster_2"]
+    assert_ok(at)
+
+
+def ids_in_cluster(ws, run_id, cluster, head=3) -> list[int]:
+    df = Labels(ws, run_id, head).final_table()
+    return df.index[df["predicted_cluster"] == cluster].tolist()
+
+
 def test_empty_name_is_refused(fixture_app):
     at, ws, run_id = fixture_app
     goto(at, "Clusters")
@@ -916,10 +953,10 @@ def test_retrain_with_my_corrections_from_the_app(tmp_path, monkeypatch):
 def test_every_screen_shares_one_label_table_predictions_read_and_queue_basis(tmp_path,
                                                                               monkeypatch):
     """What is expensive at a million images is made once per run or label version and shared
-    by every screen and rerun: the final label table (once per edit), the run's predictions
-    (once), what the review queue needs from the run (once), the queue (once per edit); the
-    map and the neighbour index open the embeddings once each, reading no more of the
-    predictions than their ids."""
+    by every screen and rerun: the final labels and their table (once per edit), the run's
+    predictions (once), what the review queue needs from the run (once), the queue (once per
+    edit); the map and the neighbour index open the embeddings once each, reading no more of
+    the predictions than their ids."""
     from collections import Counter
 
     import selfclassifier_core.curation.labelstate as labelstate
@@ -939,7 +976,10 @@ def test_every_screen_shares_one_label_table_predictions_read_and_queue_basis(tm
 
     ws, run_id = make_workspace_with_run(tmp_path, n_images=40, heads=(3, 6))
     run_summary(ws, run_id)            # remembered, as every finished run's is
-    monkeypatch.setattr(Labels, "final_table", counted("table", Labels.final_table))
+    from selfclassifier_core.curation.final import FinalLabels
+
+    monkeypatch.setattr(Labels, "final_labels", counted("labels", Labels.final_labels))
+    monkeypatch.setattr(FinalLabels, "_frame", counted("table", FinalLabels._frame))
     load = counted("predictions", predictions.load_predictions)
     monkeypatch.setattr(predictions, "load_predictions", load)
     monkeypatch.setattr(labelstate, "load_predictions", load)
@@ -953,7 +993,7 @@ def test_every_screen_shares_one_label_table_predictions_read_and_queue_basis(tm
         goto(at, page)
         at.run()                                               # a rerun of the same screen
         assert_ok(at)
-    assert made == {"table": 1, "predictions": 1, "basis": 1, "queue": 1}
+    assert made == {"labels": 1, "table": 1, "predictions": 1, "basis": 1, "queue": 1}
     goto(at, "Map")
     goto(at, "Neighbours")                 # starts opening the index in the background
     deadline = time.monotonic() + 60
@@ -962,11 +1002,13 @@ def test_every_screen_shares_one_label_table_predictions_read_and_queue_basis(tm
     for page in ["Clusters", "Review", "Map", "Neighbours", "Export"]:
         goto(at, page)
         at.run()
-    assert made == {"table": 1, "predictions": 1, "embeddings": 2, "basis": 1, "queue": 1}
+    assert made == {"labels": 1, "table": 1, "predictions": 1, "embeddings": 2, "basis": 1,
+                    "queue": 1}
     goto(at, "Review")
     shown = _review_ids(at)
     at.button(key=f"rv_ok|{ws.path}|{run_id}|3|{shown[0]}").click().run()   # an edit
     assert_ok(at)
     for page in ["Clusters", "Map", "Export", "Review"]:
         goto(at, page)
-    assert made == {"table": 2, "predictions": 1, "embeddings": 2, "basis": 1, "queue": 2}
+    assert made == {"labels": 2, "table": 2, "predictions": 1, "embeddings": 2, "basis": 1,
+                    "queue": 2}

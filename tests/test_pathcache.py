@@ -30,7 +30,7 @@ def catalog(ws, fresh_process=True):
         conn.execute("COMMIT")
     finally:
         conn.close()
-    return ids, list(paths), usable.tolist()
+    return ids, paths.to_pylist(), usable.tolist()
 
 
 def from_sql(ws):

@@ -14,6 +14,7 @@ import streamlit as st
 
 from app import caches, session, ui
 from app.caches import LabelView
+from selfclassifier_core.curation.final import LabelGroup
 from app.session import Context
 from app.ui import NEW_LABEL, NEW_LABEL_PROMPT
 
@@ -37,7 +38,7 @@ def render(ctx: Context) -> None:
     view = caches.label_view(ctx, lab)
     caches.review_basis(ctx, wait=False, view=view)  # made while the page draws (1M: ~0.1 s)
     opened = st.session_state.get("open_label")
-    if opened is not None and opened in view.summary.index:
+    if opened is not None and opened in view.groups:
         _detail(ctx, lab, view, opened)
     else:
         st.session_state.pop("open_label", None)
@@ -150,29 +151,19 @@ def _exclude(ctx: Context, ids: list[int], include: bool = False) -> None:
 # --------------------------------------------------------------------------- overview
 def _overview(ctx: Context, lab, view: LabelView) -> None:
     st.header("Clusters")
-    summary = view.summary
-    total = int(summary["size"].sum())
-    st.caption(f"{len(summary)} groups · {total:,} images · {int(summary['excluded'].sum()):,} "
-               f"excluded · head of {ctx.head} classes (change the granularity in the sidebar)")
+    groups = list(view.groups.values())
+    st.caption(f"{len(groups)} groups · {sum(g.size for g in groups):,} images · "
+               f"{sum(g.excluded for g in groups):,} excluded · head of {ctx.head} classes "
+               "(change the granularity in the sidebar)")
     c1, c2, c3 = st.columns([2, 1, 1])
     query = c1.text_input("Filter by name", key="cl_filter", placeholder="type to filter…")
     sort = c2.selectbox("Sort by", ["size", "confidence (low first)", "name"], key="cl_sort")
     show_empty = c3.toggle("Show empty groups", key="cl_empty")
     suggested = _suggestions(ctx)
-    s = summary.copy()
-    if not show_empty:
-        s = s[s["size"] > 0]
-    if query:
-        s = s[s.index.str.contains(query, case=False, regex=False)]
-    if sort == "size":
-        s = s.sort_values("size", ascending=False, kind="stable")
-    elif sort.startswith("confidence"):
-        s = s.sort_values("mean_confidence", ascending=True, kind="stable", na_position="last")
-    else:
-        s = s.sort_index()
+    shown = _shown(groups, query, sort, show_empty)
 
     # merge bar: reads the card checkboxes of the previous interaction
-    sel_keys = {name: f"mg|{view.marker}|{name}" for name in summary.index}
+    sel_keys = {name: f"mg|{view.marker}|{name}" for name in view.groups}
     chosen = [n for n, k in sel_keys.items() if st.session_state.get(k)]
     if chosen:
         with st.container(border=True):
@@ -192,33 +183,52 @@ def _overview(ctx: Context, lab, view: LabelView) -> None:
                 _delete(ctx, chosen)
                 st.rerun()
 
-    pages = max(1, math.ceil(len(s) / CARDS_PER_PAGE))
+    pages = max(1, math.ceil(len(shown) / CARDS_PER_PAGE))
     page = 1
     if pages > 1:
         page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="cl_page")
-    part = s.iloc[(page - 1) * CARDS_PER_PAGE: page * CARDS_PER_PAGE]
-    strips = {name: view.members.get(name, np.zeros(0, np.int64))[::-1][:STRIP]
-              for name in part.index}
+    part = shown[(page - 1) * CARDS_PER_PAGE: page * CARDS_PER_PAGE]
+    strips = {g.name: view.members.get(g.name, np.zeros(0, np.int64))[::-1][:STRIP]
+              for g in part}
     thumbs = caches.thumbs(ctx, [int(i) for ids in strips.values() for i in ids])
     cols = st.columns(CARD_COLUMNS)
-    for i, (name, row) in enumerate(part.iterrows()):
+    for i, group in enumerate(part):
         with cols[i % CARD_COLUMNS].container(border=True):
-            _card(ctx, view, name, row, [thumbs[int(j)] for j in strips[name]],
-                  sel_keys[name], suggested)
+            _card(ctx, view, group, [thumbs[int(j)] for j in strips[group.name]],
+                  sel_keys[group.name], suggested)
 
 
-def _card(ctx, view, name: str, row, thumb_paths: list[str], sel_key: str,
+def _shown(groups: list[LabelGroup], query: str, sort: str, show_empty: bool
+           ) -> list[LabelGroup]:
+    """The groups to show as cards: empty ones only when asked, names containing ``query``
+    (any case), by size (largest first), confidence (lowest first, empty groups last) or
+    name; ties keep the label-name order."""
+    if not show_empty:
+        groups = [g for g in groups if g.size > 0]
+    if query:
+        groups = [g for g in groups if query.casefold() in g.name.casefold()]
+    if sort == "size":
+        return sorted(groups, key=lambda g: -g.size)
+    if sort.startswith("confidence"):
+        return sorted(groups, key=lambda g: (math.isnan(g.mean_confidence),
+                                             0.0 if math.isnan(g.mean_confidence)
+                                             else g.mean_confidence))
+    return sorted(groups, key=lambda g: g.name)
+
+
+def _card(ctx, view, group: LabelGroup, thumb_paths: list[str], sel_key: str,
           suggested: dict | None = None) -> None:
+    name = group.name
     key = f"rn|{view.marker}|{name}"
     st.text_input("Name", value=name, key=key, on_change=_rename, args=(ctx, name, key),
                   label_visibility="collapsed", help="Rename: type and press Enter")
-    conf = row["mean_confidence"]
-    clusters = row["clusters"]
+    conf = group.mean_confidence
+    clusters = group.clusters
     where = (f"cluster {clusters[0]}" if len(clusters) == 1 else
              f"clusters {', '.join(map(str, clusters))}" if clusters else "your label")
-    st.caption(f"**{int(row['size']):,}** images · confidence "
+    st.caption(f"**{group.size:,}** images · confidence "
                f"{'—' if conf != conf else f'{conf:.2f}'} · {where}"
-               + (f" · {int(row['excluded'])} excluded" if row["excluded"] else ""))
+               + (f" · {group.excluded} excluded" if group.excluded else ""))
     if thumb_paths:
         st.image(thumb_paths, width=44)
     else:
@@ -279,7 +289,7 @@ def _detail(ctx: Context, lab, view: LabelView, name: str) -> None:
             st.session_state[f"{sel_prefix}{i}"] = value
 
     selected = [i for i in page_ids if st.session_state.get(f"{sel_prefix}{i}")]
-    names = list(view.summary.index)
+    names = view.names
 
     with st.container(border=True):
         a1, a2, a3, a4 = st.columns([2, 2, 1, 1])
@@ -308,9 +318,9 @@ def _detail(ctx: Context, lab, view: LabelView, name: str) -> None:
         st.info("No images here.")
         return
     thumbs = caches.thumbs(ctx, page_ids)
-    table = view.table
-    conf = table["confidence"].reindex(page_ids).to_numpy()
-    paths = table["path"].reindex(page_ids).to_numpy()
+    labels = view.labels
+    conf = labels.confidence[labels.rows(page_ids)]
+    paths = labels.paths(page_ids)
     cols = st.columns(GRID_COLUMNS)
     for j, i in enumerate(page_ids):
         with cols[j % GRID_COLUMNS]:

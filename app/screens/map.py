@@ -154,7 +154,7 @@ def _selection(ctx: Context, view: LabelView, ids: list[int]) -> None:
              caption=[str(table.at[i, "label"])[:14] for i in shown])
     if len(ids) > MAX_SHOWN:
         st.caption(f"… and {len(ids) - MAX_SHOWN:,} more.")
-    names = list(view.summary.index)
+    names = view.names
     with st.form(f"map_action|{view.marker}", border=True):
         c1, c2, c3 = st.columns([2, 2, 1])
         target = c1.selectbox("Label all selected as", names + [NEW_LABEL], key="map_target")

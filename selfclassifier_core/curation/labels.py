@@ -42,23 +42,15 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .carry import CarryOverReport, carry_over
+from .final import FinalLabels, LabelGroup
 from .labelstate import (MAX_NAME_CHARS, ChangeSet, HistoryEntry, LabelStore, count_changes,
                          default_name, ensure_schema, normalize_name)
 from .pathcache import cached_catalog, catalog_rows
 
-__all__ = ["Labels", "LabelStore", "HistoryEntry", "CarryOverReport", "carry_over",
+__all__ = ["Labels", "FinalLabels", "LabelGroup", "LabelStore", "HistoryEntry", "CarryOverReport", "carry_over",
            "default_name", "normalize_name", "ensure_schema", "MAX_NAME_CHARS"]
 
 log = logging.getLogger(__name__)
-
-
-def _strings(values: list[str], codes: np.ndarray):
-    """The pandas string array ``values[codes]``, taken in Arrow."""
-    import pandas as pd
-    import pyarrow as pa
-
-    taken = pa.array(values, pa.large_string()).take(pa.array(codes, pa.int32()))
-    return pd.Series(taken, dtype="str", copy=False).array
 
 
 class Labels(LabelStore):
@@ -335,7 +327,8 @@ class Labels(LabelStore):
             return self._label_names(conn)
 
     def _state(self):
-        """One consistent snapshot (a read transaction): names, overrides, created, catalog."""
+        """One consistent snapshot (a read transaction): names, overrides, created, confirmed,
+        catalog."""
         conn = self.workspace.connect()
         try:
             conn.execute("BEGIN")
@@ -345,81 +338,71 @@ class Labels(LabelStore):
                               self._key()).fetchall()
             created = self._created(conn)
             confirmed = np.array(sorted(self._confirmed(conn)), dtype=np.int64)
-            cat_ids, cat_paths, usable = cached_catalog(self.workspace, conn)
+            catalog = cached_catalog(self.workspace, conn)
             conn.execute("COMMIT")
         finally:
             conn.close()
-        return names, ov, created, confirmed, (cat_ids, cat_paths, usable)
+        return names, ov, created, confirmed, catalog
 
-    def final_table(self):
-        """The final labels: one row per usable image with a prediction (see module docs)."""
-        import pandas as pd
-
-        names, ov, _created, confirmed_ids, cat = self._state()
-        name_arr = np.array([names.get(c, self._defaults[c]) for c in range(self.head)],
-                            dtype=object)
+    def final_labels(self) -> FinalLabels:
+        """The final labels as arrays (:class:`~.final.FinalLabels`): one row per usable image
+        with a prediction, each label a code into the label names. What
+        :meth:`final_table` is made from, without pandas."""
+        names, ov, created, confirmed_ids, cat = self._state()
+        cluster_names = [names.get(c, self._defaults[c]) for c in range(self.head)]
+        given_names = sorted({r[2] for r in ov if r[2] is not None})
+        label_names = list(dict.fromkeys(cluster_names + created + given_names))  # _label_names
+        code_of = {name: i for i, name in enumerate(label_names)}
+        cluster_code = np.array([code_of[name] for name in cluster_names], np.int32)
         first_cluster: dict[str, int] = {}
-        for c, n in enumerate(name_arr):
-            first_cluster.setdefault(n, c)
-        n = len(self.image_ids)
+        for c, name in enumerate(cluster_names):
+            first_cluster.setdefault(name, c)
+        ids, n = self.image_ids, len(self.image_ids)
         cluster = self.predicted.copy()
-        # each row's label as a code into ``names_of``: the cluster names, then the labels
-        # given to images; the column is taken from them in Arrow (a million rows: 0.03 s,
-        # building it from a million Python strings 0.2 s)
-        names_of = list(name_arr)
-        code = cluster.astype(np.int32)
-        has_cluster = np.ones(n, dtype=bool)
         edited = np.zeros(n, dtype=bool)
         excluded = np.zeros(n, dtype=bool)
         if ov:
             oid = np.fromiter((r[0] for r in ov), np.int64, len(ov))
-            pos = np.searchsorted(self.image_ids, oid)
-            ok = (pos < n) & (self.image_ids[np.clip(pos, 0, max(n - 1, 0))] == oid)
+            pos = np.searchsorted(ids, oid)
+            ok = (pos < n) & (ids[np.clip(pos, 0, max(n - 1, 0))] == oid)
             ov = [r for r, k in zip(ov, ok) if k]
             pos = pos[ok]
             ocl = np.fromiter((-1 if r[1] is None else r[1] for r in ov), np.int64, len(ov))
-            olab = np.array([r[2] for r in ov], dtype=object)
+            ml = np.fromiter((r[2] is not None for r in ov), bool, len(ov))
             oexc = np.fromiter((r[3] for r in ov), np.int64, len(ov)).astype(bool)
-            mc = ocl >= 0
+            mc = (ocl >= 0) & ~ml
             cluster[pos[mc]] = ocl[mc]
-            code[pos[mc]] = ocl[mc]
-            ml = np.array([v is not None for v in olab], dtype=bool)
-            if ml.any():
-                given = {v: len(name_arr) + i for i, v in enumerate(dict.fromkeys(olab[ml]))}
-                names_of += list(given)
-                code[pos[ml]] = [given[v] for v in olab[ml]]
-                lc = np.array([first_cluster.get(v, -1) for v in olab[ml]], dtype=np.int64)
-                cluster[pos[ml]] = lc
-                has_cluster[pos[ml]] = lc >= 0
-            edited[pos] = mc | ml | oexc
+            # an image given a label name: the lowest cluster carrying that name, else none
+            cluster[pos[ml]] = [first_cluster.get(r[2], -1) for r, m in zip(ov, ml) if m]
+            edited[pos] = (ocl >= 0) | ml | oexc
             excluded[pos] = oexc
+        code = cluster_code[np.clip(cluster, 0, None)] if n else np.zeros(0, np.int32)
+        if ov and ml.any():
+            code[pos[ml]] = [code_of[r[2]] for r, m in zip(ov, ml) if m]
         cat_ids, cat_paths, cat_ok = cat
+        path_rows = None
         if not len(cat_ids):
-            usable, paths = np.zeros(n, bool), pd.array(np.array([""] * n, object), dtype="str")
-        elif np.array_equal(cat_ids, self.image_ids):  # the usual case: no take of the paths
-            usable, paths = cat_ok, cat_paths
+            usable = np.zeros(n, bool)
+        elif np.array_equal(cat_ids, ids):  # the usual case: row i is the catalog's row i
+            usable = cat_ok
         else:
-            cpos, usable = catalog_rows(cat, self.image_ids)
-            paths = cat_paths[cpos]
+            path_rows, usable = catalog_rows(cat, ids)
+        confirmed = np.isin(ids, confirmed_ids) & ~excluded
+        columns = dict(ids=ids, codes=code, cluster=cluster, predicted=self.predicted,
+                       confidence=self.confidence, margin=self.margin, edited=edited,
+                       excluded=excluded, confirmed=confirmed)
         if not usable.all():
             log.info("run %s: %d predicted images are no longer usable in the catalog; left out",
                      self.run_id, int((~usable).sum()))
-        confirmed = np.isin(self.image_ids, confirmed_ids) & ~excluded
-        cl = pd.array(np.where(has_cluster, cluster, 0), dtype="Int64")
-        cl[~has_cluster] = pd.NA
-        df = pd.DataFrame({
-            "path": paths,
-            "label": _strings(names_of, code),
-            "cluster": cl,
-            "confidence": self.confidence,
-            "margin": self.margin,
-            "head": np.full(n, self.head, dtype=np.int64),
-            "edited": edited,
-            "excluded": excluded,
-            "confirmed": confirmed,
-            "predicted_cluster": self.predicted,
-        }, index=pd.Index(self.image_ids, name="id"))
-        return df if usable.all() else df[usable]
+            columns = {k: v[usable] for k, v in columns.items()}
+            path_rows = (np.arange(n) if path_rows is None else path_rows)[usable]
+        return FinalLabels(self.run_id, self.head, names=tuple(label_names),
+                           cluster_names=tuple(cluster_names), catalog_paths=cat_paths,
+                           path_rows=path_rows, **columns)
+
+    def final_table(self):
+        """The final labels: one row per usable image with a prediction (see module docs)."""
+        return self.final_labels().frame()
 
     def cluster_summary(self, by: str = "cluster", table=None):
         """Sizes and mean confidences, excluded images left out.
@@ -430,28 +413,33 @@ class Labels(LabelStore):
         other clusters or with moved images means they are one label in the export).
         ``by="label"``: one row per label name (index ``label``) with ``size``,
         ``mean_confidence``, ``excluded``, ``clusters`` (cluster ids carrying the name).
-        ``table`` reuses a :meth:`final_table` just read.
+        ``table`` reuses what was just read: a :meth:`final_table` for ``by="cluster"``, the
+        :meth:`final_labels` for ``by="label"`` (counted without pandas:
+        :meth:`FinalLabels.groups`).
         """
         import pandas as pd
 
         if by not in ("cluster", "label"):
             raise ValueError(f"by must be 'cluster' or 'label', got {by!r}")
+        if by == "label":
+            labels = self.final_labels() if table is None else table
+            if not isinstance(labels, FinalLabels):
+                raise TypeError("cluster_summary(by='label') reuses final_labels(), not "
+                                f"{type(labels).__name__}")
+            groups = labels.groups()
+            out = pd.DataFrame(index=pd.Index([g.name for g in groups], name="label",
+                                              dtype="str"))
+            out["size"] = np.array([g.size for g in groups], dtype=int)
+            out["mean_confidence"] = np.array([g.mean_confidence for g in groups], float)
+            out["excluded"] = np.array([g.excluded for g in groups], dtype=int)
+            out["clusters"] = [list(g.clusters) for g in groups]
+            return out
         df = self.final_table() if table is None else table
         kept = df[~df["excluded"]]
         names = self.cluster_names()
         by_name: dict[str, list[int]] = {}
         for c, n in names.items():
             by_name.setdefault(n, []).append(c)
-        if by == "label":
-            g = kept.groupby("label", sort=False)["confidence"]
-            labels = self.label_names()
-            out = pd.DataFrame(index=pd.Index(labels, name="label", dtype="str"))
-            out["size"] = g.size().reindex(out.index, fill_value=0).astype(int)
-            out["mean_confidence"] = g.mean().reindex(out.index).astype(float)
-            out["excluded"] = (df[df["excluded"]].groupby("label").size()
-                               .reindex(out.index, fill_value=0).astype(int))
-            out["clusters"] = [by_name.get(n, []) for n in out.index]
-            return out
         valid = kept[kept["cluster"].notna()]
         g = valid.groupby(valid["cluster"].astype(np.int64))["confidence"]
         idx = pd.RangeIndex(self.head, name="cluster")

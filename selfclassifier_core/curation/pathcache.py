@@ -22,7 +22,6 @@ from ..store.fsutil import atomic_open
 from ..store.workspace import Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
     import pyarrow as pa
 
 log = logging.getLogger(__name__)
@@ -34,10 +33,9 @@ _CATALOG_CACHE: dict[str, tuple[str | None, "pa.Array", tuple]] = {}
 _CATALOG_LOCK = threading.Lock()
 
 
-def cached_catalog(workspace: Workspace, conn) -> tuple[np.ndarray, "pd.arrays.StringArray",
-                                                         np.ndarray]:
-    """``(ids, paths, usable)`` of the whole catalog, ids ascending; ``paths`` is a pandas
-    string array (index it with positions; shared: do not change it).
+def cached_catalog(workspace: Workspace, conn) -> tuple[np.ndarray, "pa.Array", np.ndarray]:
+    """``(ids, paths, usable)`` of the whole catalog, ids ascending; ``paths`` is an Arrow
+    string array (take from it by position; pandas is not needed to read it).
 
     While the database's catalog change counter (kept by its triggers,
     :data:`~selfclassifier_core.store.database.TRIGGERS`) stands still, the last answer is
@@ -88,10 +86,31 @@ def catalog_rows(catalog: tuple, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pos, (cat_ids[pos] == ids) & cat_ok[pos]
 
 
-def _keep(key: str, changes: str | None, ids: np.ndarray, paths, usable: np.ndarray) -> tuple:
-    import pandas as pd
+def paths_at(paths: "pa.Array", positions: np.ndarray) -> list[str]:
+    """The paths at ``positions`` of a :func:`cached_catalog` answer's ``paths``, as Python
+    strings (a page of them)."""
+    import pyarrow as pa
 
-    answer = (ids, pd.Series(paths, dtype="str", copy=False).array, usable)
+    positions = np.ascontiguousarray(positions, np.int64)
+    taken = paths.take(pa.Array.from_buffers(pa.int64(), len(positions),
+                                             [None, pa.py_buffer(positions)]))
+    return taken.to_pylist()
+
+
+# pyarrow imports pandas (~0.3 s) in ``pa.array`` and ``to_numpy``: numbers cross between numpy
+# and Arrow through their buffers instead, so reading the catalog and a page's paths does not
+# (the Clusters screen at a million images needs no pandas).
+def _int64s(column: "pa.Array") -> np.ndarray:
+    """The values of an Arrow int64 array without nulls, as numpy (no copy)."""
+    if column.null_count:
+        raise ValueError("ids with nulls")
+    if not len(column):
+        return np.zeros(0, np.int64)
+    return np.frombuffer(column.buffers()[1], np.int64, len(column), column.offset * 8)
+
+
+def _keep(key: str, changes: str | None, ids: np.ndarray, paths, usable: np.ndarray) -> tuple:
+    answer = (ids, paths, usable)
     with _CATALOG_LOCK:
         _CATALOG_CACHE[key] = (changes, paths, answer)
     return answer
@@ -125,7 +144,7 @@ def _read_snapshot(workspace: Workspace, created: str | None):
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    empty = (np.zeros(0, np.int64), pa.array([], pa.large_string()), None)
+    empty = (np.zeros(0, np.int64), pa.nulls(0, pa.large_string()), None)  # not pa.array
     path = workspace.cache_dir / SNAPSHOT
     if created is None or not path.exists():
         return empty
@@ -137,7 +156,7 @@ def _read_snapshot(workspace: Workspace, created: str | None):
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         if meta.get("created") != created:
             return empty
-        ids = table.column("id").to_numpy().astype(np.int64, copy=False)
+        ids = _int64s(table.column("id").combine_chunks())
         paths = table.column("path").combine_chunks().cast(pa.large_string())
         if len(ids) > 1 and not (np.diff(ids) > 0).all():
             raise ValueError("ids not ascending")
