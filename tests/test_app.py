@@ -979,7 +979,14 @@ def test_every_screen_shares_one_label_table_predictions_read_and_queue_basis(tm
     from selfclassifier_core.curation.final import FinalLabels
 
     monkeypatch.setattr(Labels, "final_labels", counted("labels", Labels.final_labels))
-    monkeypatch.setattr(FinalLabels, "_frame", counted("table", FinalLabels._frame))
+    whole = len(ws.usable_images())
+    frame = FinalLabels._frame
+
+    def table(self):                       # the whole table, not a review queue's few rows
+        made["table"] += len(self) == whole
+        return frame(self)
+
+    monkeypatch.setattr(FinalLabels, "_frame", table)
     load = counted("predictions", predictions.load_predictions)
     monkeypatch.setattr(predictions, "load_predictions", load)
     monkeypatch.setattr(labelstate, "load_predictions", load)

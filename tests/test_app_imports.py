@@ -57,9 +57,9 @@ def test_every_page_answers_without_importing_torch(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     # neither the first page nor Clusters waits for pandas (~0.3 s): the label view the first
-    # page starts for the next screen is made of arrays; the review queue's basis, which
-    # Clusters starts in the background for the screen after it, is the first to import it
-    assert seen.pop("pandas_by", "").startswith("build: Reading the run for the review queue")
+    # page starts for the next screen is made of arrays; the label table, which Clusters
+    # starts in the background for the screens after it, is the first to import it
+    assert seen.pop("pandas_by", "").startswith("build: Making the table of final labels")
     assert list(seen) == ["folder_training", "clusters", "review", "map", "neighbours", "export"]
     for page, (imported, exceptions) in seen.items():
         assert exceptions == [], (page, exceptions)

@@ -131,6 +131,19 @@ def test_the_table_is_made_once_and_shared(ws_run):
     assert labels.frame() is labels.frame() and labels.groups() is labels.groups()
 
 
+def test_some_rows_taken_make_the_table_s_rows(ws_run):
+    """A queue's few rows, taken in their order, are the whole table's rows (a catalog with
+    rows no longer usable too: their paths are found through the row map)."""
+    ws, _run = ws_run
+    lab = _edited(ws)
+    with ws.transaction() as conn:
+        conn.execute("UPDATE images SET status='missing' WHERE id=2")
+    labels = lab.final_labels()
+    rows = np.array([7, 0, 3, len(labels) - 1, 3])
+    pd.testing.assert_frame_equal(labels.take(rows).frame(), labels.frame().iloc[rows])
+    assert labels.take(np.zeros(0, np.int64)).frame().empty
+
+
 # ---------------------------------------------------------------------- members
 def _arrays(n: int, names: list[str], seed: int) -> FinalLabels:
     rng = np.random.default_rng(seed)

@@ -38,7 +38,7 @@ from ..store.fsutil import atomic_open, atomic_write_text
 from ..store.predictions import load_predictions
 from ..store.workspace import Workspace, as_workspace
 from ..training.targets import Targets, load_targets, save_targets
-from .labels import Labels
+from .labels import FinalLabels, Labels
 from .labelstate import ChangeSet, LabelStore, default_name
 
 log = logging.getLogger(__name__)
@@ -96,29 +96,23 @@ class Feedback:
                 f"{self.n_named} more in named clusters, {self.n_excluded} excluded")
 
 
-def read_feedback(labels: Labels, table=None) -> Feedback:
-    """What the person has told us in ``labels`` (see the module docs); ``table`` reuses a
-    :meth:`Labels.final_table` just read."""
-    df = labels.final_table() if table is None else table
-    names = labels.cluster_names()
-    defaults = {default_name(c, labels.head) for c in range(labels.head)}
-    excluded = df["excluded"].to_numpy(bool)
-    confirmed = df["confirmed"].to_numpy(bool)
-    moved = df["edited"].to_numpy(bool) & ~excluded
+def read_feedback(labels: Labels, final: FinalLabels | None = None) -> Feedback:
+    """What the person has told us in ``labels`` (see the module docs); ``final`` reuses a
+    :meth:`Labels.final_labels` just read."""
+    final = labels.final_labels() if final is None else final
+    excluded, confirmed = final.excluded, final.confirmed
+    moved = final.edited & ~excluded
     checked = (moved | confirmed) & ~excluded
-    import pandas as pd
-
-    # a few names for a million images: test those, and take each image's from them (a
-    # million rows 0.08 s; converting the column to Python strings 0.13 s)
-    codes, uniques = pd.factorize(df["label"], use_na_sentinel=False)
-    label = np.asarray(uniques, dtype=object)[codes]
-    default = np.isin(np.asarray(uniques, dtype=object), list(defaults))
-    named = ~checked & ~excluded & ~default[codes]
+    # a few names for a million images: each image's is taken from them by its code
+    names = np.asarray(final.names, dtype=object)
+    defaults = {default_name(c, labels.head) for c in range(labels.head)}
+    default = np.isin(names, list(defaults))
+    named = ~checked & ~excluded & ~default[final.codes]
     with labels.workspace._conn() as conn:
         created = labels._created(conn)
-    return Feedback(labels.run_id, labels.head, df.index.to_numpy(np.int64), label,
-                    df["predicted_cluster"].to_numpy(np.int64), checked, named, excluded,
-                    confirmed, names, created)
+    return Feedback(labels.run_id, labels.head, final.ids, names[final.codes],
+                    final.predicted.astype(np.int64, copy=False), checked, named, excluded,
+                    confirmed, labels.cluster_names(), created)
 
 
 @dataclass
@@ -444,11 +438,12 @@ def apply_refit_labels(workspace: Workspace | str | os.PathLike, run_id: int) ->
         for name in plan["created"]:
             ops.set("created", name, False, True)
         history_id = store._commit(conn, "refit", {"from_run": plan["of"]}, ops)
-    new = Labels(ws, run_id, store.head).final_table()
+    new = Labels(ws, run_id, store.head).final_labels()
     old_ids, old_label = _earlier_labels(run.dir, plan)
-    shared, oi, ni = np.intersect1d(old_ids, new.index.to_numpy(np.int64), return_indices=True)
-    kept = ~new["excluded"].to_numpy(bool)[ni]
-    changed = int((old_label[oi][kept] != new["label"].to_numpy(dtype=object)[ni][kept]).sum())
+    shared, oi, ni = np.intersect1d(old_ids, new.ids, return_indices=True)
+    kept = ~new.excluded[ni]
+    new_label = np.asarray(new.names, dtype=object)[new.codes[ni]]
+    changed = int((old_label[oi][kept] != new_label[kept]).sum())
     outcome = {"changed": changed, "compared": int(kept.sum()), "moved": moved,
                "confirmed": confirmed, "history_id": history_id}
     plan["applied"] = outcome

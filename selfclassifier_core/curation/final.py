@@ -104,6 +104,16 @@ class FinalLabels:
                              f"{self.run_id} (head {self.head})")
         return pos
 
+    def take(self, rows: np.ndarray) -> "FinalLabels":
+        """The labels of some rows (positions), in their order: a queue's few, as a table with
+        :meth:`frame`."""
+        rows = np.asarray(rows, np.int64)
+        columns = {k: getattr(self, k)[rows] for k in _COLUMNS}
+        path_rows = rows if self.path_rows is None else self.path_rows[rows]
+        return FinalLabels(self.run_id, self.head, names=self.names,
+                           cluster_names=self.cluster_names, catalog_paths=self.catalog_paths,
+                           path_rows=path_rows, **columns)
+
     def paths(self, image_ids: Iterable[int]) -> list[str]:
         """The relative paths of ``image_ids`` (a page of them: taken from the catalog's
         Arrow array, no pandas)."""
@@ -180,6 +190,10 @@ class FinalLabels:
             "confirmed": self.confirmed,
             "predicted_cluster": self.predicted,
         }, index=pd.Index(self.ids, name="id"))
+
+
+_COLUMNS = ("ids", "codes", "cluster", "predicted", "confidence", "margin", "edited", "excluded",
+            "confirmed")  # the per-row arrays
 
 
 def _strings(values: Sequence[str], codes: np.ndarray):

@@ -387,7 +387,10 @@ class Labels(LabelStore):
             usable = cat_ok
         else:
             path_rows, usable = catalog_rows(cat, ids)
-        confirmed = np.isin(ids, confirmed_ids) & ~excluded
+        confirmed = np.zeros(n, dtype=bool)  # a few ids among a million: found by bisection
+        at = np.clip(np.searchsorted(ids, confirmed_ids), 0, max(n - 1, 0))
+        confirmed[at[ids[at] == confirmed_ids] if n else at[:0]] = True
+        confirmed &= ~excluded
         columns = dict(ids=ids, codes=code, cluster=cluster, predicted=self.predicted,
                        confidence=self.confidence, margin=self.margin, edited=edited,
                        excluded=excluded, confirmed=confirmed)

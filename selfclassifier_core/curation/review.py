@@ -38,7 +38,7 @@ import numpy as np
 
 from ..store.predictions import central_order, group_centrality, unit_rows
 from .feedback import read_feedback
-from .labels import Labels
+from .labels import FinalLabels, Labels
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,10 @@ class ReviewBasis:
     (:func:`review_basis`) and reused for every label version (at a million images, sorting
     each group's members by how central they are is most of the work).
 
-    Arrays are aligned with ``ids`` (the rows of :meth:`Labels.final_table`). The embeddings
+    Arrays are aligned with ``ids`` (the rows of :meth:`Labels.final_labels`). The embeddings
     stay memory-mapped: :meth:`unit` reads the few rows a pick weighs."""
 
-    ids: np.ndarray             # int64: the table's image ids
+    ids: np.ndarray             # int64: the final labels' image ids
     doubt: np.ndarray           # float64: 1 - margin + disagreement
     disagreement: np.ndarray    # float64: share of the other heads that disagree
     embeddings: Any             # float16 [N, D] memory map (None: the run has none)
@@ -81,17 +81,17 @@ class ReviewBasis:
         return self.order[self.starts[g]:self.starts[g + 1]]
 
 
-def review_basis(labels: Labels, table=None) -> ReviewBasis:
-    """The :class:`ReviewBasis` of ``labels``' run and head (``table``: a
-    :meth:`Labels.final_table` just read)."""
-    table = labels.final_table() if table is None else table
-    ids = table.index.to_numpy(np.int64)
+def review_basis(labels: Labels, final: FinalLabels | None = None) -> ReviewBasis:
+    """The :class:`ReviewBasis` of ``labels``' run and head (``final``: a
+    :meth:`Labels.final_labels` just read, or some of its rows)."""
+    final = labels.final_labels() if final is None else final
+    ids = final.ids
     preds = labels.run_predictions()
     same = len(ids) == len(preds.image_ids) and np.array_equal(ids, preds.image_ids)
     pos = np.arange(len(ids)) if same else preds.position(ids)
-    predicted = table["predicted_cluster"].to_numpy(np.int64)
+    predicted = final.predicted.astype(np.int64, copy=False)
     disagree = _disagreement(preds, labels.head, pos, predicted)
-    doubt = (1.0 - table["margin"].to_numpy(np.float64)) + disagree
+    doubt = (1.0 - final.margin.astype(np.float64)) + disagree
     emb = preds.embeddings
     k = _finest_head(preds, labels.head)
     if k is None or emb is None:
@@ -119,7 +119,8 @@ def review_basis(labels: Labels, table=None) -> ReviewBasis:
 
 
 def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None = None,
-                 table=None, basis: ReviewBasis | None = None, feedback=None):
+                 final: FinalLabels | None = None, basis: ReviewBasis | None = None,
+                 feedback=None):
     """The next ``n`` images to check, best first.
 
     Args:
@@ -127,10 +128,10 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
         n: how many images (≥ 1).
         per_cluster: at most this many from one cluster (default: ``ceil(n / clusters with
             candidates)``, at least 1; a cluster gives more only when the others run out).
-        table: a :meth:`Labels.final_table` just read, reused instead of reading it again.
+        final: a :meth:`Labels.final_labels` just read, reused instead of reading them again.
         basis: a :func:`review_basis` of the same run, head and images, reused (one made for
             other images is made again).
-        feedback: a :func:`~.feedback.read_feedback` of ``table``, reused.
+        feedback: a :func:`~.feedback.read_feedback` of ``final``, reused.
 
     Returns:
         A DataFrame indexed by image id with ``path``, ``label``, ``cluster``, ``confidence``,
@@ -141,12 +142,12 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
     if per_cluster is not None and (not isinstance(per_cluster, (int, np.integer))
                                     or per_cluster < 1):
         raise ValueError(f"per_cluster must be a positive integer, got {per_cluster!r}")
-    table = labels.final_table() if table is None else table
-    fb = read_feedback(labels, table) if feedback is None else feedback
+    final = labels.final_labels() if final is None else final
+    fb = read_feedback(labels, final) if feedback is None else feedback
     if basis is None or not np.array_equal(basis.ids, fb.ids):
-        basis = review_basis(labels, table)
+        basis = review_basis(labels, final)
     cand = ~fb.checked & ~fb.excluded
-    cluster = table["cluster"].fillna(-1).to_numpy(np.int64)
+    cluster = final.cluster
     if basis.fine is not None:
         central = _representatives(basis, cand, fb.checked, fb.excluded, cluster, n,
                                    per_cluster)
@@ -156,8 +157,8 @@ def review_queue(labels: Labels, n: int = DEFAULT_QUEUE, per_cluster: int | None
             chosen = central
     else:
         chosen = _by_doubt(cand, cluster, basis, n, per_cluster)
-    out = table.iloc[chosen].assign(disagreement=basis.disagreement[chosen].round(4),
-                                    doubt=basis.doubt[chosen].round(4))
+    out = final.take(chosen).frame().assign(disagreement=basis.disagreement[chosen].round(4),
+                                            doubt=basis.doubt[chosen].round(4))
     return out[_COLUMNS]
 
 
