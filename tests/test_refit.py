@@ -210,5 +210,8 @@ def test_cli_refit_prints_the_new_run_and_what_it_learned(three_kinds, tmp_path,
     new_id = ws.list_runs()[-1].id
     assert f"refit run {new_id} of run {first.run_id}: done; learned from 4 checked images" in out
     assert "images changed label" in out
+    assert f"Run {new_id} (fast): " in out          # the new run's summary, as train prints it
+    assert out.index("images changed label") < out.index(f"Run {new_id} (fast)") < \
+        out.index("next: ")
     assert cli_main(["refit", str(ws.path), "--run", "99"]) == 2
     assert "no run 99" in capsys.readouterr().err

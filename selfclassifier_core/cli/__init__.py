@@ -64,6 +64,20 @@ def open_workspace(path: str):
                    "`scan` or `train` first")
 
 
+def print_run_summary(ws, run_id: int) -> bool:
+    """Print a finished run's summary (how good the grouping is, the granularity to start with,
+    the next commands); False, after saying why, when there is none."""
+    from ..curation.summary import format_summary, run_summary  # numpy: not for --help
+    from ..store.workspace import WorkspaceError
+
+    try:
+        print(format_summary(run_summary(ws, run_id)))
+        return True
+    except (WorkspaceError, FileNotFoundError) as exc:  # e.g. every image gone since the scan
+        print(f"no summary of run {run_id}: {exc}")
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfclassifier",

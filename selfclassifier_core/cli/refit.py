@@ -2,14 +2,15 @@
 
 It reads what the person told the run (named clusters, moved, confirmed and excluded images),
 trains a new run of the same mode from it (the earlier run stays as it was), and prints the new
-run, how many labels and checked images it learned from and how many images changed label.
+run, how many labels and checked images it learned from, how many images changed label, and the
+new run's summary as `train` prints it.
 """
 from __future__ import annotations
 
 import argparse
 from shlex import quote
 
-from . import CliError, open_workspace, sigterm_stops
+from . import CliError, open_workspace, print_run_summary, sigterm_stops
 
 
 def register(sub) -> None:
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"continue: python -m selfclassifier_core train {quote(str(ws.root or 'FOLDER'))}"
                   f" --workspace {quote(str(ws.path))} --resume --run {result.run_id}")
         return 1
+    print_run_summary(ws, result.run_id)   # the new run's, as `train` prints it
     print(f"next: python -m selfclassifier_core labels {quote(str(ws.path))} --run "
           f"{result.run_id} next   (check more images, then refit again)")
     return 0

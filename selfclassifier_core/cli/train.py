@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 from shlex import quote
 
-from ..store.workspace import WorkspaceError
 from ..training.config import option_specs
-from . import CliError, add_folder_args, sigterm_stops
+from . import CliError, add_folder_args, print_run_summary, sigterm_stops
 
 
 def register(sub) -> None:
@@ -42,7 +41,6 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..curation.summary import format_summary, run_summary  # numpy: not for --help
     from ..engine import dist
     from ..workflows.pipeline import TrainingError, train
     from .progress import Reporter
@@ -76,9 +74,6 @@ def run(args: argparse.Namespace) -> int:
               f"--workspace {quote(str(ws))} --resume --run {result.run_id}")
         return 1
     print(f"run {result.run_id} done in workspace {ws}")
-    try:  # how good the grouping is, the granularity to start with and the next commands
-        print(format_summary(run_summary(result.workspace, result.run_id)))
-    except (WorkspaceError, FileNotFoundError) as exc:  # e.g. every image gone since the scan
-        print(f"no summary of run {result.run_id}: {exc}")
+    if not print_run_summary(result.workspace, result.run_id):
         print(f"next: python -m selfclassifier_core export {quote(str(ws))} --csv labels.csv")
     return 0
