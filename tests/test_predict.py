@@ -174,3 +174,16 @@ def test_a_refit_s_predictions_average_each_image_with_its_neighbours(trained, m
     for k, p in zip(plain.heads, seen["out"][2]):
         assert np.array_equal(plain.heads[k].cluster, p.argmax(1))
     np.testing.assert_allclose(smoothed.embeddings.astype(np.float32), emb, atol=2e-3)
+
+
+def test_position_finds_each_id_s_row_the_whole_run_in_order_and_names_a_missing_id():
+    from selfclassifier_core.store.predictions import HeadPrediction, Predictions
+
+    ids = np.array([3, 8, 9, 20, 41], np.int64)
+    preds = Predictions(ids, {2: HeadPrediction(2, np.zeros(5, np.int32), np.ones(5, np.float32),
+                                                np.ones(5, np.float32))}, None)
+    assert preds.position([20, 3, 41]).tolist() == [3, 0, 4]
+    assert preds.position(ids).tolist() == [0, 1, 2, 3, 4]
+    assert preds.position(ids[::-1]).tolist() == [4, 3, 2, 1, 0]   # the same ids, not in order
+    with pytest.raises(KeyError, match="image id 10 has no prediction"):
+        preds.position([8, 10])

@@ -87,8 +87,8 @@ def review_basis(labels: Labels, final: FinalLabels | None = None) -> ReviewBasi
     final = labels.final_labels() if final is None else final
     ids = final.ids
     preds = labels.run_predictions()
-    same = len(ids) == len(preds.image_ids) and np.array_equal(ids, preds.image_ids)
-    pos = np.arange(len(ids)) if same else preds.position(ids)
+    pos = preds.position(ids)
+    same = len(pos) == len(preds.image_ids)  # (ids are unique: every row of the run, in order)
     predicted = final.predicted.astype(np.int64, copy=False)
     disagree = _disagreement(preds, labels.head, pos, predicted)
     doubt = (1.0 - final.margin.astype(np.float64)) + disagree
