@@ -44,11 +44,12 @@ import numpy as np
 from .carry import CarryOverReport, carry_over
 from .final import FinalLabels, LabelGroup
 from .labelstate import (MAX_NAME_CHARS, ChangeSet, HistoryEntry, LabelStore, count_changes,
-                         default_name, ensure_schema, normalize_name)
+                         default_name, ensure_schema, label_order, normalize_name)
 from .pathcache import cached_catalog, catalog_rows
 
-__all__ = ["Labels", "FinalLabels", "LabelGroup", "LabelStore", "HistoryEntry", "CarryOverReport", "carry_over",
-           "default_name", "normalize_name", "ensure_schema", "MAX_NAME_CHARS"]
+__all__ = ["Labels", "FinalLabels", "LabelGroup", "LabelStore", "HistoryEntry",
+           "CarryOverReport", "carry_over", "default_name", "normalize_name", "ensure_schema",
+           "MAX_NAME_CHARS"]
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +351,7 @@ class Labels(LabelStore):
         :meth:`final_table` is made from, without pandas."""
         names, ov, created, confirmed_ids, cat = self._state()
         cluster_names = [names.get(c, self._defaults[c]) for c in range(self.head)]
-        given_names = sorted({r[2] for r in ov if r[2] is not None})
-        label_names = list(dict.fromkeys(cluster_names + created + given_names))  # _label_names
+        label_names = label_order(cluster_names, created, (r[2] for r in ov if r[2] is not None))
         code_of = {name: i for i, name in enumerate(label_names)}
         cluster_code = np.array([code_of[name] for name in cluster_names], np.int32)
         first_cluster: dict[str, int] = {}
@@ -388,8 +388,9 @@ class Labels(LabelStore):
         else:
             path_rows, usable = catalog_rows(cat, ids)
         confirmed = np.zeros(n, dtype=bool)  # a few ids among a million: found by bisection
-        at = np.clip(np.searchsorted(ids, confirmed_ids), 0, max(n - 1, 0))
-        confirmed[at[ids[at] == confirmed_ids] if n else at[:0]] = True
+        if n and len(confirmed_ids):
+            at = np.minimum(np.searchsorted(ids, confirmed_ids), n - 1)
+            confirmed[at[ids[at] == confirmed_ids]] = True
         confirmed &= ~excluded
         columns = dict(ids=ids, codes=code, cluster=cluster, predicted=self.predicted,
                        confidence=self.confidence, margin=self.margin, edited=edited,

@@ -109,6 +109,13 @@ def default_name(cluster: int, head: int) -> str:
     return f"cluster_{int(cluster):0{len(str(int(head)))}d}"
 
 
+def label_order(cluster_names: Sequence[str], created: Sequence[str],
+                given: Iterable[str]) -> list[str]:
+    """Every label name once, in the order every list of labels shows: the cluster names
+    (cluster order), the labels the person created, then the names given to images (sorted)."""
+    return list(dict.fromkeys([*cluster_names, *created, *sorted(set(given))]))
+
+
 @dataclass(frozen=True)
 class HistoryEntry:
     """One operation in the history of a run and head (see :meth:`LabelStore.history`)."""
@@ -305,14 +312,13 @@ class LabelStore:
         return out
 
     def _label_names(self, conn) -> list[str]:
-        """Every label name: cluster names (cluster order), created labels, image labels."""
+        """Every label name (:func:`label_order`)."""
         names = self._names(conn)
-        out = [names.get(c, self._defaults[c]) for c in range(self.head)]
-        out += self._created(conn)
-        out += sorted(r[0] for r in conn.execute(
+        given = [r[0] for r in conn.execute(
             "SELECT DISTINCT label FROM label_overrides WHERE run_id=? AND head=? "
-            "AND label IS NOT NULL", self._key()))
-        return list(dict.fromkeys(out))
+            "AND label IS NOT NULL", self._key())]
+        return label_order([names.get(c, self._defaults[c]) for c in range(self.head)],
+                           self._created(conn), given)
 
     # ------------------------------------------------------------------ writing (in a txn)
     def _write(self, conn, kind: str, key: Any, value: Any) -> None:
