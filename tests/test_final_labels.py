@@ -111,18 +111,28 @@ print("pandas" in sys.modules)
 
 
 @pytest.mark.slow  # a fresh interpreter
-def test_the_groups_and_a_page_need_no_pandas(ws_run):
-    """What the Clusters screen reads of the labels: in a new process (the catalog's
-    snapshot written by an earlier one), the arrays, the groups, the members and a page's
-    paths are read without importing pandas (~0.3 s at a server's first Clusters page);
-    the table imports it."""
+@pytest.mark.parametrize("catalog", ["snapshot", "rows added since", "no snapshot"])
+def test_the_groups_and_a_page_need_no_pandas(ws_run, catalog):
+    """What the Clusters screen reads of the labels: in a new process, the arrays, the groups,
+    the members and a page's paths are read without importing pandas (~0.3 s at a server's
+    first Clusters page), whether the catalog comes from the snapshot an earlier process
+    wrote, from it and the rows added since, or from the database alone (the snapshot then
+    written); the table imports it."""
+    from selfclassifier_core.curation.pathcache import SNAPSHOT
+
     ws, _run = ws_run
     here = _edited(ws).final_labels()        # as a process before: the snapshot is written
+    if catalog == "rows added since":
+        with ws.transaction() as conn:
+            conn.execute("INSERT INTO images (path, status) VALUES ('c/new.png', 'ok')")
+    elif catalog == "no snapshot":
+        (ws.cache_dir / SNAPSHOT).unlink()
     want = f"{len(here.groups())} {len(here.members()[0])} {['a/img_0000.png', 'b/img_0029.png']}"
     done = subprocess.run([sys.executable, "-c", NO_PANDAS, str(REPO), str(ws.path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:2] == [want + " False", "True"]
+    assert (ws.cache_dir / SNAPSHOT).exists()
 
 
 def test_the_table_is_made_once_and_shared(ws_run):

@@ -86,6 +86,21 @@ def test_a_snapshot_is_extended_with_new_rows_and_read_again_when_rows_went(ws, 
     assert same(got, from_sql(ws)) and got[2][0] is False and reads[-1] == "all"
 
 
+def test_paths_of_any_script_and_length_come_back_as_written(ws, reads):
+    """Read from the database (made into Arrow by hand, through buffers), from the snapshot,
+    and extended: the paths are the database's, letter for letter."""
+    for path in ("fotos/café ü/日本 1.png", "x" * 600 + ".jpg", "emoji/😀.png"):
+        add_image(ws, path)
+    want = from_sql(ws)
+    assert same(catalog(ws), want)                           # from the database
+    assert same(catalog(ws), want)                           # from the snapshot
+    add_image(ws, "ελληνικά/ω.png")
+    got = catalog(ws)
+    assert same(got, from_sql(ws)) and got[1][-1] == "ελληνικά/ω.png" and reads[-1] == "new"
+    ids, paths, _ = pathcache._CATALOG_CACHE[str(ws.db_path.resolve())][2]
+    assert pathcache.paths_at(paths, [len(ids) - 1, 0]) == ["ελληνικά/ω.png", want[1][0]]
+
+
 def test_a_snapshot_of_another_database_or_a_damaged_one_is_not_used(ws, reads, caplog):
     want = from_sql(ws)
     catalog(ws)

@@ -89,17 +89,35 @@ def catalog_rows(catalog: tuple, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def paths_at(paths: "pa.Array", positions: np.ndarray) -> list[str]:
     """The paths at ``positions`` of a :func:`cached_catalog` answer's ``paths``, as Python
     strings (a page of them)."""
+    return paths.take(_arrow_int64s(positions)).to_pylist()
+
+
+# pyarrow imports pandas (~0.3 s) in ``pa.array`` and ``to_numpy``: numbers and strings cross
+# between Python, numpy and Arrow through their buffers instead, so reading the catalog (from
+# the snapshot or the database), writing its snapshot and taking a page's paths do not (the
+# Clusters screen at a million images needs no pandas).
+def _arrow_int64s(values: np.ndarray) -> "pa.Array":
+    """An Arrow int64 array of ``values``."""
     import pyarrow as pa
 
-    positions = np.ascontiguousarray(positions, np.int64)
-    taken = paths.take(pa.Array.from_buffers(pa.int64(), len(positions),
-                                             [None, pa.py_buffer(positions)]))
-    return taken.to_pylist()
+    values = np.ascontiguousarray(values, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
 
 
-# pyarrow imports pandas (~0.3 s) in ``pa.array`` and ``to_numpy``: numbers cross between numpy
-# and Arrow through their buffers instead, so reading the catalog and a page's paths does not
-# (the Clusters screen at a million images needs no pandas).
+def _arrow_strings(values: list[str]) -> "pa.Array":
+    """An Arrow large_string array of ``values`` (UTF-8 text, as SQLite gives it)."""
+    import pyarrow as pa
+
+    data = "".join(values).encode()
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    if len(data) != lengths.sum():  # not all ASCII: each value's length in bytes
+        lengths = np.fromiter((len(v.encode()) for v in values), np.int64, len(values))
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.Array.from_buffers(pa.large_string(), len(values),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
 def _int64s(column: "pa.Array") -> np.ndarray:
     """The values of an Arrow int64 array without nulls, as numpy (no copy)."""
     if column.null_count:
@@ -117,11 +135,9 @@ def _keep(key: str, changes: str | None, ids: np.ndarray, paths, usable: np.ndar
 
 
 def _rows(conn, where: str, args: tuple) -> tuple[np.ndarray, "pa.Array"]:
-    import pyarrow as pa
-
     rows = conn.execute(f"SELECT id, path FROM images {where} ORDER BY id", args).fetchall()
     ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-    return ids, pa.array([r[1] for r in rows], pa.large_string())
+    return ids, _arrow_strings([r[1] for r in rows])
 
 
 def _usable(conn, ids: np.ndarray) -> np.ndarray:
@@ -173,7 +189,7 @@ def _write_snapshot(workspace: Workspace, created: str, changes: str, ids: np.nd
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    table = pa.table({"id": pa.array(ids, pa.int64()), "path": paths},
+    table = pa.table({"id": _arrow_int64s(ids), "path": paths},
                      metadata={"created": created, "changes": changes})
     try:
         with atomic_open(workspace.cache_dir / SNAPSHOT, "wb") as fh:
