@@ -112,7 +112,7 @@ def read_feedback(labels: Labels, final: FinalLabels | None = None) -> Feedback:
         created = labels._created(conn)
     return Feedback(labels.run_id, labels.head, final.ids, names[final.codes],
                     final.predicted.astype(np.int64, copy=False), checked, named, excluded,
-                    confirmed, labels.cluster_names(), created)
+                    confirmed, dict(enumerate(final.cluster_names)), created)
 
 
 @dataclass
