@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from ..store.ids import find_ids, shown_ids
 from .pathcache import paths_at
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,14 +95,12 @@ class FinalLabels:
     # ------------------------------------------------------------------ rows
     def rows(self, image_ids: Iterable[int]) -> np.ndarray:
         """Positions of ``image_ids`` among the rows; ValueError naming the ids not there."""
-        ids = np.asarray(list(image_ids) if not isinstance(image_ids, np.ndarray) else image_ids,
+        ids = np.asarray(image_ids if isinstance(image_ids, np.ndarray) else list(image_ids),
                          np.int64)
-        pos = np.clip(np.searchsorted(self.ids, ids), 0, max(len(self.ids) - 1, 0))
-        bad = ids[self.ids[pos] != ids] if len(self.ids) else ids
-        if len(bad):
-            shown = ", ".join(str(int(b)) for b in bad[:10]) + (" ..." if len(bad) > 10 else "")
-            raise ValueError(f"image id(s) {shown} are not among the final labels of run "
-                             f"{self.run_id} (head {self.head})")
+        pos, found = find_ids(self.ids, ids)
+        if not found.all():
+            raise ValueError(f"image id(s) {shown_ids(ids[~found])} are not among the final "
+                             f"labels of run {self.run_id} (head {self.head})")
         return pos
 
     def take(self, rows: np.ndarray) -> "FinalLabels":

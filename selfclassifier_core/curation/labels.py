@@ -41,6 +41,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..store.ids import find_ids
 from .carry import CarryOverReport, carry_over
 from .final import FinalLabels, LabelGroup
 from .labelstate import (MAX_NAME_CHARS, ChangeSet, HistoryEntry, LabelStore, count_changes,
@@ -363,8 +364,7 @@ class Labels(LabelStore):
         excluded = np.zeros(n, dtype=bool)
         if ov:
             oid = np.fromiter((r[0] for r in ov), np.int64, len(ov))
-            pos = np.searchsorted(ids, oid)
-            ok = (pos < n) & (ids[np.clip(pos, 0, max(n - 1, 0))] == oid)
+            pos, ok = find_ids(ids, oid)
             ov = [r for r, k in zip(ov, ok) if k]
             pos = pos[ok]
             ocl = np.fromiter((-1 if r[1] is None else r[1] for r in ov), np.int64, len(ov))
@@ -388,9 +388,8 @@ class Labels(LabelStore):
         else:
             path_rows, usable = catalog_rows(cat, ids)
         confirmed = np.zeros(n, dtype=bool)  # a few ids among a million: found by bisection
-        if n and len(confirmed_ids):
-            at = np.minimum(np.searchsorted(ids, confirmed_ids), n - 1)
-            confirmed[at[ids[at] == confirmed_ids]] = True
+        at, found = find_ids(ids, confirmed_ids)
+        confirmed[at[found]] = True
         confirmed &= ~excluded
         columns = dict(ids=ids, codes=code, cluster=cluster, predicted=self.predicted,
                        confidence=self.confidence, margin=self.margin, edited=edited,

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..store.ids import find_ids, shown_ids
 from ..store.predictions import Predictions, load_predictions, prediction_heads
 from ..store.workspace import Workspace, WorkspaceError, as_workspace
 
@@ -264,11 +265,10 @@ class LabelStore:
             raise ValueError(f"image ids must be integers, got {list(image_ids)!r}") from None
         if len(ids) == 0:
             raise ValueError("no image ids given")
-        pos = np.clip(np.searchsorted(self.image_ids, ids), 0, max(len(self.image_ids) - 1, 0))
-        bad = ids[(self.image_ids[pos] != ids) if len(self.image_ids) else slice(None)]
-        if len(bad):
-            shown = ", ".join(str(int(b)) for b in bad[:10]) + (" ..." if len(bad) > 10 else "")
-            raise ValueError(f"unknown image id(s) {shown}: not in run {self.run_id}")
+        _pos, found = find_ids(self.image_ids, ids)
+        if not found.all():
+            raise ValueError(f"unknown image id(s) {shown_ids(ids[~found])}: not in run "
+                             f"{self.run_id}")
         return ids
 
     def _predicted_of(self, ids: np.ndarray) -> np.ndarray:

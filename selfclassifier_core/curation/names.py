@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
+from ..store.ids import find_ids
 from ..store.progress import Progress
 from ..store.workspace import Workspace, as_workspace
 from .labels import Labels
@@ -101,9 +102,7 @@ def cluster_means(images: "ImageEmbeddings", image_ids: np.ndarray, clusters: np
     """
     ids = np.asarray(image_ids, np.int64)
     cl = np.asarray(clusters, np.int64)
-    pos = np.searchsorted(images.image_ids, ids)
-    pos = np.clip(pos, 0, max(len(images) - 1, 0))
-    have = (images.image_ids[pos] == ids) if len(images) else np.zeros(len(ids), bool)
+    pos, have = find_ids(images.image_ids, ids)
     pos, cl = pos[have], cl[have]
     order = np.argsort(pos, kind="stable")  # sorted reads suit a memory map
     pos, cl = pos[order], cl[order]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..store.fsutil import atomic_write_bytes, atomic_write_json, atomic_open
+from ..store.ids import find_ids
 from ..store.predictions import load_run_embeddings
 from ..store.progress import Progress, Tally
 from ..store.workspace import Workspace, as_workspace
@@ -295,10 +296,9 @@ class NeighborIndex:
             if len(ids):
                 raise ValueError(f"image id {int(ids[0])} is not in the neighbour index (empty)")
             return ids
-        p = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
-        bad = self._sorted_ids[p] != ids
-        if np.any(bad):
-            raise ValueError(f"image id {int(ids[np.argmax(bad)])} is not in the neighbour "
+        p, found = find_ids(self._sorted_ids, ids)
+        if not found.all():
+            raise ValueError(f"image id {int(ids[np.argmin(found)])} is not in the neighbour "
                              "index of this run")
         return self._order[p]
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..store.database import catalog_changes
 from ..store.fsutil import atomic_open
+from ..store.ids import find_ids
 from ..store.workspace import Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,10 +81,8 @@ def catalog_rows(catalog: tuple, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     row (clipped into range: meaningful only where ``usable``) and whether it is a usable
     image of the catalog."""
     cat_ids, _paths, cat_ok = catalog
-    if not len(cat_ids):
-        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-    pos = np.clip(np.searchsorted(cat_ids, ids), 0, len(cat_ids) - 1)
-    return pos, (cat_ids[pos] == ids) & cat_ok[pos]
+    pos, found = find_ids(cat_ids, ids)
+    return pos, found & (cat_ok[pos] if len(cat_ok) else found)
 
 
 def paths_at(paths: "pa.Array", positions: np.ndarray) -> list[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .fsutil import atomic_open, file_identity
+from .ids import find_ids
 
 PREDICTIONS_FILE = "predictions.npz"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -65,11 +66,9 @@ class Predictions:
         ids = np.asarray(image_ids, dtype=np.int64)
         if len(ids) == len(self.image_ids) and np.array_equal(ids, self.image_ids):
             return np.arange(len(ids))
-        pos = np.searchsorted(self.image_ids, ids)
-        pos = np.clip(pos, 0, len(self.image_ids) - 1)
-        bad = self.image_ids[pos] != ids if len(self.image_ids) else np.ones(len(ids), bool)
-        if np.any(bad):
-            raise KeyError(f"image id {int(ids[np.argmax(bad)])} has no prediction in this run")
+        pos, found = find_ids(self.image_ids, ids)
+        if not found.all():
+            raise KeyError(f"image id {int(ids[np.argmin(found)])} has no prediction in this run")
         return pos
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..store.fsutil import atomic_write_bytes
+from ..store.ids import find_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -74,11 +75,9 @@ class Targets:
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, np.int64)
         classes = np.full((len(ids), len(self.heads)), -1, np.int64)
         weights = np.zeros(len(ids), np.float32)
-        if len(self.image_ids):
-            pos = np.clip(np.searchsorted(self.image_ids, ids), 0, len(self.image_ids) - 1)
-            hit = self.image_ids[pos] == ids
-            classes[hit] = self.classes[pos[hit]]
-            weights[hit] = self.weights[pos[hit]]
+        pos, hit = find_ids(self.image_ids, ids)
+        classes[hit] = self.classes[pos[hit]]
+        weights[hit] = self.weights[pos[hit]]
         return torch.from_numpy(classes), torch.from_numpy(weights)
 
 
