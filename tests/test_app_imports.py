@@ -38,8 +38,16 @@ class Spy(importlib.abc.MetaPathFinder):  # which thread imports pandas first
         if name == "pandas" and "pandas_by" not in seen:
             seen["pandas_by"] = threading.current_thread().name
         return None
-seen = {}
+seen = {"table_waited_by": []}
 sys.meta_path.insert(0, Spy())
+import app.caches as caches  # the module the pages use: which page waits for the label table
+made_table = caches.label_table
+def label_table(view, wait=True):
+    if wait:
+        seen["table_waited_by"].append(page)
+    return made_table(view, wait)
+caches.label_table = label_table
+page = "folder_training"
 at.run()
 seen["folder_training"] = ["torch" in sys.modules, [str(e.value) for e in at.exception]]
 for page in ("clusters", "review", "map", "neighbours", "export"):
@@ -60,6 +68,9 @@ def test_every_page_answers_without_importing_torch(tmp_path):
     # page starts for the next screen is made of arrays; the label table, which Clusters
     # starts in the background for the screens after it, is the first to import it
     assert seen.pop("pandas_by", "").startswith("build: Making the table of final labels")
+    # and neither waits for that table: the screens that show it do (Review needs only its
+    # queue's few rows)
+    assert set(seen.pop("table_waited_by")) == {"map", "neighbours", "export"}
     assert list(seen) == ["folder_training", "clusters", "review", "map", "neighbours", "export"]
     for page, (imported, exceptions) in seen.items():
         assert exceptions == [], (page, exceptions)
