@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from ..store.ids import find_ids, shown_ids
-from .pathcache import paths_at
+from .pathcache import paths_at, take_paths
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -173,9 +173,7 @@ class FinalLabels:
         n = len(self.ids)
         paths = self.catalog_paths
         if self.path_rows is not None:
-            import pyarrow as pa
-
-            paths = paths.take(pa.array(self.path_rows, pa.int64()))
+            paths = take_paths(paths, self.path_rows)
         has = self.cluster >= 0
         return pd.DataFrame({
             "path": pd.Series(paths, dtype="str", copy=False).array,

@@ -376,14 +376,12 @@ class Labels(LabelStore):
             cluster[pos[ml]] = [first_cluster.get(r[2], -1) for r, m in zip(ov, ml) if m]
             edited[pos] = (ocl >= 0) | ml | oexc
             excluded[pos] = oexc
-        code = cluster_code[np.clip(cluster, 0, None)] if n else np.zeros(0, np.int32)
+        code = cluster_code[np.maximum(cluster, 0)]
         if ov and ml.any():
             code[pos[ml]] = [code_of[r[2]] for r, m in zip(ov, ml) if m]
         cat_ids, cat_paths, cat_ok = cat
         path_rows = None
-        if not len(cat_ids):
-            usable = np.zeros(n, bool)
-        elif np.array_equal(cat_ids, ids):  # the usual case: row i is the catalog's row i
+        if np.array_equal(cat_ids, ids):  # the usual case: row i is the catalog's row i
             usable = cat_ok
         else:
             path_rows, usable = catalog_rows(cat, ids)

@@ -85,10 +85,14 @@ def catalog_rows(catalog: tuple, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pos, found & (cat_ok[pos] if len(cat_ok) else found)
 
 
+def take_paths(paths: "pa.Array", positions: np.ndarray) -> "pa.Array":
+    """The paths at ``positions`` of a :func:`cached_catalog` answer's ``paths``."""
+    return paths.take(_arrow_int64s(positions))
+
+
 def paths_at(paths: "pa.Array", positions: np.ndarray) -> list[str]:
-    """The paths at ``positions`` of a :func:`cached_catalog` answer's ``paths``, as Python
-    strings (a page of them)."""
-    return paths.take(_arrow_int64s(positions)).to_pylist()
+    """:func:`take_paths` as Python strings (a page of them)."""
+    return take_paths(paths, positions).to_pylist()
 
 
 # pyarrow imports pandas (~0.3 s) in ``pa.array`` and ``to_numpy``: numbers and strings cross
